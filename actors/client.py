@@ -1,0 +1,100 @@
+"""Client actors: each hosts the model once per process and trains whichever client it is handed.
+
+``per_client`` mode gives every client its own long-lived actor holding its CPU / GPU share (the product
+card's picture of a federation); ``pool`` mode has a fixed number of actors serve whichever clients are
+sampled, so a federation of 1,000 clients does not need 1,000 processes. A client's behaviour depends
+only on (global state, its own state, seed, round, client id), never on which actor runs it, so both
+modes produce the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import ray
+import torch
+
+from ravan_ray.config import RunConfig, from_dict
+from ravan_ray.methods.base import ClientTask, ClientUpdate, State
+from ravan_ray.training import ModelHost
+
+
+@ray.remote
+class ClientActor:
+    def __init__(self, config: dict[str, Any], num_labels: int, train_data: dict[str, np.ndarray],
+                 partitions: list[np.ndarray]):
+        self.config: RunConfig = from_dict(config)
+        torch.set_num_threads(max(1, int(round(self.config.resources.cpus_per_client))))
+        self.host = ModelHost(self.config, num_labels)
+        # train_data arrives zero-copy from the object store, shared by every actor on the node.
+        self.train_data = train_data
+        self.partitions = partitions
+
+    def train(self, task: ClientTask, state: State, client_state: Optional[State]):
+        """Returns three objects: the update (for the server), the client's own state (kept by the
+        driver for the client's next round) and a small status the driver reads."""
+        rows = self.partitions[task.client_id]
+        local = {key: values[rows] for key, values in self.train_data.items()}
+        update = self.host.train_client(task, state, client_state, local)
+        # The simulated server also sees the client state, for the agg_error diagnostic and evaluation
+        # only; it is not uplink and no aggregation rule reads it.
+        status = {"train_loss": update.train_loss, "has_client_state": update.client_state is not None}
+        return update, update.client_state, status
+
+    def ping(self) -> bool:
+        return True
+
+
+class ClientFleet:
+    """Hands client tasks to actors and recreates the actors that die."""
+
+    def __init__(self, config: RunConfig, num_labels: int, train_ref, partitions: list[np.ndarray],
+                 cluster_cpus: Optional[float] = None):
+        self.config = config
+        self.num_labels = num_labels
+        self.train_ref = train_ref
+        self.partitions_ref = ray.put(partitions)
+        self.per_client = config.resources.actor_mode == "per_client"
+        self.actors: dict[int, Any] = {}
+        self.size = config.federation.num_clients if self.per_client else self._pool_size(cluster_cpus)
+
+    def _pool_size(self, cluster_cpus: Optional[float]) -> int:
+        """resources.pool_size, or as many actors as the CPUs allow, up to clients_per_round."""
+        res = self.config.resources
+        if res.pool_size is not None or cluster_cpus is None:
+            return self.config.pool_size
+        fit = int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9)
+        return max(1, min(self.config.federation.clients_per_round, fit))
+
+    def resources_needed(self) -> dict[str, float]:
+        res = self.config.resources
+        return {"CPU": self.size * res.cpus_per_client, "GPU": self.size * res.gpus_per_client}
+
+    def slot(self, client_id: int, position: int) -> int:
+        return client_id if self.per_client else position % self.size
+
+    def actor(self, slot: int):
+        if slot not in self.actors:
+            res = self.config.resources
+            self.actors[slot] = ClientActor.options(
+                num_cpus=res.cpus_per_client, num_gpus=res.gpus_per_client, name=None
+            ).remote(self.config.to_dict(), self.num_labels, self.train_ref, self.partitions_ref)
+        return self.actors[slot]
+
+    def submit(self, task: ClientTask, position: int, state_ref, client_state_ref):
+        """(update, client state, status) refs of one client's local training."""
+        actor = self.actor(self.slot(task.client_id, position))
+        return actor.train.options(num_returns=3).remote(task, state_ref, client_state_ref)
+
+    def replace(self, client_id: int, position: int) -> None:
+        """Forget (and kill) the actor behind a failed or straggling task; it is recreated on next use."""
+        slot = self.slot(client_id, position)
+        actor = self.actors.pop(slot, None)
+        if actor is not None:
+            ray.kill(actor, no_restart=True)
+
+    def shutdown(self) -> None:
+        for actor in self.actors.values():
+            ray.kill(actor, no_restart=True)
+        self.actors.clear()

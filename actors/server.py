@@ -1,0 +1,99 @@
+"""The parameter server: holds the global state, aggregates through the method, evaluates, checkpoints.
+
+It hosts one copy of the model (``ModelHost``) for three things the method protocol cannot do on tensors
+alone: the agg_error and effective_rank diagnostics (they need the full per-layer ΔW, and for Ravan the
+frozen bases, which it regenerates from the seed like every client) and evaluating the global model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Optional
+
+import numpy as np
+import ray
+import torch
+
+from ravan_ray.adapters import effective_rank
+from ravan_ray.checkpoints import save_checkpoint
+from ravan_ray.config import RunConfig, from_dict
+from ravan_ray.methods.base import ClientUpdate, State, state_bytes
+from ravan_ray.training import ModelHost
+
+
+def is_finite_update(update: ClientUpdate) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in update.tensors.values() if t.is_floating_point())
+
+
+@ray.remote
+class ParameterServer:
+    def __init__(self, config: dict[str, Any], num_labels: int, test_data: dict[str, np.ndarray],
+                 initial_state: Optional[State] = None):
+        self.config: RunConfig = from_dict(config)
+        res = self.config.resources
+        torch.set_num_threads(max(1, int(round(max(res.server_cpus, res.cpus_per_client)))))
+        self.host = ModelHost(self.config, num_labels)
+        self.method = self.host.method
+        self.test_data = test_data
+        self.state: State = initial_state if initial_state is not None else self.host.initial_state()
+
+    def resolved(self) -> dict[str, Any]:
+        return self.method.resolved()
+
+    def get_state(self) -> State:
+        return self.state
+
+    def broadcast(self, num_clients: int) -> tuple[State, int]:
+        """The state to send this round and the downlink bytes it costs for ``num_clients`` clients."""
+        return self.state, self.method.downlink_bytes(self.state, num_clients)
+
+    def aggregate(self, round_index: int, *updates: ClientUpdate) -> dict[str, Any]:
+        """Aggregate this round's uploads; returns the round's server-side metrics."""
+        started = time.perf_counter()
+        accepted = [u for u in updates if is_finite_update(u)]
+        rejected = [u.client_id for u in updates if not is_finite_update(u)]
+        metrics: dict[str, Any] = {
+            "uplink_bytes": sum(state_bytes(u.tensors) for u in updates),
+            "rejected_uploads": len(rejected),
+            "heads_trained": float(np.mean([u.heads_trained for u in accepted])) if accepted else 0.0,
+            "agg_error": math.nan,
+            "effective_rank": math.nan,
+        }
+        if accepted:
+            old_state = self.state
+            self.state = self.method.aggregate(old_state, accepted, round_index)
+            metrics["agg_s"] = time.perf_counter() - started  # the aggregation itself, without diagnostics
+            metrics.update(self._diagnostics(old_state, accepted))
+        else:
+            metrics["agg_s"] = time.perf_counter() - started
+        return metrics
+
+    def _diagnostics(self, old_state: State, updates: list[ClientUpdate]) -> dict[str, float]:
+        """agg_error = sum over adapted layers of ||ΔW(aggregated) - sum_c w_c ΔW_c||_F, with the method's
+        own client weights; effective_rank = mean over layers of the aggregated ΔW's effective rank."""
+        aggregated = self.host.layer_deltas(self.state)
+        weights = self.method.client_weights(updates)
+        reference = {name: torch.zeros_like(delta) for name, delta in aggregated.items()}
+        for update, weight in zip(updates, weights):
+            view, client_state = self.method.client_view(old_state, update)
+            if view is None:  # the method keeps part of the client's model private: no full update to compare
+                reference = None
+                break
+            for name, delta in self.host.layer_deltas(view, client_state).items():
+                reference[name] += float(weight) * delta
+        error = math.nan if reference is None else float(
+            sum(torch.linalg.matrix_norm(aggregated[n] - reference[n]) for n in aggregated))
+        ranks = [effective_rank(delta) for delta in aggregated.values()]
+        return {"agg_error": error, "effective_rank": float(np.mean(ranks)) if ranks else math.nan}
+
+    def evaluate(self) -> dict[str, float]:
+        return self.host.evaluate(self.state, self.test_data, self.config.federation.eval_batch_size)
+
+    def checkpoint(self, run_dir: str, round_index: int, meta: dict[str, Any], client_ids: list[int],
+                   *client_states: Optional[State]) -> str:
+        states = {cid: cs for cid, cs in zip(client_ids, client_states) if cs}
+        return str(save_checkpoint(run_dir, round_index, self.state, states, meta))
+
+    def ping(self) -> bool:
+        return True

@@ -1,0 +1,549 @@
+"""Adapter layers: Ravan's multi-head LoRA (PAPER.md sections 1-2) and plain LoRA for the baselines.
+
+Ravan replaces a frozen ``nn.Linear`` W by
+
+    y = W x + sum_{i=1..h} s_i B_i H_i A_i x
+
+with frozen bases B_i (d_out x r), A_i (r x d_in), trainable cores H_i (r x r, zero at start) and
+trainable scalars s_i. The bases are regenerated on every client from (run seed, layer name), never
+shipped; because they are identical everywhere, averaging the uploaded s_i H_i is exactly averaging
+the clients' weight updates.
+
+Pure PyTorch on purpose: nothing here knows about Ray, clients or servers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "INITS",
+    "SCALINGS",
+    "rank_from_budget",
+    "budget_from_lora_rank",
+    "make_bases",
+    "effective_rank",
+    "RavanLinear",
+    "LoRALinear",
+    "inject",
+    "adapted_layers",
+]
+
+INITS = ("normal", "gram_schmidt", "constant", "shared_subspace")
+SCALINGS = ("trainable", "constant")
+
+
+# ----------------------------------------------------------------------------------------------
+# budgets
+
+
+def rank_from_budget(budget: int, heads: int) -> int:
+    """Per-head rank r = floor(sqrt(N / h)) for a per-matrix trainable budget N (h heads of r x r)."""
+    if heads < 1:
+        raise ValueError(f"heads must be >= 1, got {heads}")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1 trainable parameter per matrix, got {budget}")
+    # floor(sqrt(N / h)) == isqrt(N // h) for integers, without float rounding surprises.
+    rank = math.isqrt(budget // heads)
+    if rank < 1:
+        raise ValueError(
+            f"budget {budget} is too small for {heads} heads: each head needs at least 1 parameter "
+            f"(rank 1 core); raise the budget to >= {heads} or use fewer heads"
+        )
+    return rank
+
+
+def budget_from_lora_rank(lora_rank: int, d_in: int, d_out: int) -> int:
+    """Trainable parameters of a rank-r_L LoRA on a d_out x d_in matrix: N = r_L (d_in + d_out)."""
+    if lora_rank < 1 or d_in < 1 or d_out < 1:
+        raise ValueError(
+            f"lora_rank, d_in and d_out must all be >= 1, got {lora_rank}, {d_in}, {d_out}"
+        )
+    return lora_rank * (d_in + d_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# frozen bases
+
+
+def _generator(seed: int, layer_name: str) -> torch.Generator:
+    # Python's hash() of a str changes with PYTHONHASHSEED, i.e. between processes; every client
+    # must draw the same bases, so the seed comes from a cryptographic hash instead.
+    digest = hashlib.sha256(f"ravan-ray|{int(seed)}|{layer_name}".encode()).digest()
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+def _orthonormal_columns(x: Tensor) -> Tensor:
+    # The sign fix makes the factorisation unique (positive diagonal of R), so the result does not
+    # depend on which LAPACK produced it.
+    q, r = torch.linalg.qr(x, mode="reduced")
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return q * signs
+
+
+def make_bases(
+    heads: int,
+    rank: int,
+    d_in: int,
+    d_out: int,
+    init: str,
+    seed: int,
+    layer_name: str,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor]:
+    """Frozen bases B (h, d_out, r) and A (h, r, d_in): a pure function of its arguments.
+
+    Scale: every column of B and every row of A has (expected) unit norm, i.e. B ~ N(0, 1/d_out)
+    and A ~ N(0, 1/d_in) for ``normal``. ``gram_schmidt`` bases are then the exactly orthonormal
+    version of the same draw, so the Table-4 ablation compares orthogonality rather than scale, and
+    ||B H A||_F ~= ||H||_F: the norm of a core is the norm of the weight update it makes (what the
+    ``weight`` head score measures), and an Adam step on the h cores moves W by about lr * sqrt(N),
+    the same order as an Adam step on a LoRA of equal budget N.
+
+    - normal:          B_i, A_i i.i.d. Gaussian with the scale above.
+    - gram_schmidt:    [B_1..B_h] has orthonormal columns, [A_1; ..; A_h] orthonormal rows (QR of a
+                       Gaussian draw). Needs h r <= min(d_in, d_out).
+    - constant:        one ``normal`` draw shared by all heads.
+    - shared_subspace: B_i = M R_i, A_i = R_i N with M, N drawn like ``normal`` and R_i a random
+                       orthogonal r x r matrix per head (invertible and scale preserving), so all
+                       heads live in the same r-dimensional column/row space.
+
+    Draws are made in float64 on the CPU and cast to ``dtype``, so the bases do not depend on the
+    dtype or device a client happens to use.
+    """
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
+    if heads < 1 or rank < 1 or d_in < 1 or d_out < 1:
+        raise ValueError(
+            f"heads, rank, d_in, d_out must all be >= 1, got {heads}, {rank}, {d_in}, {d_out}"
+        )
+    if init == "gram_schmidt" and heads * rank > min(d_in, d_out):
+        raise ValueError(
+            f"gram_schmidt needs heads * rank <= min(d_in, d_out) to make the heads' subspaces "
+            f"orthogonal, got {heads} * {rank} = {heads * rank} > min({d_in}, {d_out}); use fewer "
+            f"heads, a smaller budget, or init 'normal'"
+        )
+    gen = _generator(seed, layer_name)
+    f64 = dict(generator=gen, dtype=torch.float64)
+
+    def normal_b(n: int) -> Tensor:  # (d_out, n)
+        return torch.randn(d_out, n, **f64) / math.sqrt(d_out)
+
+    def normal_a(n: int) -> Tensor:  # (n, d_in)
+        return torch.randn(n, d_in, **f64) / math.sqrt(d_in)
+
+    if init == "normal":
+        B = normal_b(heads * rank).view(d_out, heads, rank).permute(1, 0, 2)
+        A = normal_a(heads * rank).view(heads, rank, d_in)
+    elif init == "gram_schmidt":
+        B = _orthonormal_columns(torch.randn(d_out, heads * rank, **f64))
+        B = B.view(d_out, heads, rank).permute(1, 0, 2)
+        A = _orthonormal_columns(torch.randn(d_in, heads * rank, **f64)).T
+        A = A.reshape(heads, rank, d_in)
+    elif init == "constant":
+        B = normal_b(rank).expand(heads, d_out, rank)
+        A = normal_a(rank).expand(heads, rank, d_in)
+    else:  # shared_subspace
+        M, N = normal_b(rank), normal_a(rank)
+        R = torch.stack([_orthonormal_columns(torch.randn(rank, rank, **f64)) for _ in range(heads)])
+        B = M @ R  # (h, d_out, r)
+        A = R @ N  # (h, r, d_in)
+    return B.contiguous().to(dtype), A.contiguous().to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# effective rank
+
+
+@torch.no_grad()
+def effective_rank(matrix: Tensor) -> float:
+    """Roy & Vetterli (2007) effective rank exp(H(p)), p = sigma / sum(sigma); 0.0 for a zero matrix.
+
+    A continuous count of the directions a matrix uses: k for k equal singular values, close to 1
+    when one direction dominates. Computed in float64.
+    """
+    if matrix.ndim != 2:
+        raise ValueError(f"effective_rank expects a 2-D matrix, got shape {tuple(matrix.shape)}")
+    sigma = torch.linalg.svdvals(matrix.detach().to("cpu", torch.float64))
+    total = sigma.sum()
+    if not torch.isfinite(total):
+        raise ValueError("effective_rank: matrix has non-finite entries")
+    if total <= 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def _adapter_dtype(base: nn.Linear) -> torch.dtype:
+    # Half-precision bases keep float32 adapters (as PEFT does): cores are tiny and averaged across
+    # clients, where bf16 rounding would be visible. A float64 base gets float64 adapters.
+    return torch.promote_types(base.weight.dtype, torch.float32)
+
+
+def _check_linear(base: nn.Module, cls: str) -> None:
+    if not isinstance(base, nn.Linear):
+        raise TypeError(f"{cls} wraps an nn.Linear, got {type(base).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ravan
+
+
+class RavanLinear(nn.Module):
+    """y = W x + sum_i s_i B_i H_i A_i x with frozen W, B_i, A_i and trainable H_i (cores), s_i (scales).
+
+    ``head_mask`` selects the heads a client trains this round: every head takes part in the forward
+    pass, but only selected heads receive gradient, so an optimiser with fresh state leaves the
+    others bit-identical. The mask is applied inside the forward pass (a detach on the unselected
+    heads) rather than with a gradient hook, because tensor hooks are silently dropped when a module
+    is deep-copied or pickled (which is how Ray moves objects between processes).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        heads: int,
+        rank: int,
+        init: str = "normal",
+        scaling: str = "trainable",
+        seed: int = 0,
+        layer_name: str = "",
+    ):
+        super().__init__()
+        _check_linear(base, "RavanLinear")
+        if scaling not in SCALINGS:
+            raise ValueError(f"unknown scaling {scaling!r}; allowed: {', '.join(SCALINGS)}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self.init, self.scaling, self.seed, self.layer_name = init, scaling, seed, layer_name
+        self._heads, self._rank = heads, rank
+        self._d_out, self._d_in = base.weight.shape
+        dtype, device = _adapter_dtype(base), base.weight.device
+        B, A = make_bases(heads, rank, self._d_in, self._d_out, init, seed, layer_name, dtype)
+        self.register_buffer("bases_B", B.to(device), persistent=False)
+        self.register_buffer("bases_A", A.to(device), persistent=False)
+        self.register_buffer("head_mask", torch.ones(heads, dtype=torch.bool, device=device))
+        self.cores = nn.Parameter(torch.zeros(heads, rank, rank, dtype=dtype, device=device))
+        self.scales = nn.Parameter(
+            torch.ones(heads, dtype=dtype, device=device), requires_grad=scaling == "trainable"
+        )
+        self.merged = False
+
+    @property
+    def heads(self) -> int:
+        return self._heads
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def d_in(self) -> int:
+        return self._d_in
+
+    @property
+    def d_out(self) -> int:
+        return self._d_out
+
+    # -- the update ----------------------------------------------------------------------------
+
+    def _scaled_cores(self) -> Tensor:
+        """s_i H_i per head (h, r, r), with the gradient of unselected heads cut."""
+        # Always the same ops (no data-dependent branch): no host sync on a GPU, same graph each step.
+        keep = self.head_mask
+        cores = torch.where(keep[:, None, None], self.cores, self.cores.detach())
+        scales = torch.where(keep, self.scales, self.scales.detach())
+        return scales[:, None, None] * cores
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        h, r, dt = self._heads, self._rank, x.dtype
+        # All heads at once: one GEMM into the stacked (h r)-dim code, a batched r x r product per
+        # head, one GEMM back out (benchmarks/adapter_speed.py compares the alternatives).
+        z = F.linear(x, self.bases_A.reshape(h * r, self._d_in).to(dt))
+        z = torch.einsum("...hr,hor->...ho", z.unflatten(-1, (h, r)), self._scaled_cores().to(dt))
+        B_cat = self.bases_B.permute(1, 0, 2).reshape(self._d_out, h * r).to(dt)
+        return y + F.linear(z.flatten(-2), B_cat)
+
+    def delta_weight(self) -> Tensor:
+        """sum_i s_i B_i H_i A_i, shape (d_out, d_in) like ``base.weight`` (adapter dtype)."""
+        h, r = self._heads, self._rank
+        BH = torch.bmm(self.bases_B, self._scaled_cores())  # (h, d_out, r)
+        return BH.permute(1, 0, 2).reshape(self._d_out, h * r) @ self.bases_A.reshape(h * r, -1)
+
+    def effective_rank(self) -> float:
+        return effective_rank(self.delta_weight())
+
+    # -- round bookkeeping ---------------------------------------------------------------------
+
+    def set_head_mask(self, selected: Sequence[int] | Tensor) -> None:
+        """Heads that train this round: indices, or a bool tensor of shape (heads,)."""
+        self.head_mask.copy_(_index_mask(selected, self._heads, "head"))
+
+    @torch.no_grad()
+    def reset_scales(self) -> None:
+        self._refuse_if_merged("reset_scales")
+        self.scales.fill_(1.0)
+
+    @torch.no_grad()
+    def set_bases(self, B: Tensor, A: Tensor) -> None:
+        """Replace the frozen bases (e.g. with singular vectors); shapes must match the current ones."""
+        self._refuse_if_merged("set_bases")
+        for name, new, old in (("B", B, self.bases_B), ("A", A, self.bases_A)):
+            if tuple(new.shape) != tuple(old.shape):
+                raise ValueError(
+                    f"set_bases: {name} must have shape {tuple(old.shape)} "
+                    f"(heads, {'d_out, rank' if name == 'B' else 'rank, d_in'}), got {tuple(new.shape)}"
+                )
+        self.bases_B.copy_(B)
+        self.bases_A.copy_(A)
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {"cores": self.cores.detach().clone(), "scales": self.scales.detach().clone()}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Load ``cores`` and/or ``scales`` (a missing key leaves that tensor as it is)."""
+        self._refuse_if_merged("load_trainable_state")
+        _load_state(self, state, ("cores", "scales"))
+
+    # -- merge ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into base.weight (exact to rounding in base.weight's dtype)."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def _refuse_if_merged(self, what: str) -> None:
+        # The merged weight holds the update as it was at merge(); changing cores, scales or bases
+        # in between would make unmerge() subtract a different matrix than was added.
+        if self.merged:
+            raise RuntimeError(f"{what}() while merged would corrupt base.weight; call unmerge() first")
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self._d_in}, d_out={self._d_out}, heads={self._heads}, rank={self._rank}, "
+            f"init={self.init!r}, scaling={self.scaling!r}, merged={self.merged}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# plain LoRA
+
+
+class LoRALinear(nn.Module):
+    """Plain LoRA y = W x + scale * B A x for the baselines (FedIT, FFA-LoRA, HetLoRA, ...).
+
+    A ~ N(0, 1/d_in) is drawn from the same stable (seed, layer_name) hash as Ravan's bases, so every
+    client starts from the same A (FFA-LoRA relies on it); B starts at zero. ``scale`` is the
+    caller's alpha / r.
+
+    ``rank_mask`` switches ranks off for a client that holds a smaller rank than the global one
+    (HetLoRA-style): a masked rank neither contributes to the output nor receives gradient, i.e. the
+    client runs the rank-r_c LoRA B[:, :r_c] A[:r_c] inside the r_max-sized tensors.
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        seed: int = 0,
+        layer_name: str = "",
+        scale: float = 1.0,
+        train_A: bool = True,
+        train_B: bool = True,
+    ):
+        super().__init__()
+        _check_linear(base, "LoRALinear")
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        self.base = base
+        for p in self.base.parameters():
+            p.requires_grad_(False)
+        self._rank, self.scale, self.seed, self.layer_name = rank, float(scale), seed, layer_name
+        self._d_out, self._d_in = base.weight.shape
+        dtype, device = _adapter_dtype(base), base.weight.device
+        A = torch.randn(rank, self._d_in, generator=_generator(seed, layer_name), dtype=torch.float64)
+        A = (A / math.sqrt(self._d_in)).to(dtype)
+        self.lora_A = nn.Parameter(A.to(device), requires_grad=train_A)
+        self.lora_B = nn.Parameter(
+            torch.zeros(self._d_out, rank, dtype=dtype, device=device), requires_grad=train_B
+        )
+        self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
+        self.merged = False
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def d_in(self) -> int:
+        return self._d_in
+
+    @property
+    def d_out(self) -> int:
+        return self._d_out
+
+    def set_rank_mask(self, active_rank: int) -> None:
+        """Use only the first ``active_rank`` ranks (1 <= active_rank <= rank)."""
+        if not 1 <= active_rank <= self._rank:
+            raise ValueError(f"active_rank must be in [1, {self._rank}], got {active_rank}")
+        self.rank_mask.copy_(torch.arange(self._rank, device=self.rank_mask.device) < active_rank)
+
+    def _masked_B(self) -> Tensor:
+        # Zeroing B's columns removes the masked ranks from the output and, through the product,
+        # cuts the gradient of the matching rows of A as well.
+        return self.lora_B * self.rank_mask.to(self.lora_B.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        dt = x.dtype
+        z = F.linear(x, self.lora_A.to(dt))
+        return y + F.linear(z, (self.scale * self._masked_B()).to(dt))
+
+    def delta_weight(self) -> Tensor:
+        """scale * B A (masked ranks excluded), shape (d_out, d_in)."""
+        return self.scale * (self._masked_B() @ self.lora_A)
+
+    def effective_rank(self) -> float:
+        return effective_rank(self.delta_weight())
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {"lora_A": self.lora_A.detach().clone(), "lora_B": self.lora_B.detach().clone()}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Load ``lora_A`` and/or ``lora_B`` (a missing key leaves that tensor as it is)."""
+        if self.merged:
+            raise RuntimeError("load_trainable_state() while merged would corrupt base.weight; unmerge() first")
+        _load_state(self, state, ("lora_A", "lora_B"))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"d_in={self._d_in}, d_out={self._d_out}, rank={self._rank}, scale={self.scale}, "
+            f"merged={self.merged}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def _index_mask(selected: Sequence[int] | Tensor, n: int, what: str) -> Tensor:
+    if isinstance(selected, Tensor) and selected.dtype == torch.bool:
+        if tuple(selected.shape) != (n,):
+            raise ValueError(f"a bool {what} mask must have shape ({n},), got {tuple(selected.shape)}")
+        return selected
+    idx = [int(i) for i in (selected.tolist() if isinstance(selected, Tensor) else selected)]
+    bad = [i for i in idx if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"{what} indices {bad} out of range: there are {n} {what}s (0..{n - 1})")
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx] = True
+    return mask
+
+
+def _load_state(module: nn.Module, state: dict[str, Tensor], names: tuple[str, ...]) -> None:
+    unknown = sorted(set(state) - set(names))
+    if unknown or not state:
+        raise ValueError(f"trainable state keys must be among {list(names)}, got {sorted(state)}")
+    for name, value in state.items():
+        param = getattr(module, name)
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(
+                f"{name}: expected shape {tuple(param.shape)}, got {tuple(value.shape)} "
+                f"(was it saved with different heads/rank or from another layer?)"
+            )
+        param.copy_(value)
+
+
+# ----------------------------------------------------------------------------------------------
+# model surgery
+
+
+def _matches(name: str, targets: Sequence[str]) -> bool:
+    last = name.rsplit(".", 1)[-1]
+    return any(t == last or name == t or name.endswith("." + t) for t in targets)
+
+
+def inject(
+    model: nn.Module,
+    target_modules: Sequence[str],
+    make_layer: Callable[[str, nn.Linear], nn.Module],
+) -> list[str]:
+    """Replace each targeted nn.Linear by ``make_layer(qualified_name, linear)``; freeze the rest.
+
+    A target matches a module whose name ends in it: a last component ("query", "q_proj") or a
+    dotted suffix ("attention.self.query"). Every parameter the model had before is frozen; the
+    caller unfreezes what it trains (e.g. a classifier head). Returns the sorted adapted names.
+    """
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    targets = list(target_modules)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = (RavanLinear, LoRALinear)
+    names = []
+    for name, module in model.named_modules():
+        if not name or not _matches(name, targets):
+            continue
+        if isinstance(module, adapters):
+            raise ValueError(f"{name} is already adapted ({type(module).__name__}); inject once per model")
+        if not isinstance(module, nn.Linear):
+            raise ValueError(
+                f"{name} matches target_modules {targets} but is a {type(module).__name__}, "
+                f"not an nn.Linear; only nn.Linear layers can be adapted"
+            )
+        names.append(name)
+    if not names:
+        endings = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n}
+        )
+        raise ValueError(
+            f"no module matches target_modules {targets}; linear layers in this model end in: "
+            f"{', '.join(endings[:20]) or '(none)'}"
+        )
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make_layer(name, getattr(parent, child)))
+    return sorted(names)
+
+
+def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified name -> RavanLinear / LoRALinear for every adapter in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (RavanLinear, LoRALinear))}

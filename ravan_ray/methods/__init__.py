@@ -1,0 +1,26 @@
+"""Federated methods, one file each, all behind :class:`ravan_ray.methods.base.FederatedMethod`."""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State
+
+# name -> "module:Class"; imported on first use so a run pays only for the method it uses.
+REGISTRY: dict[str, str] = {
+    "ravan": "ravan_ray.methods.ravan:Ravan",
+}
+
+
+def method_class(name: str) -> type[FederatedMethod]:
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method '{name}' (available: {', '.join(sorted(REGISTRY))})")
+    module, cls = REGISTRY[name].split(":")
+    return getattr(import_module(module), cls)
+
+
+def build_method(config) -> FederatedMethod:
+    return method_class(config.method.name)(config)
+
+
+__all__ = ["REGISTRY", "build_method", "method_class", "ClientTask", "ClientUpdate", "FederatedMethod", "State"]

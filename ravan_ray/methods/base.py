@@ -1,0 +1,176 @@
+"""The method protocol: the one seam between a federated method and the rest of the platform.
+
+A method is a small class, one file per method, in the spirit of a Flower strategy or a PEFT tuner. It
+says how the model is wrapped, what a client trains and uploads, and how the server aggregates. The
+driver, the actors and :class:`ravan_ray.training.ModelHost` only ever call these hooks, so adding a
+method is adding one file and one line in ``methods/__init__.py``.
+
+States are flat ``{name: tensor}`` dicts (safetensors-compatible):
+- the *global state* is what the server holds and broadcasts every round (its bytes are the downlink);
+  keys starting with ``eval/`` are kept by the server for evaluating the global model only and are
+  never sent to clients (not counted as downlink);
+- an *upload* is what one client sends back (its bytes are the uplink);
+- a *client state* stays on the client between the rounds it takes part in (FedSA-LoRA's local B).
+
+The task head (the new classifier of a sequence-classification model) is trained by every method when
+``model.train_head`` is on, uploaded under ``head/...`` and averaged with FedAvg: it is not part of the
+adapted layers and does not enter ``agg_error`` or ``effective_rank``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ravan_ray.config import RunConfig
+
+State = dict[str, torch.Tensor]
+HEAD_PREFIX = "head/"
+EVAL_PREFIX = "eval/"
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """One client's work in one round. Everything a client does is a function of this and the state."""
+
+    client_id: int
+    round: int
+    level: float  # compute budget as a fraction of N_max
+    seed: int  # the run seed; per-task randomness derives from (seed, round, client_id)
+
+    def generator(self, stream: int = 0) -> torch.Generator:
+        """A torch RNG private to this (run, round, client, stream): results do not depend on which
+        actor runs the client or in which order, which is what makes pool and per-client modes agree."""
+        entropy = np.random.SeedSequence([self.seed, self.round, self.client_id, stream]).generate_state(2)
+        return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+
+
+@dataclass
+class ClientUpdate:
+    """What a client returns after local training."""
+
+    client_id: int
+    tensors: State  # communicated: uplink bytes are exactly sum(t.nbytes)
+    num_samples: int
+    train_loss: float
+    heads_trained: int = 0  # per adapted layer (Ravan); 0 for methods without heads
+    meta: dict[str, Any] = field(default_factory=dict)  # small selection metadata (head indices, rank)
+    client_state: Optional[State] = None  # stays with the client across rounds
+
+
+def state_bytes(state: State) -> int:
+    return int(sum(t.numel() * t.element_size() for t in state.values()))
+
+
+def weighted_mean(tensors: list[torch.Tensor], weights: np.ndarray) -> torch.Tensor:
+    """sum_c w_c t_c with weights that sum to 1; accumulated in float64 so the result does not depend on
+    floating-point summation order beyond the last bit of the stored dtype."""
+    total = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for tensor, weight in zip(tensors, weights):
+        total += float(weight) * tensor.to(torch.float64)
+    return total.to(tensors[0].dtype)
+
+
+class FederatedMethod(ABC):
+    """Base class of every method. Subclasses override the hooks marked "override"."""
+
+    name: ClassVar[str] = ""
+    #: True when the server rule reproduces the mean of the clients' full weight updates exactly.
+    exact: ClassVar[bool] = False
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.seed = config.seed
+
+    # ----------------------------------------------------------------- model structure (every process)
+    @abstractmethod
+    def wrap_model(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Replace the target linear layers of ``model`` with this method's modules (sized for the
+        largest budget) and return {adapted module name: module}."""
+
+    def resolved(self) -> dict[str, Any]:
+        """Derived settings worth recording in the run's config.yaml (ranks per method, ...)."""
+        return {}
+
+    # ----------------------------------------------------------------- server side
+    def initial_state(self, model: nn.Module) -> State:
+        """override: the first global state, read off the freshly wrapped model."""
+        return self.head_state(model)
+
+    @abstractmethod
+    def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
+        """The new global state from the old one and this round's client updates."""
+
+    def client_view(self, state: State, update: ClientUpdate) -> tuple[State, Optional[State]]:
+        """The (global state, client state) pair that reproduces the client's model after its local
+        training; used for the agg_error diagnostic. Default: the upload overrides the broadcast."""
+        return {**state, **update.tensors}, update.client_state
+
+    def downlink_bytes(self, state: State, num_clients: int) -> int:
+        """Bytes the server sends this round: the broadcast state to every sampled client."""
+        sent = {k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}
+        return state_bytes(sent) * num_clients
+
+    # ----------------------------------------------------------------- client side
+    def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
+        """override: write the global state (and the client's own state, when it has one) into the model."""
+        self.load_head(model, state)
+
+    def begin_training(self, model: nn.Module, task: ClientTask, batch_loss: Callable[[], torch.Tensor]) -> dict:
+        """override: choose what this client trains (heads, rank) and set requires_grad accordingly.
+        ``batch_loss()`` computes the loss on one local mini-batch (for gradient-based scores).
+        Returns metadata kept in the update (e.g. the selected heads)."""
+        self.train_head(model)
+        return {}
+
+    def upload(self, model: nn.Module, task: ClientTask, meta: dict) -> tuple[State, Optional[State]]:
+        """override: (communicated tensors, client-local state) after local training."""
+        return self.head_state(model), None
+
+    def mutable_parameters(self, model: nn.Module) -> list[str]:
+        """Names of the parameters a client may change. The host restores them to their pretrained
+        values before every client task, so nothing leaks from one client to the next in pool mode."""
+        adapter_params = [f"{layer}.{param}" for layer, module in self.adapted_modules(model).items()
+                          for param, _ in module.named_parameters()]
+        return adapter_params + self.head_parameter_names(model)
+
+    # ----------------------------------------------------------------- helpers shared by methods
+    def client_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
+        """Aggregation weights: uniform (the paper) or proportional to the clients' sample counts."""
+        if self.config.method.aggregation_weights == "num_samples":
+            counts = np.array([u.num_samples for u in updates], dtype=float)
+            return counts / counts.sum()
+        return np.full(len(updates), 1.0 / len(updates))
+
+    @staticmethod
+    def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
+        return dict(getattr(model, "ravan_adapted", {}))
+
+    def head_parameter_names(self, model: nn.Module) -> list[str]:
+        if not self.config.model.train_head:
+            return []
+        return list(getattr(model, "ravan_head_parameters", []))
+
+    def head_state(self, model: nn.Module) -> State:
+        params = dict(model.named_parameters())
+        return {HEAD_PREFIX + name: params[name].detach().clone() for name in self.head_parameter_names(model)}
+
+    def load_head(self, model: nn.Module, state: State) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in self.head_parameter_names(model):
+                params[name].copy_(state[HEAD_PREFIX + name])
+
+    def train_head(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for name in self.head_parameter_names(model):
+            params[name].requires_grad_(True)
+
+    def aggregate_head(self, updates: list[ClientUpdate], weights: np.ndarray) -> State:
+        keys = [k for k in updates[0].tensors if k.startswith(HEAD_PREFIX)]
+        return {k: weighted_mean([u.tensors[k] for u in updates], weights) for k in keys}

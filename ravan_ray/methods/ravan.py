@@ -1,0 +1,123 @@
+"""Ravan: multi-head LoRA for federated fine-tuning (Raje et al., NeurIPS 2025, arXiv 2506.05568).
+
+Every adapted weight gets y = W x + sum_i s_i B_i H_i A_i x with frozen bases B_i, A_i regenerated from
+the run seed on every process (never sent), trainable r x r cores H_i (start at 0) and scales s_i (reset
+to 1 every round). Per round (Algorithm 1): a client scores the heads (random / weight / gradient),
+trains its top-K_c per layer, K_c = max(1, round(level_c * h)), and uploads s_i H_i of those heads only.
+The server sets H_i to the mean of the uploads of the clients that trained head i; a head nobody trained
+keeps its value. Since B_i, A_i are shared and frozen this equals the mean of the clients' updates of
+each head exactly.
+
+Choices the paper leaves open:
+- aggregation weights: uniform over the head's trainers (the paper), or proportional to their sample
+  counts (``method.aggregation_weights: num_samples``), renormalised over the head's trainers;
+- ``scaling: constant`` (the paper's Table 5 variant) keeps s_i = 1 and trains only H_i;
+- the head indices a client trained travel as metadata (a few bytes) and are not counted as uplink;
+- under compute heterogeneity a head trained by only some clients is averaged over those clients only,
+  so ``agg_error`` (distance to the plain mean of all sampled clients' full updates) is then non-zero by
+  design; with every client training every head it is zero up to float rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ravan_ray.adapters import RavanLinear, budget_from_lora_rank, inject, rank_from_budget
+from ravan_ray.budgets import heads_for_level
+from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State, weighted_mean
+from ravan_ray.scoring import head_scores, top_k
+
+
+def per_matrix_budget(method_config, d_in: int, d_out: int) -> int:
+    """N for one weight matrix: ``method.budget`` if given, else the budget of LoRA rank r_L, r_L (d_in + d_out)."""
+    if method_config.budget is not None:
+        return int(method_config.budget)
+    return budget_from_lora_rank(method_config.lora_rank, d_in, d_out)
+
+
+class Ravan(FederatedMethod):
+    name = "ravan"
+    exact = True
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.ranks: dict[str, int] = {}
+
+    def wrap_model(self, model: nn.Module) -> dict[str, nn.Module]:
+        cfg = self.config.method
+
+        def make_layer(name: str, linear: nn.Linear) -> RavanLinear:
+            rank = rank_from_budget(per_matrix_budget(cfg, linear.in_features, linear.out_features), cfg.heads)
+            self.ranks[name] = rank
+            return RavanLinear(linear, heads=cfg.heads, rank=rank, init=cfg.init, scaling=cfg.scaling,
+                               seed=self.seed, layer_name=name)
+
+        inject(model, self.config.model.target_modules, make_layer)
+        return {name: module for name, module in model.named_modules() if isinstance(module, RavanLinear)}
+
+    def resolved(self) -> dict:
+        return {"heads": self.config.method.heads, "rank_per_head": dict(self.ranks)}
+
+    # ----------------------------------------------------------------- server
+    def initial_state(self, model: nn.Module) -> State:
+        state = super().initial_state(model)
+        for name, layer in self.adapted_modules(model).items():
+            state[f"{name}/cores"] = layer.cores.detach().clone()
+        return state
+
+    def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
+        weights = self.client_weights(updates)
+        new_state = {**state, **self.aggregate_head(updates, weights)}
+        for key in (k for k in state if k.endswith("/cores")):
+            layer = key[: -len("/cores")]
+            cores = state[key].clone()
+            for head in range(cores.shape[0]):
+                trainers = [(u, w) for u, w in zip(updates, weights) if head in u.meta["heads"][layer]]
+                if not trainers:
+                    continue  # nobody trained this head: it keeps its value
+                uploads = [u.tensors[key][u.meta["heads"][layer].index(head)] for u, _ in trainers]
+                head_weights = np.array([w for _, w in trainers])
+                cores[head] = weighted_mean(uploads, head_weights / head_weights.sum())
+            new_state[key] = cores
+        return new_state
+
+    def client_view(self, state: State, update: ClientUpdate) -> tuple[State, Optional[State]]:
+        view = dict(state)
+        view.update({k: v for k, v in update.tensors.items() if not k.endswith("/cores")})
+        for layer, heads in update.meta["heads"].items():
+            cores = state[f"{layer}/cores"].clone()
+            cores[heads] = update.tensors[f"{layer}/cores"]
+            view[f"{layer}/cores"] = cores
+        return view, None
+
+    # ----------------------------------------------------------------- client
+    def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
+        super().load_state(model, state, client_state)
+        with torch.no_grad():
+            for name, layer in self.adapted_modules(model).items():
+                layer.cores.copy_(state[f"{name}/cores"])
+                layer.reset_scales()
+
+    def begin_training(self, model: nn.Module, task: ClientTask, batch_loss: Callable[[], torch.Tensor]) -> dict:
+        super().begin_training(model, task, batch_loss)
+        layers = self.adapted_modules(model)
+        k = heads_for_level(task.level, self.config.method.heads)
+        scores = head_scores(self.config.method.scoring, layers, task.generator(stream=1), batch_loss)
+        selected = top_k(scores, k)
+        for name, layer in layers.items():
+            layer.set_head_mask(selected[name])
+            layer.cores.requires_grad_(True)
+            layer.scales.requires_grad_(self.config.method.scaling == "trainable")
+        return {"heads": selected, "heads_trained": k}
+
+    def upload(self, model: nn.Module, task: ClientTask, meta: dict) -> tuple[State, Optional[State]]:
+        tensors, _ = super().upload(model, task, meta)
+        for name, layer in self.adapted_modules(model).items():
+            heads = meta["heads"][name]
+            scaled = layer.cores.detach() * layer.scales.detach()[:, None, None]
+            tensors[f"{name}/cores"] = scaled[heads].clone()
+        return tensors, None

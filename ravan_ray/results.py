@@ -1,0 +1,82 @@
+"""The run directory's result files: metrics.csv (one row per round) and summary.json.
+
+Both are rewritten whole through a temporary file and ``os.replace`` every round, so a crash or a kill
+leaves the previous complete file, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+METRIC_COLUMNS = [
+    "round", "wall_s", "round_s", "train_loss", "test_accuracy", "test_loss",
+    "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
+    "failed_clients", "dropped_clients", "rejected_uploads", "agg_s",
+]
+# Columns that measure time: they differ between otherwise identical runs.
+TIMING_COLUMNS = ("wall_s", "round_s", "agg_s")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _cell(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value
+
+
+def write_metrics(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _cell(row.get(key)) for key in METRIC_COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """metrics.csv back as dicts of floats (empty cells -> NaN); round as int."""
+    with open(path, newline="") as handle:
+        rows = []
+        for raw in csv.DictReader(handle):
+            row = {k: (float(v) if v != "" else math.nan) for k, v in raw.items()}
+            row["round"] = int(row["round"])
+            rows.append(row)
+        return rows
+
+
+def summarize(method: str, rows: list[dict[str, Any]], wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    accuracies = [r["test_accuracy"] for r in rows if not _missing(r.get("test_accuracy"))]
+    summary = {
+        "method": method,
+        "final_test_accuracy": accuracies[-1] if accuracies else None,
+        "best_test_accuracy": max(accuracies) if accuracies else None,
+        "rounds": len(rows),
+        "total_uplink_bytes": int(sum(r.get("uplink_bytes") or 0 for r in rows)),
+        "total_downlink_bytes": int(sum(r.get("downlink_bytes") or 0 for r in rows)),
+        "wall_s": wall_s,
+        "failed_clients": int(sum(r.get("failed_clients") or 0 for r in rows)),
+        "dropped_clients": int(sum(r.get("dropped_clients") or 0 for r in rows)),
+        "rejected_uploads": int(sum(r.get("rejected_uploads") or 0 for r in rows)),
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(summary, indent=2, default=float) + "\n")
+
+
+def _missing(value: Any) -> bool:
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))

@@ -9,6 +9,8 @@ modes produce the same numbers.
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -34,12 +36,15 @@ class ClientActor:
     def train(self, task: ClientTask, state: State, client_state: Optional[State]):
         """Returns three objects: the update (for the server), the client's own state (kept by the
         driver for the client's next round) and a small status the driver reads."""
+        started = time.time()
         rows = self.partitions[task.client_id]
         local = {key: values[rows] for key, values in self.train_data.items()}
         update = self.host.train_client(task, state, client_state, local)
         # The simulated server also sees the client state, for the agg_error diagnostic and evaluation
         # only; it is not uplink and no aggregation rule reads it.
-        status = {"train_loss": update.train_loss, "has_client_state": update.client_state is not None}
+        status = {"train_loss": update.train_loss, "has_client_state": update.client_state is not None,
+                  "pid": os.getpid(), "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
+                  "started": started, "finished": time.time()}
         return update, update.client_state, status
 
     def ping(self) -> bool:

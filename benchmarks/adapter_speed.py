@@ -1,10 +1,14 @@
 """Micro-benchmark: forward+backward time of one adapted linear layer.
 
 Compares, at the same per-matrix trainable budget N = r_L (d_in + d_out):
-  ravan (batched)   RavanLinear as shipped (all heads in two GEMMs + one batched r x r product)
-  ravan (loop)      a reference that loops over heads in Python
-  lora              LoRALinear of rank r_L
-plus alternative formulations of the batched Ravan forward (same maths), to show which is fastest.
+  RavanLinear (auto)  as shipped: picks the factorised or the dense forward by multiply-add count
+    factorised        all heads in two GEMMs + one batched r x r product (einsum)
+    dense             one GEMM with W + delta, delta built from the cores each call
+  loop over heads     a reference that loops over heads in Python
+  lora                LoRALinear of rank r_L
+plus other formulations of the batched forward (same maths: bmm, block-diagonal core, cores folded
+into B or A), to show which is fastest. The last table row is the ratio of multiply-adds of the
+factorised forward+backward to LoRA's, the floor for that formulation.
 
     python benchmarks/adapter_speed.py                       # d = 384 and 768, 1024 tokens, 2 threads
     python benchmarks/adapter_speed.py --dims 768 --tokens 4096 --repeats 50
@@ -85,10 +89,23 @@ def ravan_fold_A(layer: RavanLinear, x):
     return layer.base(x) + F.linear(F.linear(x, A_eff), B_cat)
 
 
-def ravan_merged(layer: RavanLinear, x):
-    """Build W + delta once per call and do a single GEMM (gradient flows through delta)."""
-    W = layer.base.weight + layer.delta_weight()
-    return F.linear(x, W, layer.base.bias)
+def ravan_module(layer: RavanLinear, compute: str):
+    def run(x):
+        layer.compute = compute
+        return layer(x)
+
+    return run
+
+
+def gemm_macs(d_in: int, d_out: int, h: int, r: int, r_lora: int, input_grad: bool) -> tuple[int, int]:
+    """Multiply-adds per token of forward+backward, (ravan factorised, lora): the cost floor of each."""
+    g = int(input_grad)
+    base = d_in * d_out * (1 + g)  # forward + grad wrt x (the weight is frozen)
+    lora = base + r_lora * (d_in + d_out) + 2 * r_lora * d_out + r_lora * d_in * (1 + g)
+    # forward: A, core, B; backward: grad of z through B, grads of core and its input, grad x through A
+    # (B and A are frozen, so no weight gradients for them).
+    ravan = base + h * r * (d_in + d_out) + h * r * r + h * r * d_out + 2 * h * r * r + g * h * r * d_in
+    return ravan, lora
 
 
 # -- timing -------------------------------------------------------------------------------------
@@ -103,9 +120,9 @@ def fwd_bwd_seconds(fn, x, params, grad_out) -> float:
     return time.perf_counter() - t0
 
 
-def time_interleaved(cases: dict, x, warmup: int, repeats: int) -> dict[str, float]:
-    """Median seconds per case; cases take turns within each repeat, so a background load spike
-    hits all of them instead of skewing one."""
+def time_interleaved(cases: dict, x, warmup: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """(median, min) seconds per case. Cases take turns within each repeat, so a background load
+    spike hits all of them instead of skewing one; the min is the least disturbed run."""
     grad_out = torch.randn(*x.shape[:-1], next(iter(cases.values()))[0](x).shape[-1])
     times = {name: [] for name in cases}
     for it in range(warmup + repeats):
@@ -113,7 +130,7 @@ def time_interleaved(cases: dict, x, warmup: int, repeats: int) -> dict[str, flo
             sec = fwd_bwd_seconds(fn, x, params, grad_out)
             if it >= warmup:
                 times[name].append(sec)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
 def main(argv=None) -> None:
@@ -149,15 +166,16 @@ def main(argv=None) -> None:
             lora.lora_B.normal_()
         x = torch.randn(args.tokens, d, requires_grad=not args.no_input_grad)
 
-        ref = ravan(x)
+        ref = ravan_module(ravan, "factorised")(x)
         variants = {
-            "ravan batched (RavanLinear)": ravan,
+            "ravan RavanLinear (auto)": ravan_module(ravan, "auto"),
+            "ravan RavanLinear factorised (einsum)": ravan_module(ravan, "factorised"),
+            "ravan RavanLinear dense (W + delta)": ravan_module(ravan, "dense"),
             "ravan loop over heads": lambda x: ravan_loop(ravan, x),
             "ravan bmm": lambda x: ravan_bmm(ravan, x),
             "ravan block-diagonal GEMM": lambda x: ravan_blockdiag(ravan, x),
             "ravan fold cores into B": lambda x: ravan_fold_B(ravan, x),
             "ravan fold cores into A": lambda x: ravan_fold_A(ravan, x),
-            "ravan merged weight": lambda x: ravan_merged(ravan, x),
         }
         for name, fn in variants.items():
             err = (fn(x) - ref).abs().max().item()
@@ -167,19 +185,24 @@ def main(argv=None) -> None:
         if x.requires_grad:  # the frozen layer alone has nothing to differentiate otherwise
             cases["base"] = (base, [])
         t = time_interleaved(cases, x, args.warmup, args.repeats)
-        t_lora, t_base = t.pop("lora"), t.pop("base", float("nan"))
+        nan = (float("nan"), float("nan"))
+        t_lora, t_base = t.pop("lora"), t.pop("base", nan)
         rows.append((d, N, r, args.lora_rank, t, t_lora, t_base))
 
-    print("| d | N | r per head (h r) | variant | ms | vs LoRA | loop / this |")
-    print("|---|---|---|---|---|---|---|")
+    print("| d | N | r per head (h r) | variant | median ms | min ms | vs LoRA (median) | vs LoRA (min) | loop / this (median) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for d, N, r, rl, t, t_lora, t_base in rows:
-        loop = t["ravan loop over heads"]
-        for name, sec in t.items():
-            print(f"| {d} | {N} | {r} ({args.heads * r}) | {name} | {sec * 1e3:.2f} | "
-                  f"{sec / t_lora:.2f}x | {loop / sec:.2f}x |")
-        print(f"| {d} | {N} | LoRA r={rl} | lora (LoRALinear) | {t_lora * 1e3:.2f} | 1.00x | |")
-        if t_base == t_base:
-            print(f"| {d} | | | frozen base only (no adapter) | {t_base * 1e3:.2f} | {t_base / t_lora:.2f}x | |")
+        macs_ravan, macs_lora = gemm_macs(d, d, args.heads, r, rl, not args.no_input_grad)
+        loop = t["ravan loop over heads"][0]
+        t = {**t, f"lora r={rl} (LoRALinear)": t_lora}
+        if t_base[0] == t_base[0]:
+            t["frozen base only (no adapter)"] = t_base
+        for name, (med, lo) in t.items():
+            rank_col = f"{r} ({args.heads * r})" if name.startswith("ravan") else ""
+            print(f"| {d} | {N} | {rank_col} | {name} | {med * 1e3:.2f} | {lo * 1e3:.2f} | "
+                  f"{med / t_lora[0]:.2f}x | {lo / t_lora[1]:.2f}x | {loop / med:.2f}x |")
+        print(f"| {d} | {N} | | GEMM multiply-adds, factorised Ravan / LoRA | | | "
+              f"{macs_ravan / macs_lora:.2f}x | {macs_ravan / macs_lora:.2f}x | |")
     print(f"\n1-min load average: {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end "
           f"({os.cpu_count()} CPUs); background load inflates all rows alike (cases are interleaved).")
 

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 __all__ = [
     "INITS",
     "SCALINGS",
+    "COMPUTES",
     "rank_from_budget",
     "budget_from_lora_rank",
     "make_bases",
@@ -37,6 +38,7 @@ __all__ = [
 
 INITS = ("normal", "gram_schmidt", "constant", "shared_subspace")
 SCALINGS = ("trainable", "constant")
+COMPUTES = ("auto", "factorised", "dense")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,6 +208,11 @@ class RavanLinear(nn.Module):
     others bit-identical. The mask is applied inside the forward pass (a detach on the unselected
     heads) rather than with a gradient hook, because tensor hooks are silently dropped when a module
     is deep-copied or pickled (which is how Ray moves objects between processes).
+
+    Two equivalent forwards: ``factorised`` (x -> stacked A -> per-head s_i H_i -> stacked B, cost
+    grows with h r) and ``dense`` (one GEMM with W + delta_weight(), cost grows with d^2). With
+    ``compute = "auto"`` (default) each call takes the one with fewer multiply-adds;
+    benchmarks/adapter_speed.py has the measurements.
     """
 
     def __init__(
@@ -232,12 +239,18 @@ class RavanLinear(nn.Module):
         B, A = make_bases(heads, rank, self._d_in, self._d_out, init, seed, layer_name, dtype)
         self.register_buffer("bases_B", B.to(device), persistent=False)
         self.register_buffer("bases_A", A.to(device), persistent=False)
-        self.register_buffer("head_mask", torch.ones(heads, dtype=torch.bool, device=device))
+        # The selection is a client's choice for one round, not model state: kept out of state_dict.
+        self.register_buffer(
+            "head_mask", torch.ones(heads, dtype=torch.bool, device=device), persistent=False
+        )
         self.cores = nn.Parameter(torch.zeros(heads, rank, rank, dtype=dtype, device=device))
         self.scales = nn.Parameter(
             torch.ones(heads, dtype=dtype, device=device), requires_grad=scaling == "trainable"
         )
         self.merged = False
+        # "auto" picks the cheaper of the two equivalent forwards per call; "factorised" / "dense"
+        # force one (tests compare them; benchmarks time them).
+        self.compute = "auto"
 
     @property
     def heads(self) -> int:
@@ -266,16 +279,46 @@ class RavanLinear(nn.Module):
         return scales[:, None, None] * cores
 
     def forward(self, x: Tensor) -> Tensor:
-        y = self.base(x)
         if self.merged:
-            return y
+            return self.base(x)
+        if self._dense_is_cheaper(x):
+            # One GEMM with W + delta: the update's maths unchanged, the gradient reaches the cores
+            # through delta_weight(). Cheaper once h r is a sizeable fraction of d.
+            weight = self.base.weight + self.delta_weight().to(self.base.weight.dtype)
+            return F.linear(x, weight, self.base.bias)
         h, r, dt = self._heads, self._rank, x.dtype
         # All heads at once: one GEMM into the stacked (h r)-dim code, a batched r x r product per
         # head, one GEMM back out (benchmarks/adapter_speed.py compares the alternatives).
         z = F.linear(x, self.bases_A.reshape(h * r, self._d_in).to(dt))
         z = torch.einsum("...hr,hor->...ho", z.unflatten(-1, (h, r)), self._scaled_cores().to(dt))
         B_cat = self.bases_B.permute(1, 0, 2).reshape(self._d_out, h * r).to(dt)
-        return y + F.linear(z.flatten(-2), B_cat)
+        return self.base(x) + F.linear(z.flatten(-2), B_cat)
+
+    def _dense_is_cheaper(self, x: Tensor) -> bool:
+        """Pick the forward with fewer multiply-adds (shapes only, so every client picks the same).
+
+        factorised: per token 2 h r (d_in + d_out) (+ 3 h r^2) on top of the base GEMMs;
+        dense:      building delta (d_out d_in h r) and, when training, its gradient (T d_out d_in
+                    for dL/dW plus d_out d_in h r back to the cores).
+        Only for a plain float32/float64 nn.Linear: in half precision W + delta would round away
+        most of a small update, and a quantised or custom linear has no plain weight to add to.
+        """
+        if self.compute != "auto":
+            if self.compute not in COMPUTES:
+                raise ValueError(f"unknown compute {self.compute!r}; allowed: {', '.join(COMPUTES)}")
+            return self.compute == "dense"
+        if type(self.base) is not nn.Linear or self.base.weight.dtype not in (torch.float32, torch.float64):
+            return False
+        tokens = x.numel() // self._d_in
+        hr, dd, d_sum = self._heads * self._rank, self._d_in * self._d_out, self._d_in + self._d_out
+        training = torch.is_grad_enabled() and (self.cores.requires_grad or self.scales.requires_grad)
+        if training:
+            factorised = tokens * (2 * hr * d_sum + 3 * hr * self._rank)
+            dense = tokens * dd + 2 * dd * hr
+        else:
+            factorised = tokens * (hr * d_sum + hr * self._rank)
+            dense = dd * hr
+        return dense < factorised
 
     def delta_weight(self) -> Tensor:
         """sum_i s_i B_i H_i A_i, shape (d_out, d_in) like ``base.weight`` (adapter dtype)."""
@@ -389,7 +432,9 @@ class LoRALinear(nn.Module):
         self.lora_B = nn.Parameter(
             torch.zeros(self._d_out, rank, dtype=dtype, device=device), requires_grad=train_B
         )
-        self.register_buffer("rank_mask", torch.ones(rank, dtype=torch.bool, device=device))
+        self.register_buffer(
+            "rank_mask", torch.ones(rank, dtype=torch.bool, device=device), persistent=False
+        )
         self.merged = False
 
     @property

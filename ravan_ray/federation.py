@@ -34,7 +34,7 @@ from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, load_text_classification, partition, tokenize
 from ravan_ray.methods.base import ClientTask
 from ravan_ray.models import load_tokenizer
-from ravan_ray.results import read_metrics, summarize, write_metrics, write_summary
+from ravan_ray.results import read_metrics, read_table, summarize, write_metrics, write_summary, write_table
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any], Optional[str]], None]
@@ -163,6 +163,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         save_config(config, run_dir / "config.yaml", extra={"method": ray.get(server.resolved.remote())})
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         wall_offset = rows[-1]["wall_s"] if rows else 0.0
+        client_log = read_table(run_dir / "clients.csv", before_round=first_round)
         run_started = time.perf_counter()
 
         progress = tqdm(range(first_round, fed.rounds + 1), desc=config.method.name, unit="round",
@@ -187,6 +188,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                 row["wall_s"] = wall_offset + time.perf_counter() - run_started
                 rows.append(row)
                 write_metrics(run_dir / "metrics.csv", rows)
+                client_log.extend(outcome.log)
+                write_table(run_dir / "clients.csv", client_log)
 
                 checkpoint_path = None
                 if round_index % config.output.checkpoint_every == 0 or round_index == fed.rounds:
@@ -211,6 +214,7 @@ class RoundOutcome:
     train_losses: list[float]
     failed: int
     dropped: int
+    log: list[dict[str, Any]]  # one entry per client attempt: for clients.csv
 
 
 def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_state_refs: dict[int, Any],
@@ -222,6 +226,8 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
     pending = {t.client_id: (t, pos) for pos, t in enumerate(tasks)}
     done: dict[int, tuple[Any, Any, dict]] = {}
     failed = dropped = 0
+    log: list[dict[str, Any]] = []
+    round_index = tasks[0].round if tasks else 0
     attempts = 2 if fed.on_client_failure == "retry" else 1
     for _ in range(attempts):
         if not pending:
@@ -233,6 +239,7 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
         for ref in late:  # stragglers: drop this round, restart their actor so it does not lag next round
             cid = status_refs[ref]
             dropped += 1
+            log.append({"round": round_index, "client": cid, "status": "dropped"})
             fleet.replace(cid, pending.pop(cid)[1])
         still_pending = {}
         for ref in ready:
@@ -241,10 +248,15 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
                 status = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
                 failed += 1  # counted even when the retry succeeds: the failure happened
+                log.append({"round": round_index, "client": cid, "status": "failed"})
                 fleet.replace(cid, pending[cid][1])
                 still_pending[cid] = pending[cid]
                 continue
             done[cid] = (refs[cid][0], refs[cid][1], status)
+            log.append({"round": round_index, "client": cid, "status": "ok", "train_loss": status["train_loss"],
+                        "seconds": status["finished"] - status["started"], "started": status["started"],
+                        "finished": status["finished"], "pid": status["pid"],
+                        "gpu_ids": ";".join(map(str, status["gpu_ids"]))})
         pending = still_pending
     ids = sorted(done)
     return RoundOutcome(
@@ -253,6 +265,7 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
         train_losses=[done[c][2]["train_loss"] for c in ids],
         failed=failed,
         dropped=dropped,
+        log=log,
     )
 
 

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+import pandas as pd
+
 METRIC_COLUMNS = [
     "round", "wall_s", "round_s", "train_loss", "test_accuracy", "test_loss",
     "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
@@ -54,6 +56,20 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             row["round"] = int(row["round"])
             rows.append(row)
         return rows
+
+
+def write_table(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """A per-client log (clients.csv): columns are the union of the records' keys."""
+    atomic_write_text(path, pd.DataFrame.from_records(records).to_csv(index=False) if records else "")
+
+
+def read_table(path: str | Path, before_round: int) -> list[dict[str, Any]]:
+    """The records of an earlier attempt at a run, up to (not including) ``before_round``."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return []
+    frame = pd.read_csv(path)
+    return frame[frame["round"] < before_round].to_dict("records")
 
 
 def summarize(method: str, rows: list[dict[str, Any]], wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -45,9 +45,11 @@ def cat_A(layer):
 # -- initial state -------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("compute", ["factorised", "dense"])
 @pytest.mark.parametrize("init", INITS)
-def test_delta_is_exactly_zero_at_init_and_output_equals_base(init):
+def test_delta_is_exactly_zero_at_init_and_output_equals_base(init, compute):
     layer = ravan(d_in=16, d_out=16, init=init)
+    layer.compute = compute
     x = torch.randn(5, 16)
     assert torch.count_nonzero(layer.delta_weight()) == 0
     assert torch.equal(layer(x), layer.base(x))
@@ -177,9 +179,11 @@ def test_ffa_lora_averaging_B_with_the_shared_frozen_A_is_exact():
 # -- forward, merge ------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("compute", ["factorised", "dense"])
 @pytest.mark.parametrize("init", INITS)
-def test_forward_equals_base_plus_x_times_delta_transposed_for_any_leading_dims(init):
+def test_forward_equals_base_plus_x_times_delta_transposed_for_any_leading_dims(init, compute):
     layer = randomise(ravan(d_in=12, d_out=7, heads=2, rank=3, init=init))
+    layer.compute = compute
     x = torch.randn(2, 3, 12)
     expected = layer.base(x) + x @ layer.delta_weight().T
     out = layer(x)
@@ -217,6 +221,32 @@ def test_lora_forward_merge_and_unmerge_match_its_delta():
     assert torch.allclose(layer.base.weight, weight, atol=1e-6)
 
 
+def test_dense_and_factorised_forwards_give_the_same_output_and_core_gradients():
+    results = []
+    for compute in ("factorised", "dense"):
+        layer = randomise(ravan(d_in=12, d_out=7)).double()
+        layer.compute = compute
+        layer.set_head_mask([1, 2])
+        x = torch.randn(2, 3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        out = layer(x)
+        out.square().sum().backward()
+        results.append((out.detach(), layer.cores.grad, layer.scales.grad))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=0, atol=1e-10)
+
+
+def test_auto_compute_uses_the_dense_forward_only_where_it_saves_work_and_is_safe():
+    x = torch.randn(1024, 64)
+    wide = ravan(d_in=64, d_out=64, heads=4, rank=8)  # h r = d / 2
+    narrow = ravan(d_in=64, d_out=64, heads=2, rank=1)  # h r = 2
+    assert wide._dense_is_cheaper(x) and not narrow._dense_is_cheaper(x)
+    wide_bf16 = RavanLinear(nn.Linear(64, 64).to(torch.bfloat16), heads=4, rank=8)
+    assert not wide_bf16._dense_is_cheaper(x.to(torch.bfloat16))  # W + delta in bf16 loses delta
+    wide.compute = "fast"
+    with pytest.raises(ValueError, match="allowed: auto, factorised, dense"):
+        wide(x)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_layers_and_inputs_work_on_cpu(dtype):
     # fp16 matmul is supported on this CPU build of torch (it is slow, not wrong).
@@ -240,8 +270,10 @@ def test_half_precision_base_keeps_float32_adapters_that_train():
 # -- head and rank masks -------------------------------------------------------------------------
 
 
-def test_head_mask_1010_leaves_unselected_cores_and_scales_bit_identical_under_adam():
+@pytest.mark.parametrize("compute", ["factorised", "dense"])
+def test_head_mask_1010_leaves_unselected_cores_and_scales_bit_identical_under_adam(compute):
     layer = randomise(ravan(d_in=12, d_out=10, heads=4, rank=2))
+    layer.compute = compute
     layer.set_head_mask([0, 2])
     assert layer.head_mask.tolist() == [True, False, True, False]
     before = layer.trainable_state()
@@ -346,6 +378,13 @@ def test_rank_from_budget_rejects_zero_heads_and_too_small_budgets():
 # -- injection into real architectures -----------------------------------------------------------
 
 
+# transformers 5 renamed ViT's attention projections (4.x: encoder.layer.N.attention.attention.query)
+TF5 = int(__import__("transformers").__version__.split(".")[0]) >= 5
+VIT_TARGETS = ("q_proj", "v_proj") if TF5 else ("query", "value")
+VIT_NAMES = [f"layers.{i}.attention.{m}" if TF5 else f"encoder.layer.{i}.attention.attention.{m}"
+             for i in (0, 1) for m in VIT_TARGETS]
+
+
 def make_ravan(name, linear):
     return RavanLinear(linear, heads=2, rank=2, seed=0, layer_name=name)
 
@@ -356,8 +395,8 @@ def tiny(kind):
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     if kind == "bert":
         return tf.BertModel(tf.BertConfig(vocab_size=100, **common)), ("query", "value")
-    if kind == "vit":  # transformers 5 names ViT's projections q_proj/v_proj (4.x: query/value)
-        return tf.ViTModel(tf.ViTConfig(image_size=16, patch_size=8, **common)), ("q_proj", "v_proj")
+    if kind == "vit":
+        return tf.ViTModel(tf.ViTConfig(image_size=16, patch_size=8, **common)), VIT_TARGETS
     if kind == "t5":
         cfg = tf.T5Config(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2)
         return tf.T5Model(cfg), ("q", "v")
@@ -379,7 +418,7 @@ def run(kind, model):
     "kind, expected",
     [
         ("bert", [f"encoder.layer.{i}.attention.self.{m}" for i in (0, 1) for m in ("query", "value")]),
-        ("vit", [f"layers.{i}.attention.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")]),
+        ("vit", VIT_NAMES),
         ("t5", sorted(
             [f"encoder.block.{i}.layer.0.SelfAttention.{m}" for i in (0, 1) for m in "qv"]
             + [f"decoder.block.{i}.layer.{j}.{att}.{m}" for i in (0, 1)

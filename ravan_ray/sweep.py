@@ -1,0 +1,584 @@
+"""Ray Tune sweeps over run configs: ``ravan-ray sweep TUNE_CONFIG.yaml [--address ADDR] [--output DIR]``.
+
+A tune config (see tune_configs/) names a base run config and a search space over dotted config keys::
+
+    name: heads
+    base: {model: {name: minilm}, federation: {rounds: 12}}   # or  base_config: path/to/run.yaml
+    search_space:
+      method.heads: {grid: [1, 4, 8]}          # grid | choice: lists; uniform | loguniform | randint: [lo, hi]
+      seed: {grid: [0, 1, 2]}
+    num_samples: 1                             # repeats of the whole grid (and fresh random samples)
+    max_concurrent_trials: null
+    scheduler: {asha: {max_t: 12, grace_period: 4, reduction_factor: 2}}   # optional early stopping
+    storage_path: runs/sweeps                  # the sweep lands in storage_path/name unless --output is given
+    max_failures: 1                            # retries of a failed trial, from its last checkpoint
+    driver_cpus: 1                             # the trial's own process (the federation driver)
+    placement_strategy: PACK                   # or SPREAD, STRICT_PACK, STRICT_SPREAD
+
+Everything is validated before Ray starts (each search-space key and value is tried on the base config).
+
+One trial = one whole federation (:func:`ravan_ray.federation.run_federation`) in the trial's directory
+``DIR/<trial_id>/run``, reserved as a placement group sized from the trial's own config: a driver bundle,
+a server bundle (only when the server asks for CPUs or GPUs: Ray rejects empty bundles, and a zero-CPU
+server actor is placed in the group without one) and one bundle per client actor (pool_size of them in
+pool mode, num_clients in per_client mode). Tune creates the group with child-task capture, so the
+federation's actors land inside it and a trial never competes with another trial for its clients' CPUs.
+
+Every round is reported to Tune. Metrics that are NaN or missing are left out of the report rather than
+sent as NaN: ``test_accuracy`` appears only in rounds that evaluated (ASHA then decides at the first
+evaluated round past each milestone), ``agg_error`` only for methods that define it. Each checkpointed
+round also reports a Tune checkpoint holding the run's latest federation checkpoint and metrics.csv, so
+a retried trial (``max_failures``) or a resumed sweep continues from that round instead of round 1.
+
+Resume: running the same command on an existing sweep directory restores it (``Tuner.restore``):
+finished trials are kept, unfinished and errored ones continue from their checkpoints. The tune config
+used is the copy saved in the sweep directory on the first run.
+
+``inject_failure_after_round: R`` (a drill for the fault-tolerance path, used by the tests) makes every
+trial raise once right after reporting round R; a marker file in the trial directory lets the retry pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+
+from ravan_ray.config import ConfigError, RunConfig, from_dict, read_yaml
+
+log = logging.getLogger(__name__)
+
+TOP_LEVEL_KEYS = {
+    "name", "base", "base_config", "search_space", "num_samples", "max_concurrent_trials", "scheduler",
+    "storage_path", "max_failures", "driver_cpus", "placement_strategy", "inject_failure_after_round",
+}
+SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+ASHA_KEYS = {"max_t", "grace_period", "reduction_factor"}
+RUN_DIRNAME = "run"
+SAVED_TUNE_CONFIG = "tune_config.yaml"
+RESULTS_FILE = "results.csv"
+ATTEMPTS_FILE = "attempts.jsonl"
+FAILURE_MARKER = ".injected_failure_done"
+# Beyond this many combinations the search space is checked one axis at a time instead of exhaustively.
+MAX_CHECKED_COMBINATIONS = 4096
+SUMMARY_COLUMNS = ["final_test_accuracy", "best_test_accuracy", "rounds", "total_uplink_bytes",
+                   "total_downlink_bytes", "wall_s"]
+
+
+class SweepError(ConfigError):
+    """A sweep that cannot run as configured (search space, resources, output directory)."""
+
+
+# ----------------------------------------------------------------------------------------- the tune config
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: ``1e-4`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\d+\.\d*$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _int_or_float(loader: _Loader, node: yaml.ScalarNode) -> Any:
+    text = loader.construct_scalar(node)
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:float", _int_or_float)
+
+
+class SweepSpec:
+    """A validated tune config."""
+
+    def __init__(self, values: dict[str, Any], source: Optional[Path] = None):
+        self.source = source
+        self.raw = values
+        unknown = sorted(set(values) - TOP_LEVEL_KEYS)
+        if unknown:
+            raise SweepError(f"unknown tune config key '{unknown[0]}' (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+        self.name = str(values.get("name") or (source.stem if source else "sweep"))
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise SweepError(f"name: use letters, digits, '_', '-' and '.' only (got {self.name!r})")
+        self.base = self._load_base(values)
+        self.space = self._load_space(values.get("search_space"))
+        self.num_samples = _int_key(values, "num_samples", 1, minimum=1)
+        self.max_concurrent = _int_key(values, "max_concurrent_trials", None, minimum=1)
+        self.max_failures = _int_key(values, "max_failures", 1, minimum=-1)
+        self.fail_after = _int_key(values, "inject_failure_after_round", None, minimum=1)
+        self.driver_cpus = _number_key(values, "driver_cpus", 1.0, minimum=0.0)
+        self.strategy = str(values.get("placement_strategy") or "PACK").upper()
+        if self.strategy not in STRATEGIES:
+            raise SweepError(f"placement_strategy: must be one of {', '.join(STRATEGIES)} (got {values['placement_strategy']!r})")
+        self.storage_path = str(values.get("storage_path") or "runs/sweeps")
+        self.asha = self._load_scheduler(values.get("scheduler"))
+        self.candidates = self._check_search_space()
+
+    # -- pieces
+    def _load_base(self, values: dict[str, Any]) -> dict[str, Any]:
+        if "base" in values and "base_config" in values:
+            raise SweepError("give either 'base' or 'base_config', not both")
+        if "base_config" in values:
+            path = Path(str(values["base_config"])).expanduser()
+            if not path.is_absolute() and self.source is not None and (self.source.parent / path).is_file():
+                path = self.source.parent / path
+            base = read_yaml(path)
+            base.pop("resolved", None)  # a run's config.yaml can serve as a base
+        else:
+            base = values.get("base") or {}
+        if not isinstance(base, dict):
+            raise SweepError(f"base must be a mapping of run config keys, got {type(base).__name__}")
+        try:
+            from_dict(base)
+        except ConfigError as error:
+            raise SweepError(f"base: {error}") from None
+        return base
+
+    def _load_space(self, space: Any) -> dict[str, dict[str, Any]]:
+        if space is None:
+            return {}
+        if not isinstance(space, dict):
+            raise SweepError("search_space must map dotted config keys to specs such as {grid: [1, 2]}")
+        checked = {}
+        for key, spec in space.items():
+            key = str(key)
+            if not key or any(not part for part in key.split(".")):
+                raise SweepError(f"search_space key '{key}' is not a dotted config key")
+            checked[key] = _check_spec(key, spec)
+        return checked
+
+    def _load_scheduler(self, scheduler: Any) -> Optional[dict[str, Any]]:
+        if scheduler in (None, {}):
+            return None
+        if not isinstance(scheduler, dict) or set(scheduler) != {"asha"}:
+            raise SweepError("scheduler: only {asha: {max_t, grace_period, reduction_factor}} is supported")
+        asha = scheduler["asha"] or {}
+        if not isinstance(asha, dict):
+            raise SweepError("scheduler.asha must be a mapping (max_t, grace_period, reduction_factor)")
+        unknown = sorted(set(asha) - ASHA_KEYS)
+        if unknown:
+            raise SweepError(f"unknown key 'scheduler.asha.{unknown[0]}' (allowed: {', '.join(sorted(ASHA_KEYS))})")
+        rounds = from_dict(self.base).federation.rounds
+        out = {"max_t": _int_key(asha, "max_t", rounds, minimum=1, where="scheduler.asha."),
+               "grace_period": _int_key(asha, "grace_period", 1, minimum=1, where="scheduler.asha."),
+               "reduction_factor": _number_key(asha, "reduction_factor", 2.0, minimum=1.0, where="scheduler.asha.")}
+        if out["reduction_factor"] <= 1:
+            raise SweepError("scheduler.asha.reduction_factor: must be > 1")
+        if out["grace_period"] > out["max_t"]:
+            raise SweepError("scheduler.asha.grace_period must be <= max_t")
+        return out
+
+    def _check_search_space(self) -> list[RunConfig]:
+        """Try every search-space value on the base (every combination when there are few): an unknown key
+        or a bad value is reported now, with the key, instead of as a failed trial later."""
+        axes = {key: _candidate_values(spec) for key, spec in self.space.items()}
+        for key, values in axes.items():  # one axis at a time first: the message then names the culprit
+            for value in values:
+                trial_config(self.base, {key: value}, where=f"search_space '{key}' = {value!r}")
+        total = math.prod(len(v) for v in axes.values()) if axes else 1
+        if total > MAX_CHECKED_COMBINATIONS:
+            return [trial_config(self.base, {k: v}) for k, values in axes.items() for v in values]
+        configs = []
+        for combo in itertools.product(*axes.values()):
+            sampled = dict(zip(axes, combo))
+            where = "search_space combination " + ", ".join(f"{k}={v!r}" for k, v in sampled.items())
+            configs.append(trial_config(self.base, sampled, where=where))
+        return configs
+
+    # -- Tune objects
+    def param_space(self) -> dict[str, Any]:
+        from ray import tune
+
+        makers = {"grid": tune.grid_search, "choice": tune.choice}
+        space = {}
+        for key, spec in self.space.items():
+            kind, value = next(iter(spec.items()))
+            if kind in makers:
+                space[key] = makers[kind](list(value))
+            elif kind == "uniform":
+                space[key] = tune.uniform(*value)
+            elif kind == "loguniform":
+                space[key] = tune.loguniform(*value)
+            else:
+                space[key] = tune.randint(*value)
+        return space
+
+
+def _check_spec(key: str, spec: Any) -> dict[str, Any]:
+    where = f"search_space '{key}'"
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise SweepError(f"{where}: give one of {', '.join(SPEC_KINDS)}, e.g. {{grid: [1, 2]}} (got {spec!r})")
+    kind, value = next(iter(spec.items()))
+    if kind not in SPEC_KINDS:
+        raise SweepError(f"{where}: unknown spec '{kind}' (allowed: {', '.join(SPEC_KINDS)})")
+    if kind in ("grid", "choice"):
+        if not isinstance(value, list) or not value:
+            raise SweepError(f"{where}: {kind} needs a non-empty list of values")
+        return {kind: value}
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
+        raise SweepError(f"{where}: {kind} needs [low, high] numbers (got {value!r})")
+    low, high = value
+    if not low < high:
+        raise SweepError(f"{where}: {kind} needs low < high (got {value!r})")
+    if kind == "loguniform" and low <= 0:
+        raise SweepError(f"{where}: loguniform needs low > 0 (got {low!r})")
+    if kind == "randint" and not (isinstance(low, int) and isinstance(high, int)):
+        raise SweepError(f"{where}: randint needs integer bounds (got {value!r}; the high bound is exclusive)")
+    return {kind: [low, high]}
+
+
+def _candidate_values(spec: dict[str, Any]) -> list[Any]:
+    kind, value = next(iter(spec.items()))
+    if kind in ("grid", "choice"):
+        return list(value)
+    if kind == "randint":
+        return [value[0], value[1] - 1]  # the high bound is exclusive
+    return list(value)
+
+
+def _int_key(values: dict, key: str, default: Optional[int], minimum: int, where: str = "") -> Optional[int]:
+    value = values.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SweepError(f"{where}{key}: must be an integer >= {minimum} (got {value!r})")
+    return value
+
+
+def _number_key(values: dict, key: str, default: float, minimum: float, where: str = "") -> float:
+    value = values.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise SweepError(f"{where}{key}: must be a number >= {minimum:g} (got {value!r})")
+    return float(value)
+
+
+def read_tune_config(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise SweepError(f"tune config not found: {path}")
+    try:
+        values = yaml.load(path.read_text(), Loader=_Loader) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise SweepError(f"tune config {path} is not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
+    if not isinstance(values, dict):
+        raise SweepError(f"tune config {path} must hold a mapping of keys to values")
+    return values
+
+
+def load_sweep_spec(path: str | Path) -> SweepSpec:
+    return SweepSpec(read_tune_config(path), Path(path))
+
+
+# ------------------------------------------------------------------------------ trial configs and resources
+def _plain(value: Any) -> Any:
+    """Tune samples numpy scalars; the config wants plain Python values."""
+    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
+
+
+def trial_config(base: dict[str, Any], sampled: dict[str, Any], where: str = "trial config") -> RunConfig:
+    """The RunConfig of one trial: the base with the sampled dotted keys set. In pool mode an unset
+    pool_size is pinned to clients_per_round, so the reservation and the actors agree whatever the cluster."""
+    values = copy.deepcopy(base)
+    for key, value in sorted(sampled.items()):
+        node = values
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise SweepError(f"{where}: '{part}' in '{key}' is not a config section")
+            node = child
+        node[parts[-1]] = _plain(value)
+    try:
+        config = from_dict(values)
+    except ConfigError as error:
+        raise SweepError(f"{where}: {error}") from None
+    if config.resources.actor_mode == "pool" and config.resources.pool_size is None:
+        config.resources.pool_size = config.federation.clients_per_round
+    return config
+
+
+def trial_bundles(config: RunConfig, driver_cpus: float = 1.0) -> list[dict[str, float]]:
+    """Placement-group bundles for one trial: [driver, (server), one per client actor]."""
+    res = config.resources
+    driver = {"CPU": float(driver_cpus)} if driver_cpus > 0 else {}
+    server = {k: float(v) for k, v in (("CPU", res.server_cpus), ("GPU", res.server_gpus)) if v > 0}
+    client = {k: float(v) for k, v in (("CPU", res.cpus_per_client), ("GPU", res.gpus_per_client)) if v > 0}
+    actors = config.federation.num_clients if res.actor_mode == "per_client" else config.pool_size
+    return [driver] + ([server] if server else []) + [dict(client) for _ in range(actors)]
+
+
+def placement_group_factory(config: RunConfig, driver_cpus: float = 1.0, strategy: str = "PACK"):
+    from ray.tune import PlacementGroupFactory
+
+    return PlacementGroupFactory(trial_bundles(config, driver_cpus), strategy=strategy)
+
+
+def _sum_bundles(bundles: list[dict[str, float]]) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for bundle in bundles:
+        for kind, amount in bundle.items():
+            total[kind] = total.get(kind, 0.0) + amount
+    return total
+
+
+def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
+    return all(amount <= have.get(kind, 0.0) + 1e-9 for kind, amount in need.items())
+
+
+def _fmt_resources(resources: dict[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or v) or "nothing"
+
+
+def check_cluster_fits(configs: list[RunConfig], driver_cpus: float, strategy: str,
+                       cluster: dict[str, float], nodes: list[dict[str, float]]) -> None:
+    """Raise SweepError if some trial's placement group can never be created on this cluster (Tune would
+    otherwise wait for it forever)."""
+    for config in configs:
+        bundles = trial_bundles(config, driver_cpus)
+        need = _sum_bundles(bundles)
+        res = config.resources
+        actors = len(bundles) - 1 - (1 if res.server_cpus or res.server_gpus else 0)
+        what = (f"a trial needs {_fmt_resources(need)} (driver {driver_cpus:g} CPU + server "
+                f"{res.server_cpus:g} CPU/{res.server_gpus:g} GPU + {actors} client actors x "
+                f"{res.cpus_per_client:g} CPU/{res.gpus_per_client:g} GPU, {res.actor_mode} mode)")
+        fix = ("lower resources.cpus_per_client/gpus_per_client, resources.pool_size or driver_cpus, "
+               "use resources.actor_mode=pool, or add nodes")
+        if not _fits(need, cluster):
+            raise SweepError(f"{what} but the cluster has {_fmt_resources(cluster)}; {fix}")
+        for bundle in bundles:
+            if bundle and not any(_fits(bundle, node) for node in nodes):
+                raise SweepError(f"{what}, and no node can hold a bundle of {_fmt_resources(bundle)} "
+                                 f"(largest node: {_fmt_resources(max(nodes, key=lambda n: n.get('CPU', 0)) if nodes else {})}); {fix}")
+        if strategy == "STRICT_PACK" and not any(_fits(need, node) for node in nodes):
+            raise SweepError(f"{what} on one node (STRICT_PACK) but no node has that much; use placement_strategy PACK")
+        if strategy == "STRICT_SPREAD" and len(bundles) > len(nodes):
+            raise SweepError(f"STRICT_SPREAD puts each of a trial's {len(bundles)} bundles on its own node but the "
+                             f"cluster has {len(nodes)} nodes; use placement_strategy SPREAD")
+
+
+# ------------------------------------------------------------------------------------------------ the trial
+def _tune_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """The round's metrics without NaN / missing values (Tune's schedulers compare what they get)."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            out[key] = int(value) if key == "round" else value
+    return out
+
+
+def _pack_checkpoint(run_dir: Path, round_checkpoint: Path, into: Path) -> None:
+    """A Tune checkpoint of a run: its latest federation checkpoint and its metrics so far (not a whole run
+    directory, so reports that search for runs do not find copies)."""
+    shutil.copytree(round_checkpoint, into / round_checkpoint.name)
+    if (run_dir / "metrics.csv").exists():
+        shutil.copy2(run_dir / "metrics.csv", into / "metrics.csv")
+
+
+def _unpack_checkpoint(source: Path, run_dir: Path) -> int:
+    """Put a Tune checkpoint back into the run directory; returns its round. The run directory's own
+    checkpoints are replaced, so the resumed run continues exactly where Tune's record of it ends."""
+    from ravan_ray.checkpoints import CHECKPOINTS
+
+    rounds = sorted(p for p in source.iterdir() if p.is_dir() and p.name.startswith("round_"))
+    if not rounds:
+        raise SweepError(f"Tune checkpoint {source} holds no federation checkpoint")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(run_dir / CHECKPOINTS, ignore_errors=True)
+    (run_dir / CHECKPOINTS).mkdir()
+    shutil.copytree(rounds[-1], run_dir / CHECKPOINTS / rounds[-1].name)
+    if (source / "metrics.csv").exists():
+        shutil.copy2(source / "metrics.csv", run_dir / "metrics.csv")
+    return int(rounds[-1].name.split("_")[1])
+
+
+def make_trainable(base: dict[str, Any], fail_after: Optional[int] = None) -> Callable[[dict], None]:
+    """The function trainable: trial config (sampled dotted keys) in, one tune.report per round out."""
+
+    def ravan_trial(sampled: dict[str, Any]) -> None:
+        from ray import tune
+
+        from ravan_ray.federation import run_federation
+
+        config = trial_config(base, sampled)
+        trial_dir = Path(tune.get_context().get_trial_dir())
+        run_dir = trial_dir / RUN_DIRNAME
+        checkpoint = tune.get_checkpoint()
+        resumed_round = 0
+        if checkpoint is not None:
+            with checkpoint.as_directory() as source:
+                resumed_round = _unpack_checkpoint(Path(source), run_dir)
+        elif run_dir.exists():
+            shutil.rmtree(run_dir)  # an earlier attempt that never reached a checkpoint: start clean
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        with open(trial_dir / ATTEMPTS_FILE, "a") as handle:
+            handle.write(json.dumps({"started": time.time(), "resumed_from_round": resumed_round}) + "\n")
+
+        def on_round(row: dict[str, Any], checkpoint_path: Optional[str]) -> None:
+            metrics = _tune_metrics(row)
+            if checkpoint_path is None:
+                tune.report(metrics)
+            else:
+                with tempfile.TemporaryDirectory(prefix="ravan-ckpt-") as tmp:
+                    _pack_checkpoint(run_dir, Path(checkpoint_path), Path(tmp))
+                    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
+            marker = trial_dir / FAILURE_MARKER
+            if fail_after is not None and row["round"] >= fail_after and not marker.exists():
+                marker.write_text(f"failed once after round {row['round']}\n")
+                raise RuntimeError(f"injected failure after round {row['round']} (inject_failure_after_round)")
+
+        run_federation(config, run_dir, resume=checkpoint is not None, on_round=on_round)
+
+    return ravan_trial
+
+
+# ------------------------------------------------------------------------------------------------ the sweep
+def _connect(address: Optional[str], base: RunConfig) -> bool:
+    """Connect to a cluster or start a local Ray; True if the caller must shut it down again."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or base.resources.address
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=base.resources.num_cpus, num_gpus=base.resources.num_gpus, include_dashboard=False,
+                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
+    return True
+
+
+def _cluster_view() -> tuple[dict[str, float], list[dict[str, float]]]:
+    import ray
+
+    nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+    return dict(ray.cluster_resources()), nodes
+
+
+def sweep_dir(spec: SweepSpec, output: Optional[str | Path]) -> Path:
+    return Path(output).expanduser().resolve() if output else (Path(spec.storage_path).expanduser() / spec.name).resolve()
+
+
+def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
+              output: Optional[str | Path] = None) -> Path:
+    """Run (or resume) the sweep described by a tune config; returns the path of its results.csv."""
+    import ray
+    from ray import tune
+
+    spec = load_sweep_spec(tune_config_path)
+    out = sweep_dir(spec, output)
+    saved = out / SAVED_TUNE_CONFIG
+    restoring = saved.is_file()
+    if restoring:  # resume with the config the sweep started with, whatever the file says now
+        spec = SweepSpec(read_tune_config(saved), Path(tune_config_path))
+    elif out.exists() and any(out.iterdir()):
+        raise SweepError(f"{out} exists and is not a sweep directory (no {SAVED_TUNE_CONFIG}); choose another --output")
+
+    base = from_dict(spec.base)
+    # A checkpoint every round makes Tune snapshot its state often; that is cheap here, so do not warn.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    started_ray = _connect(address, base)
+    try:
+        cluster, nodes = _cluster_view()
+        check_cluster_fits(spec.candidates, spec.driver_cpus, spec.strategy, cluster, nodes)
+
+        driver_cpus, strategy, base_values = spec.driver_cpus, spec.strategy, spec.base
+        trainable = tune.with_resources(
+            make_trainable(base_values, spec.fail_after),
+            lambda sampled: placement_group_factory(trial_config(base_values, sampled), driver_cpus, strategy))
+
+        if restoring and tune.Tuner.can_restore(str(out)):
+            print(f"resuming the sweep in {out} (finished trials are kept)")
+            tuner = tune.Tuner.restore(str(out), trainable=trainable, resume_errored=True)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            saved.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
+            scheduler = None
+            if spec.asha:
+                from ray.tune.schedulers import ASHAScheduler
+
+                scheduler = ASHAScheduler(time_attr="round", metric="test_accuracy", mode="max", **spec.asha)
+            tuner = tune.Tuner(
+                trainable,
+                param_space=spec.param_space(),
+                tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
+                                            scheduler=scheduler, trial_dirname_creator=_trial_dirname),
+                run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent),
+                                          failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
+            )
+        grid = tuner.fit()
+        table = results_table(grid, list(spec.space))
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    path = out / RESULTS_FILE
+    table.to_csv(path, index=False)
+    shown = [c for c in ["trial_id", *spec.space, "final_test_accuracy", "rounds", "status"] if c in table]
+    print(table[shown].to_string(index=False))
+    print(f"{len(table)} trials; results: {path}")
+    return path
+
+
+def _trial_dirname(trial) -> str:
+    return str(trial.trial_id)
+
+
+def results_table(grid, swept_keys: list[str]):
+    """One row per trial: id, swept keys, the run's summary (accuracy, rounds, bytes, time) and status."""
+    import pandas as pd
+
+    rows = []
+    for result in grid:
+        trial_dir = Path(result.path)
+        run_dir = trial_dir / RUN_DIRNAME
+        config = result.config or {}
+        row: dict[str, Any] = {"trial_id": trial_dir.name}
+        row.update({key: _plain(config.get(key)) for key in swept_keys})
+        summary = {}
+        if (run_dir / "summary.json").is_file():
+            summary = json.loads((run_dir / "summary.json").read_text())
+        row.update({key: summary.get(key) for key in SUMMARY_COLUMNS})
+        row["total_bytes"] = (summary.get("total_uplink_bytes") or 0) + (summary.get("total_downlink_bytes") or 0) \
+            if summary else None
+        attempts = trial_dir / ATTEMPTS_FILE
+        row["attempts"] = len(attempts.read_text().splitlines()) if attempts.is_file() else 0
+        if result.error is not None:
+            row["status"] = "ERROR"
+        else:
+            planned = _planned_rounds(run_dir)
+            row["status"] = "TERMINATED" if planned is None or summary.get("rounds") == planned else "STOPPED_EARLY"
+        row["run_dir"] = str(run_dir)
+        rows.append(row)
+    return pd.DataFrame(rows).sort_values("trial_id", kind="stable").reset_index(drop=True) if rows \
+        else pd.DataFrame(columns=["trial_id", *swept_keys, *SUMMARY_COLUMNS, "total_bytes", "status", "run_dir"])
+
+
+def _planned_rounds(run_dir: Path) -> Optional[int]:
+    """The rounds a trial was configured for (an ASHA-stopped trial ran fewer)."""
+    try:
+        return int(read_yaml(run_dir / "config.yaml")["federation"]["rounds"])
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None

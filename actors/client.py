@@ -40,12 +40,21 @@ class ClientActor:
         rows = self.partitions[task.client_id]
         local = {key: values[rows] for key, values in self.train_data.items()}
         update = self.host.train_client(task, state, client_state, local)
+        self._inject_faults(task, update)
         # The simulated server also sees the client state, for the agg_error diagnostic and evaluation
         # only; it is not uplink and no aggregation rule reads it.
         status = {"train_loss": update.train_loss, "has_client_state": update.client_state is not None,
                   "pid": os.getpid(), "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
                   "started": started, "finished": time.time()}
         return update, update.client_state, status
+
+    def _inject_faults(self, task: ClientTask, update: ClientUpdate) -> None:
+        faults = self.config.faults
+        if task.client_id in faults.nan_upload_clients:
+            for tensor in update.tensors.values():
+                if tensor.is_floating_point():
+                    tensor.fill_(float("nan"))
+        time.sleep(faults.slow_clients.get(task.client_id, 0.0))
 
     def ping(self) -> bool:
         return True
@@ -55,13 +64,15 @@ class ClientFleet:
     """Hands client tasks to actors and recreates the actors that die."""
 
     def __init__(self, config: RunConfig, num_labels: int, train_ref, partitions: list[np.ndarray],
-                 cluster_cpus: Optional[float] = None):
+                 cluster_cpus: Optional[float] = None, name_prefix: Optional[str] = None):
         self.config = config
+        self.name_prefix = name_prefix  # actors are named PREFIX-client-SLOT, so operators can find them
         self.num_labels = num_labels
         self.train_ref = train_ref
         self.partitions_ref = ray.put(partitions)
         self.per_client = config.resources.actor_mode == "per_client"
         self.actors: dict[int, Any] = {}
+        self.generation = 0  # part of the actor name, so a replacement never collides with a dying actor
         self.size = config.federation.num_clients if self.per_client else self._pool_size(cluster_cpus)
 
     def _pool_size(self, cluster_cpus: Optional[float]) -> int:
@@ -82,10 +93,19 @@ class ClientFleet:
     def actor(self, slot: int):
         if slot not in self.actors:
             res = self.config.resources
+            self.generation += 1
+            name = f"{self.name_prefix}-client-{slot}-{self.generation}" if self.name_prefix else None
             self.actors[slot] = ClientActor.options(
-                num_cpus=res.cpus_per_client, num_gpus=res.gpus_per_client, name=None
+                num_cpus=res.cpus_per_client, num_gpus=res.gpus_per_client, name=name
             ).remote(self.config.to_dict(), self.num_labels, self.train_ref, self.partitions_ref)
         return self.actors[slot]
+
+    def wait_ready(self, placements: list[tuple[ClientTask, int]]) -> None:
+        """Block until the actors for these (task, position) pairs have started (loaded their model).
+        Errors are left for the tasks themselves to report."""
+        slots = {self.slot(task.client_id, position) for task, position in placements}
+        pings = [self.actor(slot).ping.remote() for slot in slots]
+        ray.wait(pings, num_returns=len(pings))
 
     def submit(self, task: ClientTask, position: int, state_ref, client_state_ref):
         """(update, client state, status) refs of one client's local training."""

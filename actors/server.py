@@ -90,10 +90,10 @@ class ParameterServer:
     def evaluate(self) -> dict[str, float]:
         return self.host.evaluate(self.state, self.test_data, self.config.federation.eval_batch_size)
 
-    def checkpoint(self, run_dir: str, round_index: int, meta: dict[str, Any], client_ids: list[int],
+    def checkpoint(self, run_dir: str, round_index: int, meta: dict[str, Any], keep: int, client_ids: list[int],
                    *client_states: Optional[State]) -> str:
         states = {cid: cs for cid, cs in zip(client_ids, client_states) if cs}
-        return str(save_checkpoint(run_dir, round_index, self.state, states, meta))
+        return str(save_checkpoint(run_dir, round_index, self.state, states, meta, keep=keep))
 
     def ping(self) -> bool:
         return True

@@ -84,6 +84,8 @@ class FederationConfig(_Section):
     round_timeout_s: Optional[float] = Field(None, gt=0)
     # What to do when a client actor dies mid-round: drop it from the round, or run it again once.
     on_client_failure: Literal["skip", "retry"] = "skip"
+    # How often a dead parameter server is restored from the last checkpoint before the run gives up.
+    max_server_restarts: int = Field(3, ge=0)
 
 
 class MethodConfig(_Section):
@@ -158,6 +160,16 @@ class ResourcesConfig(_Section):
 class OutputConfig(_Section):
     dir: str = "runs"
     checkpoint_every: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+
+
+class FaultsConfig(_Section):
+    """Deliberate faults, for exercising the platform's fault handling (tests, chaos runs). Off by default."""
+
+    # client id -> seconds the client sleeps before returning its update (a straggler)
+    slow_clients: dict[int, float] = Field(default_factory=dict)
+    # client ids whose uploads are poisoned with NaN (a diverged or malicious client)
+    nan_upload_clients: list[int] = Field(default_factory=list)
 
 
 class RunConfig(_Section):
@@ -171,6 +183,7 @@ class RunConfig(_Section):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":

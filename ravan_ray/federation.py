@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, load_text_classification, partition, tokenize
 from ravan_ray.methods.base import ClientTask
 from ravan_ray.models import load_tokenizer
+from ravan_ray.training import preflight
 from ravan_ray.results import read_metrics, read_table, summarize, write_metrics, write_summary, write_table
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,10 @@ def ray_runtime(config: RunConfig) -> Iterator[None]:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
+        # No dashboard (nothing listens for HTTP). Ray core's own gRPC servers choose their interfaces
+        # themselves; ray.init resolves 127.0.0.1 to the node's address, so there is nothing to pass.
         ray.init(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING,
+                 logging_level=logging.WARNING,
                  # errors come back as exceptions; worker logs would repeat them as remote tracebacks
                  log_to_driver=False)
     try:
@@ -133,78 +137,110 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                    on_round: Optional[RoundCallback] = None) -> dict[str, Any]:
     """Run the federation described by ``config`` into ``run_dir`` (or continue it with ``resume``)."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     fed = config.federation
     data = prepare_data(config)
+    resolved = preflight(config, len(data.label_names))
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml", extra={"method": resolved})
     data.histogram.to_csv(run_dir / "label_histogram.csv")
     pd.DataFrame({"client": range(fed.num_clients), "level": levels,
                   "heads": [heads_for_level(lv, config.method.heads) for lv in levels],
                   "samples": [len(p) for p in data.partitions]}).to_csv(run_dir / "client_budgets.csv", index=False)
-
-    state, client_states, rows, first_round = None, {}, [], 1
-    if resume:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is not None:
-            state, client_states, meta = load_checkpoint(checkpoint)
-            first_round = meta["round"] + 1
-        rows = [r for r in read_metrics(run_dir / "metrics.csv") if r["round"] < first_round] \
-            if (run_dir / "metrics.csv").exists() else []
+    first_round, state, client_states, rows = restore(run_dir) if resume else (1, None, {}, [])
+    client_log = read_table(run_dir / "clients.csv", before_round=first_round)
 
     with ray_runtime(config):
         num_labels = len(data.label_names)
-        server = ParameterServer.options(num_cpus=config.resources.server_cpus, num_gpus=config.resources.server_gpus) \
-            .remote(config.to_dict(), num_labels, ray.put(data.test), state)
+        test_ref = ray.put(data.test)
+        actor_prefix = f"ravan-{uuid.uuid4().hex[:8]}"
         in_trial = ray.util.get_current_placement_group() is not None
-        fleet = ClientFleet(config, num_labels, ray.put(data.train), data.partitions,
+        fleet = ClientFleet(config, num_labels, ray.put(data.train), data.partitions, name_prefix=actor_prefix,
                             cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"))
         check_resources(config, fleet)
-        started(server, "the parameter server")
-        save_config(config, run_dir / "config.yaml", extra={"method": ray.get(server.resolved.remote())})
+        server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server")
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         wall_offset = rows[-1]["wall_s"] if rows else 0.0
-        client_log = read_table(run_dir / "clients.csv", before_round=first_round)
         run_started = time.perf_counter()
+        server_restarts = 0
 
-        progress = tqdm(range(first_round, fed.rounds + 1), desc=config.method.name, unit="round",
-                        initial=first_round - 1, total=fed.rounds, disable=None)
+        progress = tqdm(total=fed.rounds, initial=first_round - 1, desc=config.method.name, unit="round", disable=None)
+        round_index = first_round
         try:
-            for round_index in progress:
+            while round_index <= fed.rounds:
                 round_started = time.perf_counter()
-                sampled = sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round)
-                state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(len(sampled))
-                tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]
-                outcome = run_clients(fleet, tasks, state_ref, client_state_refs, fed)
-                client_state_refs.update(outcome.client_state_refs)
-                server_metrics = ray.get(server.aggregate.remote(round_index, *outcome.update_refs))
+                try:
+                    sampled = sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round)
+                    state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(len(sampled))
+                    downlink_bytes = ray.get(downlink_ref)  # also: the server is alive before clients depend on it
+                    tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]
+                    outcome = run_clients(fleet, tasks, state_ref, client_state_refs, fed)
+                    server_metrics = ray.get(server.aggregate.remote(round_index, *outcome.update_refs))
+                    row = {"round": round_index, "clients": len(outcome.update_refs),
+                           "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else np.nan,
+                           "downlink_bytes": downlink_bytes, "failed_clients": outcome.failed,
+                           "dropped_clients": outcome.dropped, **server_metrics}
+                    if round_index % fed.eval_every == 0 or round_index == fed.rounds:
+                        row.update(ray.get(server.evaluate.remote()))
+                    client_state_refs.update(outcome.client_state_refs)
+                    checkpoint_path = None
+                    if round_index % config.output.checkpoint_every == 0 or round_index == fed.rounds:
+                        ids = sorted(client_state_refs)
+                        checkpoint_path = ray.get(server.checkpoint.remote(
+                            str(run_dir), round_index, {"seed": config.seed}, config.output.keep_checkpoints,
+                            ids, *[client_state_refs[i] for i in ids]))
+                except ray.exceptions.RayActorError:
+                    # The parameter server died: bring it back from the last checkpoint and redo the rounds
+                    # since; every round is a function of (state, seed, round), so they come out the same.
+                    server_restarts += 1
+                    if server_restarts > fed.max_server_restarts:
+                        raise
+                    log.warning("parameter server lost in round %d; restoring from the last checkpoint", round_index)
+                    round_index, state, client_states, rows = restore(run_dir, rows)
+                    client_log = [entry for entry in client_log if entry["round"] < round_index]
+                    client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
+                    server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server-{server_restarts}")
+                    progress.n = round_index - 1
+                    continue
 
-                row = {"round": round_index, "clients": len(outcome.update_refs),
-                       "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else np.nan,
-                       "downlink_bytes": ray.get(downlink_ref), "failed_clients": outcome.failed,
-                       "dropped_clients": outcome.dropped, **server_metrics}
-                if round_index % fed.eval_every == 0 or round_index == fed.rounds:
-                    row.update(ray.get(server.evaluate.remote()))
                 row["round_s"] = time.perf_counter() - round_started
                 row["wall_s"] = wall_offset + time.perf_counter() - run_started
+                row["server_restarts"] = server_restarts
                 rows.append(row)
-                write_metrics(run_dir / "metrics.csv", rows)
                 client_log.extend(outcome.log)
+                write_metrics(run_dir / "metrics.csv", rows)
                 write_table(run_dir / "clients.csv", client_log)
-
-                checkpoint_path = None
-                if round_index % config.output.checkpoint_every == 0 or round_index == fed.rounds:
-                    ids = sorted(client_state_refs)
-                    checkpoint_path = ray.get(server.checkpoint.remote(
-                        str(run_dir), round_index, {"seed": config.seed}, ids, *[client_state_refs[i] for i in ids]))
                 write_summary(run_dir / "summary.json", summarize(config.method.name, rows, row["wall_s"]))
+                progress.update(1)
                 progress.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("test_accuracy")))
                 if on_round is not None:
                     on_round(row, checkpoint_path)
+                round_index += 1
         finally:
             progress.close()
             fleet.shutdown()
             ray.kill(server, no_restart=True)
     return summarize(config.method.name, rows, rows[-1]["wall_s"] if rows else 0.0)
+
+
+def start_server(config: RunConfig, num_labels: int, test_ref, state, name: str):
+    res = config.resources
+    server = ParameterServer.options(num_cpus=res.server_cpus, num_gpus=res.server_gpus, name=name) \
+        .remote(config.to_dict(), num_labels, test_ref, state)
+    return started(server, "the parameter server")
+
+
+def restore(run_dir: Path, rows: Optional[list[dict[str, Any]]] = None):
+    """(next round, state, client states, metric rows up to the checkpoint) from the last checkpoint;
+    round 1 and an empty state when there is none yet."""
+    checkpoint = latest_checkpoint(run_dir)
+    state, client_states, last_round = None, {}, 0
+    if checkpoint is not None:
+        state, client_states, meta = load_checkpoint(checkpoint)
+        last_round = int(meta["round"])
+    if rows is None:
+        rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
+    return last_round + 1, state, client_states, [r for r in rows if r["round"] <= last_round]
 
 
 @dataclass
@@ -232,6 +268,8 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
     for _ in range(attempts):
         if not pending:
             break
+        if fed.round_timeout_s is not None:  # the timeout is for training, not for an actor loading its model
+            fleet.wait_ready(list(pending.values()))
         refs = {cid: fleet.submit(t, pos, state_ref, client_state_refs.get(t.client_id))
                 for cid, (t, pos) in pending.items()}
         status_refs = {refs[cid][2]: cid for cid in refs}

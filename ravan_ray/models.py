@@ -52,15 +52,38 @@ def load_tokenizer(name: str):
         raise ModelError(f"model.name '{name}': could not load its tokenizer ({_first_line(error)})") from None
 
 
+def _tiny_bert_config(num_labels: int):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
+
+
+def model_skeleton(name: str, num_labels: int) -> nn.Module:
+    """The model's architecture without its weights (on the meta device): cheap enough for the driver to
+    check target modules and ranks before any actor starts."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if name == TINY_BERT:
+        config = _tiny_bert_config(num_labels)
+    else:
+        source = offline_minilm_path() if name == OFFLINE_DEFAULT else name
+        try:
+            config = AutoConfig.from_pretrained(source, num_labels=num_labels)
+        except (OSError, ValueError) as error:
+            raise ModelError(f"model.name '{name}' could not be loaded (offline and not cached, or not a model?): "
+                             f"{_first_line(error)}") from None
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(config)
+
+
 def load_model(name: str, num_labels: int, seed: int) -> LoadedModel:
     """The model with a fresh ``num_labels``-way classification head, identical in every process for a seed."""
-    from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
 
     torch.manual_seed(seed)  # the new head's initialisation is then the same on every process
     if name == TINY_BERT:
-        config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
-        model = BertForSequenceClassification(config)
+        model = BertForSequenceClassification(_tiny_bert_config(num_labels))
         head = [n for n, _ in model.named_parameters() if n.startswith(("classifier.", "bert.pooler."))]
         return LoadedModel(model.eval(), head)
     source = offline_minilm_path() if name == OFFLINE_DEFAULT else name

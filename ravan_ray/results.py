@@ -19,8 +19,10 @@ import pandas as pd
 METRIC_COLUMNS = [
     "round", "wall_s", "round_s", "train_loss", "test_accuracy", "test_loss",
     "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
-    "failed_clients", "dropped_clients", "rejected_uploads", "agg_s",
+    "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s",
 ]
+COUNT_COLUMNS = {"round", "uplink_bytes", "downlink_bytes", "clients", "failed_clients", "dropped_clients",
+                 "rejected_uploads", "server_restarts"}
 # Columns that measure time: they differ between otherwise identical runs.
 TIMING_COLUMNS = ("wall_s", "round_s", "agg_s")
 
@@ -32,9 +34,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _cell(value: Any) -> Any:
+def _cell(key: str, value: Any) -> Any:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if key in COUNT_COLUMNS:
+        return int(value)  # a resumed run reads them back as floats; write them the same either way
     return value
 
 
@@ -43,7 +47,7 @@ def write_metrics(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: _cell(row.get(key)) for key in METRIC_COLUMNS})
+        writer.writerow({key: _cell(key, row.get(key)) for key in METRIC_COLUMNS})
     atomic_write_text(path, buffer.getvalue())
 
 

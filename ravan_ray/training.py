@@ -15,8 +15,8 @@ from torch import nn
 
 from ravan_ray.config import RunConfig
 from ravan_ray.methods import build_method
-from ravan_ray.methods.base import ClientTask, ClientUpdate, State
-from ravan_ray.models import load_model
+from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State
+from ravan_ray.models import load_model, model_skeleton
 
 Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels
 
@@ -40,6 +40,15 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     if hasattr(module, "delta_weight"):
         return module.base.weight + module.delta_weight().to(module.base.weight.dtype)
     return module.weight
+
+
+def preflight(config: RunConfig, num_labels: int) -> dict:
+    """Wrap the model's weightless skeleton with the method, in the driver, before Ray starts: no target
+    module, a rank that does not fit, an unknown model are then one clear error, not an actor's traceback.
+    Returns the method's resolved settings (ranks) for config.yaml."""
+    method = build_method(config)
+    method.wrap_model(model_skeleton(config.model.name, num_labels))
+    return method.resolved()
 
 
 class ModelHost:
@@ -78,7 +87,9 @@ class ModelHost:
     def train_client(self, task: ClientTask, state: State, client_state: Optional[State], data: Batch) -> ClientUpdate:
         """Load the global state, let the method choose what trains, run S local steps, build the upload."""
         cfg = self.config
-        self.load(state, client_state)
+        # eval/ keys are the server's, for evaluating the global model; they are not downlink, so a client
+        # never sees them (a method's load_state may rely on that to tell a client from the global model).
+        self.load({k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}, client_state)
         num_samples = len(data["labels"])
         torch.manual_seed(int(task.generator(stream=2).initial_seed()))  # dropout, identical in any actor
         batches = self._batch_order(num_samples, cfg.federation.local_steps, cfg.federation.batch_size,

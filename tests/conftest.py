@@ -18,12 +18,11 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray for the whole session: 4 logical CPUs and 1 logical GPU (fractional GPU shares are
-    scheduled on it without a real device), bound to 127.0.0.1."""
+    scheduled on it without a real device), with no dashboard."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield ray
     ray.shutdown()
 

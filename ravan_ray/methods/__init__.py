@@ -9,6 +9,15 @@ from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, St
 # name -> "module:Class"; imported on first use so a run pays only for the method it uses.
 REGISTRY: dict[str, str] = {
     "ravan": "ravan_ray.methods.ravan:Ravan",
+    "full_ft": "ravan_ray.methods.full_ft:FullFT",
+    "fedit": "ravan_ray.methods.fedit:FedIT",
+    "fedex_lora": "ravan_ray.methods.fedex_lora:FedExLoRA",
+    "ffa_lora": "ravan_ray.methods.ffa_lora:FFALoRA",
+    "fed_sb": "ravan_ray.methods.fed_sb:FedSB",
+    "hetlora": "ravan_ray.methods.hetlora:HetLoRA",
+    "flexlora": "ravan_ray.methods.flexlora:FlexLoRA",
+    "flora": "ravan_ray.methods.flora:FLoRA",
+    "fedsa_lora": "ravan_ray.methods.fedsa_lora:FedSALoRA",
 }
 
 

@@ -108,8 +108,10 @@ class FederatedMethod(ABC):
 
     def client_view(self, state: State, update: ClientUpdate) -> tuple[State, Optional[State]]:
         """The (global state, client state) pair that reproduces the client's model after its local
-        training; used for the agg_error diagnostic. Default: the upload overrides the broadcast."""
-        return {**state, **update.tensors}, update.client_state
+        training; used for the agg_error diagnostic. Default: the upload overrides the broadcast (without the
+        server's ``eval/`` keys, which no client ever holds)."""
+        sent = {k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}
+        return {**sent, **update.tensors}, update.client_state
 
     def downlink_bytes(self, state: State, num_clients: int) -> int:
         """Bytes the server sends this round: the broadcast state to every sampled client."""

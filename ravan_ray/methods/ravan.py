@@ -26,17 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ravan_ray.adapters import RavanLinear, budget_from_lora_rank, inject, rank_from_budget
+from ravan_ray.adapters import RavanLinear, inject
 from ravan_ray.budgets import heads_for_level
 from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State, weighted_mean
+from ravan_ray.methods.budget import layer_summary, method_rank
 from ravan_ray.scoring import head_scores, top_k
-
-
-def per_matrix_budget(method_config, d_in: int, d_out: int) -> int:
-    """N for one weight matrix: ``method.budget`` if given, else the budget of LoRA rank r_L, r_L (d_in + d_out)."""
-    if method_config.budget is not None:
-        return int(method_config.budget)
-    return budget_from_lora_rank(method_config.lora_rank, d_in, d_out)
 
 
 class Ravan(FederatedMethod):
@@ -46,13 +40,15 @@ class Ravan(FederatedMethod):
     def __init__(self, config):
         super().__init__(config)
         self.ranks: dict[str, int] = {}
+        self.shapes: dict[str, tuple[int, int]] = {}
 
     def wrap_model(self, model: nn.Module) -> dict[str, nn.Module]:
         cfg = self.config.method
 
         def make_layer(name: str, linear: nn.Linear) -> RavanLinear:
-            rank = rank_from_budget(per_matrix_budget(cfg, linear.in_features, linear.out_features), cfg.heads)
+            rank = method_rank(cfg, linear.in_features, linear.out_features)
             self.ranks[name] = rank
+            self.shapes[name] = (linear.out_features, linear.in_features)
             return RavanLinear(linear, heads=cfg.heads, rank=rank, init=cfg.init, scaling=cfg.scaling,
                                seed=self.seed, layer_name=name)
 
@@ -60,7 +56,8 @@ class Ravan(FederatedMethod):
         return {name: module for name, module in model.named_modules() if isinstance(module, RavanLinear)}
 
     def resolved(self) -> dict:
-        return {"heads": self.config.method.heads, "rank_per_head": dict(self.ranks)}
+        return {"heads": self.config.method.heads, "rank_per_head": dict(self.ranks),
+                **layer_summary(self.config.method, self.shapes)}
 
     # ----------------------------------------------------------------- server
     def initial_state(self, model: nn.Module) -> State:

@@ -1,0 +1,25 @@
+"""FedIT: FedAvg of LoRA factors (Zhang et al., "Towards Building the Federated GPT: Federated
+Instruction Tuning", ICASSP 2024).
+
+Every client trains a LoRA (B starts at 0, A Gaussian and the same on every client from the run seed)
+starting from the global factors; the server averages B and A separately. Since
+mean(B_c) mean(A_c) != mean(B_c A_c), the global update is not the mean of the clients' updates: this is
+the inexact baseline (``agg_error`` > 0 as soon as two clients differ).
+
+Choices the paper leaves open: the rank comes from the shared budget (r = r_L, ``methods/budget.py``);
+no alpha / r scaling (``methods/lora.py``); client weights follow ``method.aggregation_weights``
+(uniform by default; FedIT's FedAvg weights by data size, which is ``num_samples``).
+"""
+
+from __future__ import annotations
+
+from ravan_ray.methods.base import ClientUpdate, State
+from ravan_ray.methods.lora import LoRAMethod
+
+
+class FedIT(LoRAMethod):
+    name = "fedit"
+    exact = False
+
+    def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
+        return self.average_factors(state, updates, self.client_weights(updates))

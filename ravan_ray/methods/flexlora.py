@@ -1,0 +1,73 @@
+"""FlexLoRA: heterogeneous ranks through SVD redistribution (Bai et al., "Federated Fine-tuning of Large
+Language Models under Heterogeneous Tasks and Client Resources", NeurIPS 2024).
+
+Clients train LoRAs of their own rank r_c (``HeterogeneousRankLoRA``: the first r_c ranks of the global
+factors, the rest masked). The server forms every client's full-size update B_c A_c, averages them,
+
+    dW = sum_c w_c B_c A_c,
+
+and takes its SVD dW = U S V^T. A client of rank r_c restarts from the best rank-r_c approximation,
+B = U[:, :r_c] S[:r_c], A = V^T[:r_c].
+
+Choices the paper leaves open, and how dW relates to the base weights:
+- the global model is W0 + dW with the full-size dW (FlexLoRA's "full-size LoRA weight" merged into the
+  pretrained weights): that is what is evaluated, and it is the exact weighted mean of the clients'
+  updates, so ``agg_error`` is ~0 here. dW is kept under ``eval/`` (the server's only, not downlink).
+  What is lossy is the redistribution: clients restart from a rank-r_c truncation of dW (r_c <= r_max),
+  and the next dW is built from those, so whatever dW held beyond rank r_max is lost every round;
+- the server broadcasts the rank-r_max factors (B = U_r S_r, A = V_r^T with r = r_max, S folded into B so
+  A keeps orthonormal rows like a fresh LoRA A keeps unit-norm ones) once per round; each client takes the
+  first r_c columns / rows itself, which is the rank-r_c truncation since singular values are sorted;
+- the weights w_c follow ``method.aggregation_weights`` (uniform by default, as for every other method
+  here; FlexLoRA weighs by data size, which is ``num_samples``);
+- r_max = r_L from the shared budget (at most min(d_in, d_out)), r_c = ``budgets.rank_for_level``;
+- the first round starts from the standard LoRA initialisation (B = 0, A Gaussian); SVDs are in float64.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ravan_ray.methods.base import EVAL_PREFIX, ClientUpdate, State
+from ravan_ray.methods.lora import HeterogeneousRankLoRA, factor_key
+
+
+def delta_key(layer: str) -> str:
+    return f"{EVAL_PREFIX}{layer}/delta"
+
+
+def truncated_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (U_r S_r, V_r^T): the best rank-``rank`` approximation of ``delta`` (Eckart-Young)."""
+    U, S, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    return U[:, :rank] * S[:rank], Vh[:rank]
+
+
+class FlexLoRA(HeterogeneousRankLoRA):
+    name = "flexlora"
+    exact = False
+
+    def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
+        weights = self.client_weights(updates)
+        new_state = {**state, **self.aggregate_head(updates, weights)}
+        for layer, rank in self.ranks.items():
+            b_key, a_key = factor_key(layer, "lora_B"), factor_key(layer, "lora_A")
+            delta = sum(float(w) * (u.tensors[b_key].double() @ u.tensors[a_key].double())
+                        for u, w in zip(updates, weights))
+            B, A = truncated_factors(delta, rank)
+            dtype = state[b_key].dtype
+            new_state[b_key], new_state[a_key] = B.to(dtype), A.to(dtype)
+            new_state[delta_key(layer)] = delta.to(dtype)
+        return new_state
+
+    def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
+        """A client loads the r_max factors; the global model (only the server holds ``eval/`` keys) is
+        W0 + dW with the full-size dW."""
+        super().load_state(model, state, client_state)
+        with torch.no_grad():
+            for name, layer in self.adapted_modules(model).items():
+                if delta_key(name) in state:
+                    layer.lora_B.zero_()
+                    layer.base.weight += state[delta_key(name)].to(layer.base.weight.dtype)

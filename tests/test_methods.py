@@ -1,0 +1,353 @@
+"""Claims about the federated methods' server rules (PAPER.md sections 4-5), checked without Ray.
+
+Each rule is checked on a small hand-made example by calling ``method.aggregate`` directly, and the
+exactness column of the baselines table is checked on a real (tiny) model through ``ModelHost``: the
+aggregated ΔW of an exact method equals the weighted mean of the clients' ΔW.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import TINY_OVERRIDES
+from ravan_ray.config import METHODS, load_config
+from ravan_ray.methods import REGISTRY, build_method, method_class
+from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate
+from ravan_ray.methods.budget import method_rank, per_matrix_budget
+from ravan_ray.training import ModelHost
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """A tiny model gains nothing from intra-op threads, and on a shared 2-core machine they fight: 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Toy(nn.Module):
+    """One 3 x 4 target layer, nothing else: small enough to compute every rule by hand."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.query = nn.Linear(4, 3).double()
+
+
+def toy(name: str, *overrides: str):
+    config = load_config(None, [f"method.name={name}", "method.lora_rank=2", "model.target_modules=[query]",
+                                "federation.num_clients=6", *overrides])
+    method = build_method(config)
+    model = Toy()
+    object.__setattr__(model, "ravan_adapted", method.wrap_model(model))
+    model.requires_grad_(False)  # as ModelHost does: begin_training decides what trains
+    return method, model
+
+
+def update(client_id: int, num_samples: int = 10, client_state=None, **tensors) -> ClientUpdate:
+    named = {f"query/{key}": value for key, value in tensors.items()}
+    return ClientUpdate(client_id, named, num_samples, 0.0, client_state=client_state)
+
+
+def rand(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def no_batch_loss():
+    raise AssertionError("not needed by this method")
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def test_every_configurable_method_is_registered_with_a_docstring_naming_its_paper():
+    assert set(REGISTRY) == set(METHODS)
+    for name in METHODS:
+        cls = method_class(name)
+        assert cls.name == name
+        assert len(inspect.getmodule(cls).__doc__) > 300
+
+
+def test_budget_matching_gives_every_method_at_most_N_trainable_numbers_per_matrix():
+    config = load_config(None, ["method.lora_rank=8", "method.heads=4"]).method
+    d = 384
+    N = per_matrix_budget(config, d, d)
+    assert N == 8 * 2 * d
+
+    def rank(name):
+        return method_rank(config.model_copy(update={"name": name}), d, d)
+
+    assert {m: rank(m) for m in ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora")} == \
+        dict.fromkeys(("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora"), 8)
+    assert rank("ffa_lora") == 16  # only B trains: 2 r_L
+    assert rank("fed_sb") == 78 == int(np.sqrt(N))
+    assert rank("ravan") == 39 == int(np.sqrt(N / 4))  # the paper's Table 10 style: floor(sqrt(N / h))
+    assert rank("full_ft") == d
+    assert rank("fedit") * 2 * d <= N and rank("ffa_lora") * d <= N
+    assert rank("fed_sb") ** 2 <= N and 4 * rank("ravan") ** 2 <= N
+
+
+def test_an_explicit_budget_overrides_the_lora_rank_and_svd_ranks_stop_at_the_matrix_size():
+    config = load_config(None, ["method.budget=100000"]).method
+    assert method_rank(config.model_copy(update={"name": "fedit"}), 32, 32) == 100000 // 64
+    assert method_rank(config.model_copy(update={"name": "fed_sb"}), 32, 32) == 32
+    assert method_rank(config.model_copy(update={"name": "flexlora"}), 32, 48) == 32
+    with pytest.raises(ValueError, match="too small"):
+        method_rank(load_config(None, ["method.budget=10"]).method.model_copy(update={"name": "fedit"}), 32, 32)
+
+
+# ------------------------------------------------------------------------------------------------ server rules
+def test_fedit_averages_B_and_A_separately_which_is_not_the_mean_of_products():
+    method, model = toy("fedit", "method.aggregation_weights=num_samples")
+    state = method.initial_state(model)
+    B1, A1, B2, A2 = rand(3, 2, seed=1), rand(2, 4, seed=2), rand(3, 2, seed=3), rand(2, 4, seed=4)
+    new = method.aggregate(state, [update(0, 10, lora_B=B1, lora_A=A1), update(1, 30, lora_B=B2, lora_A=A2)], 1)
+    assert torch.allclose(new["query/lora_B"], 0.25 * B1 + 0.75 * B2)
+    assert torch.allclose(new["query/lora_A"], 0.25 * A1 + 0.75 * A2)
+    assert not torch.allclose(new["query/lora_B"] @ new["query/lora_A"], 0.25 * B1 @ A1 + 0.75 * B2 @ A2)
+
+
+def test_fedex_folds_the_residual_mean_BA_minus_mean_B_mean_A_into_the_base_weight():
+    method, model = toy("fedex_lora")
+    state = method.initial_state(model)
+    B1, A1, B2, A2 = rand(3, 2, seed=1), rand(2, 4, seed=2), rand(3, 2, seed=3), rand(2, 4, seed=4)
+    new = method.aggregate(state, [update(0, lora_B=B1, lora_A=A1), update(1, lora_B=B2, lora_A=A2)], 1)
+    mean_B, mean_A, mean_BA = (B1 + B2) / 2, (A1 + A2) / 2, (B1 @ A1 + B2 @ A2) / 2
+    assert torch.allclose(new["query/lora_B"], mean_B) and torch.allclose(new["query/lora_A"], mean_A)
+    residual = new["query/base_weight"] - state["query/base_weight"]
+    assert torch.allclose(residual, mean_BA - mean_B @ mean_A)
+    assert torch.allclose(new["query/base_weight"] + mean_B @ mean_A, state["query/base_weight"] + mean_BA)
+    # the updated weights are broadcast, so they are downlink
+    assert method.downlink_bytes(new, 3) == 3 * (3 * 4 + 3 * 2 + 2 * 4) * 8
+
+
+def test_ffa_lora_keeps_A_frozen_and_out_of_the_state_and_averages_B():
+    method, model = toy("ffa_lora")
+    state = method.initial_state(model)
+    assert set(state) == {"query/lora_B"} and state["query/lora_B"].shape == (3, 4)  # r = floor(14 / 3) = 4
+    B1, B2 = rand(3, 4, seed=1), rand(3, 4, seed=2)
+    new = method.aggregate(state, [update(0, lora_B=B1), update(1, lora_B=B2)], 1)
+    assert torch.allclose(new["query/lora_B"], (B1 + B2) / 2)
+    A = model.query.lora_A.detach()
+    assert torch.allclose(new["query/lora_B"] @ A, (B1 @ A + B2 @ A) / 2)  # exact
+    method.begin_training(model, ClientTask(0, 1, 1.0, 0), no_batch_loss)
+    assert not model.query.lora_A.requires_grad and model.query.lora_B.requires_grad
+
+
+def test_hetlora_zero_pads_to_r_max_and_weights_clients_by_the_norm_of_their_update():
+    method, model = toy("hetlora")
+    state = method.initial_state(model)
+    B1, A1 = rand(3, 1, seed=1), rand(1, 4, seed=2)  # a rank-1 client
+    B2, A2 = rand(3, 2, seed=3), rand(2, 4, seed=4)  # a rank-2 (= r_max) client
+    new = method.aggregate(state, [update(0, lora_B=B1, lora_A=A1), update(1, lora_B=B2, lora_A=A2)], 1)
+    n1, n2 = torch.linalg.matrix_norm(B1 @ A1), torch.linalg.matrix_norm(B2 @ A2)
+    p1, p2 = n1 / (n1 + n2), n2 / (n1 + n2)
+    assert torch.allclose(new["query/lora_B"], p1 * torch.cat([B1, torch.zeros(3, 1, dtype=B1.dtype)], 1) + p2 * B2)
+    assert torch.allclose(new["query/lora_A"], p1 * torch.cat([A1, torch.zeros(1, 4, dtype=A1.dtype)], 0) + p2 * A2)
+
+
+def test_a_heterogeneous_rank_client_truncates_the_global_to_its_rank_and_uploads_only_those_ranks():
+    method, model = toy("hetlora")
+    state = {"query/lora_B": rand(3, 2, seed=1), "query/lora_A": rand(2, 4, seed=2)}
+    method.load_state(model, state, None)
+    meta = method.begin_training(model, ClientTask(0, 1, 0.5, 0), no_batch_loss)  # r_c = round(0.5 * 2) = 1
+    layer = model.query
+    assert meta["rank"] == {"query": 1}
+    assert torch.allclose(layer.delta_weight(), state["query/lora_B"][:, :1] @ state["query/lora_A"][:1])
+    tensors, _ = method.upload(model, ClientTask(0, 1, 0.5, 0), meta)
+    assert tensors["query/lora_B"].shape == (3, 1) and tensors["query/lora_A"].shape == (1, 4)
+    method.load_state(model, state, None)  # the next client in this process starts from the full rank again
+    assert torch.allclose(layer.delta_weight(), state["query/lora_B"] @ state["query/lora_A"])
+
+
+def test_flexlora_averages_full_products_and_redistributes_their_best_low_rank_truncation():
+    method, model = toy("flexlora")
+    state = method.initial_state(model)
+    E = torch.eye(3, 4, dtype=torch.float64)
+    B1, A1 = torch.tensor([[3.0], [0.0], [0.0]], dtype=torch.float64), E[:1]  # rank 1: 3 e1 e1^T
+    B2 = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # rank 2: 2 e2 e2^T + e3 e3^T
+    A2 = E[1:3]
+    new = method.aggregate(state, [update(0, lora_B=B1, lora_A=A1), update(1, lora_B=B2, lora_A=A2)], 1)
+    mean = torch.diag(torch.tensor([1.5, 1.0, 0.5], dtype=torch.float64)) @ E
+    assert torch.allclose(new[EVAL_PREFIX + "query/delta"], mean)  # the global model: W0 + the exact mean
+    rank2 = torch.diag(torch.tensor([1.5, 1.0, 0.0], dtype=torch.float64)) @ E
+    assert torch.allclose(new["query/lora_B"] @ new["query/lora_A"], rank2)  # broadcast: rank r_max = 2
+    assert method.downlink_bytes(new, 3) == 3 * (3 * 2 + 2 * 4) * 8  # eval/ is not sent
+
+    method.load_state(model, {k: v for k, v in new.items() if not k.startswith(EVAL_PREFIX)}, None)
+    method.begin_training(model, ClientTask(0, 2, 0.5, 0), no_batch_loss)  # a rank-1 client
+    assert torch.allclose(model.query.delta_weight(), 1.5 * torch.outer(E[0, :3], E[0]))
+    pretrained = model.query.base.weight.detach().clone()
+    method.load_state(model, new, None)  # the server's global model
+    assert torch.allclose(model.query.base.weight - pretrained, mean)
+    assert torch.count_nonzero(model.query.delta_weight()) == 0
+
+
+def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():
+    method, model = toy("flora", "method.aggregation_weights=num_samples")
+    state = method.initial_state(model)
+    assert method.downlink_bytes(state, 3) == 0  # round 1: nothing to send but the (absent) head
+    clients = [(rand(3, 2, seed=2 * c), rand(2, 4, seed=2 * c + 1), 10 * (c + 1)) for c in range(3)]
+    new = method.aggregate(state, [update(c, n, lora_B=B, lora_A=A) for c, (B, A, n) in enumerate(clients)], 1)
+    p = np.array([10, 20, 30]) / 60
+    expected = sum(w * B @ A for w, (B, A, _) in zip(p, clients))
+    assert new["query/stack_B"].shape == (3, 6) and new["query/stack_A"].shape == (6, 4)
+    assert torch.allclose(new["query/stack_B"] @ new["query/stack_A"], expected)
+    assert torch.allclose(new["query/base_weight"], state["query/base_weight"] + expected)
+    # the broadcast is the stacks (growing with the clients per round), not the merged weights
+    assert method.downlink_bytes(new, 3) == 3 * (3 * 6 + 6 * 4) * 8
+
+
+def test_flora_clients_start_each_round_from_a_fresh_lora():
+    method, model = toy("flora")
+    method.load_state(model, method.initial_state(model), None)
+    method.begin_training(model, ClientTask(0, 1, 1.0, 0), no_batch_loss)
+    first = model.query.lora_A.detach().clone()
+    method.begin_training(model, ClientTask(0, 2, 1.0, 0), no_batch_loss)
+    assert torch.count_nonzero(model.query.lora_B) == 0 and not torch.equal(first, model.query.lora_A)
+
+
+def test_fedsa_shares_A_and_keeps_B_on_the_client():
+    method, model = toy("fedsa_lora")
+    state = method.initial_state(model)
+    assert set(state) == {"query/lora_A"}
+    A1, A2, B1, B2 = rand(2, 4, seed=1), rand(2, 4, seed=2), rand(3, 2, seed=3), rand(3, 2, seed=4)
+    updates = [update(0, lora_A=A1, client_state={"query/lora_B": B1}),
+               update(1, lora_A=A2, client_state={"query/lora_B": B2})]
+    new = method.aggregate(state, updates, 1)
+    assert torch.allclose(new["query/lora_A"], (A1 + A2) / 2)
+    assert torch.allclose(new[EVAL_PREFIX + "query/lora_B"], (B1 + B2) / 2)
+    assert method.downlink_bytes(new, 2) == 2 * 2 * 4 * 8  # A only
+
+    client = {k: v for k, v in new.items() if not k.startswith(EVAL_PREFIX)}
+    method.load_state(model, client, {"query/lora_B": B1})  # a returning client gets its own B back
+    assert torch.equal(model.query.lora_B.detach(), B1)
+    tensors, local = method.upload(model, ClientTask(0, 2, 1.0, 0), {})
+    assert set(tensors) == {"query/lora_A"} and torch.equal(local["query/lora_B"], B1)
+    model.query.lora_B.data.zero_()
+    method.load_state(model, new, None)  # the server's global model: B = the mean of the clients' B
+    assert torch.allclose(model.query.lora_B.detach(), (B1 + B2) / 2)
+
+
+def test_fed_sb_warms_up_with_the_svd_of_the_mean_full_update_then_averages_H():
+    method, model = toy("fed_sb", "method.lora_rank=1")  # N = 7: r = floor(sqrt 7) = 2
+    state = method.initial_state(model)
+    E = torch.eye(3, 4, dtype=torch.float64)
+    d1 = torch.diag(torch.tensor([4.0, 1.0, 2.0], dtype=torch.float64)) @ E
+    d2 = torch.diag(torch.tensor([2.0, 3.0, 0.0], dtype=torch.float64)) @ E
+    new = method.aggregate(state, [update(0, delta=d1), update(1, delta=d2)], 1)  # mean = diag(3, 2, 1)
+    B, A, H = new["query/bases_B"], new["query/bases_A"], new["query/core"]
+    assert B.shape == (3, 2) and A.shape == (2, 4) and H.shape == (2, 2)
+    assert torch.allclose(B.T @ B, torch.eye(2, dtype=B.dtype)) and torch.allclose(A @ A.T, torch.eye(2, dtype=A.dtype))
+    assert torch.allclose(B @ H @ A, torch.diag(torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64)) @ E)
+    # the bases go out once, to every client of the federation; then only H per sampled client
+    bases_bytes = (3 * 2 + 2 * 4) * 8
+    assert method.downlink_bytes(new, 3) == 3 * 2 * 2 * 8 + 6 * bases_bytes
+
+    H1, H2 = rand(2, 2, seed=1), rand(2, 2, seed=2)
+    newer = method.aggregate(new, [update(0, core=H1), update(1, core=H2)], 2)
+    assert torch.allclose(newer["query/core"], (H1 + H2) / 2) and torch.equal(newer["query/bases_B"], B)
+    assert torch.allclose(B @ newer["query/core"] @ A, (B @ H1 @ A + B @ H2 @ A) / 2)  # exact
+    assert method.downlink_bytes(newer, 3) == 3 * 2 * 2 * 8
+
+
+def test_full_ft_trains_everything_but_the_embeddings():
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), 3)
+    trained = set(host.method.mutable_parameters(host.model))
+    names = {n for n, _ in host.model.named_parameters()}
+    assert {n for n in names if "embeddings" in n and "LayerNorm" not in n}.isdisjoint(trained)
+    assert {n for n in names if ".encoder." in n} <= trained
+    assert set(host.adapted) == set(host.method.resolved()["layer_shapes"])
+    assert all(type(m) is nn.Linear for m in host.adapted.values())
+
+
+# ------------------------------------------------------------------------------------------------ on a model
+def local_data(seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    n = 12 + 6 * seed  # clients of different sizes, so num_samples weights are not uniform
+    return {"input_ids": rng.integers(1000, 3000, (n, 12)), "attention_mask": np.ones((n, 12), dtype=np.int64),
+            "labels": rng.integers(0, 3, n)}
+
+
+def aggregation_error(host: ModelHost, old_state, new_state, updates) -> tuple[float, float]:
+    """(sum over layers ||ΔW(aggregated) - sum_c w_c ΔW_c||_F, sum over layers ||sum_c w_c ΔW_c||_F),
+    the definition of the server's agg_error diagnostic."""
+    method = host.method
+    aggregated = host.layer_deltas(new_state)
+    reference = {name: torch.zeros_like(delta) for name, delta in aggregated.items()}
+    for u, w in zip(updates, method.client_weights(updates)):
+        view, client_state = method.client_view(old_state, u)
+        for name, delta in host.layer_deltas(view, client_state).items():
+            reference[name] += float(w) * delta
+    error = sum(float(torch.linalg.matrix_norm(aggregated[n] - reference[n])) for n in aggregated)
+    return error, sum(float(torch.linalg.matrix_norm(reference[n])) for n in aggregated)
+
+
+def federate(name: str, rounds: int, levels=(1.0, 1.0, 1.0), *overrides: str):
+    """Train 3 clients per round on one ModelHost and aggregate; yields (round, error, scale, state)."""
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, f"method.name={name}", "federation.local_steps=3",
+                                        "federation.batch_size=8", *overrides]), 3)
+    state, client_states = host.initial_state(), {}
+    for round_index in range(1, rounds + 1):
+        tasks = [ClientTask(c, round_index, level, 0) for c, level in enumerate(levels)]
+        updates = [host.train_client(t, state, client_states.get(t.client_id), local_data(t.client_id)) for t in tasks]
+        client_states.update({u.client_id: u.client_state for u in updates if u.client_state})
+        new_state = host.method.aggregate(state, updates, round_index)
+        error, scale = aggregation_error(host, state, new_state, updates)
+        yield round_index, error, scale, new_state
+        state = new_state
+
+
+@pytest.mark.parametrize("name", ["full_ft", "fedex_lora", "ffa_lora", "fed_sb", "flora", "ravan"])
+def test_exact_methods_aggregate_to_the_weighted_mean_of_the_clients_updates(name):
+    for round_index, error, scale, _ in federate(name, 2, (1.0, 1.0, 1.0), "method.aggregation_weights=num_samples"):
+        assert scale > 1e-4  # the clients really moved the weights
+        if name == "fed_sb" and round_index == 1:
+            assert error > 1e-3 * scale  # the warm-up keeps only the rank-r part of the mean full update
+            continue
+        assert error <= 1e-5 * scale, (round_index, error, scale)
+
+
+def test_fedit_with_differing_clients_is_clearly_inexact():
+    for _, error, scale, _ in federate("fedit", 2):
+        assert error > 1e-3 * scale
+
+
+def test_flexlora_global_model_is_the_exact_mean_while_hetlora_is_not():
+    levels = (0.25, 0.5, 1.0)
+    for _, error, scale, state in federate("flexlora", 2, levels):
+        assert error <= 1e-5 * scale
+    for _, error, scale, _ in federate("hetlora", 2, levels):
+        assert error > 1e-2 * scale
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_clients_update_does_not_depend_on_the_clients_the_process_served_before(name):
+    """Pool mode: one actor serves many clients, so everything a client may change is reset between them."""
+    config = load_config(None, [*TINY_OVERRIDES, f"method.name={name}", "federation.local_steps=2"])
+    shared, fresh = ModelHost(config, 3), ModelHost(config, 3)
+    state = shared.initial_state()
+    shared.train_client(ClientTask(0, 1, 0.25, 0), state, None, local_data(0))
+    after_another = shared.train_client(ClientTask(1, 1, 1.0, 0), state, None, local_data(1))
+    alone = fresh.train_client(ClientTask(1, 1, 1.0, 0), state, None, local_data(1))
+    assert after_another.tensors.keys() == alone.tensors.keys()
+    for key, value in alone.tensors.items():
+        assert torch.equal(after_another.tensors[key], value), key
+
+
+def test_clients_never_receive_the_servers_eval_keys(monkeypatch):
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fedsa_lora"]), 3)
+    state = host.initial_state()
+    state.update({f"{EVAL_PREFIX}{name}/lora_B": torch.ones_like(layer.lora_B) for name, layer in host.adapted.items()})
+    seen = []
+    original = host.method.load_state
+    monkeypatch.setattr(host.method, "load_state", lambda m, s, c: (seen.append(set(s)), original(m, s, c)))
+    update = host.train_client(ClientTask(0, 1, 1.0, 0), state, None, local_data(0))
+    assert seen and not any(k.startswith(EVAL_PREFIX) for k in seen[0])
+    # a first-time client starts from B = 0, not from the server's mean B (all ones here)
+    assert all(b.abs().max() < 0.1 for b in update.client_state.values())

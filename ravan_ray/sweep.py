@@ -45,6 +45,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import shutil
@@ -83,25 +84,11 @@ class SweepError(ConfigError):
 
 # ----------------------------------------------------------------------------------------- the tune config
 class _Loader(yaml.SafeLoader):
-    """YAML 1.2 floats: ``1e-4`` is a number (PyYAML's YAML 1.1 reads it as a string)."""
+    """YAML 1.2 floats: ``1e-4`` is a number (PyYAML, following YAML 1.1, reads it as a string)."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?$|^[-+]?\d+\.\d*$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
-
-
-def _int_or_float(loader: _Loader, node: yaml.ScalarNode) -> Any:
-    text = loader.construct_scalar(node)
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-_Loader.add_constructor("tag:yaml.org,2002:float", _int_or_float)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+                              list("-+0123456789."))
 
 
 class SweepSpec:
@@ -125,7 +112,8 @@ class SweepSpec:
         self.driver_cpus = _number_key(values, "driver_cpus", 1.0, minimum=0.0)
         self.strategy = str(values.get("placement_strategy") or "PACK").upper()
         if self.strategy not in STRATEGIES:
-            raise SweepError(f"placement_strategy: must be one of {', '.join(STRATEGIES)} (got {values['placement_strategy']!r})")
+            raise SweepError(f"placement_strategy: must be one of {', '.join(STRATEGIES)} "
+                             f"(got {values['placement_strategy']!r})")
         self.storage_path = str(values.get("storage_path") or "runs/sweeps")
         self.asha = self._load_scheduler(values.get("scheduler"))
         self.candidates = self._check_search_space()
@@ -158,8 +146,7 @@ class SweepSpec:
         checked = {}
         for key, spec in space.items():
             key = str(key)
-            if not key or any(not part for part in key.split(".")):
-                raise SweepError(f"search_space key '{key}' is not a dotted config key")
+            _check_key_path(key)
             checked[key] = _check_spec(key, spec)
         return checked
 
@@ -201,7 +188,20 @@ class SweepSpec:
             configs.append(trial_config(self.base, sampled, where=where))
         return configs
 
+    def normalized(self) -> dict[str, Any]:
+        """The tune config as saved in the sweep directory: name explicit, base inlined."""
+        values = {k: v for k, v in self.raw.items() if k != "base_config"}
+        return {**values, "name": self.name, "base": self.base}
+
     # -- Tune objects
+    def scheduler(self):
+        """ASHA on each round's test accuracy (rounds without an evaluation do not count), or None (FIFO)."""
+        if not self.asha:
+            return None
+        from ray.tune.schedulers import ASHAScheduler
+
+        return ASHAScheduler(time_attr="round", metric="test_accuracy", mode="max", **self.asha)
+
     def param_space(self) -> dict[str, Any]:
         from ray import tune
 
@@ -218,6 +218,25 @@ class SweepSpec:
             else:
                 space[key] = tune.randint(*value)
         return space
+
+
+def _check_key_path(key: str) -> None:
+    """The dotted key must name a field of RunConfig (sections may be swept whole, as mappings)."""
+    from pydantic import BaseModel
+
+    parts = key.split(".")
+    if not key or any(not part for part in parts):
+        raise SweepError(f"search_space key '{key}' is not a dotted config key")
+    model: Any = RunConfig
+    for depth, part in enumerate(parts):
+        fields = model.model_fields
+        if part not in fields:
+            raise SweepError(f"search_space: unknown config key '{'.'.join(parts[:depth + 1])}'")
+        annotation = fields[part].annotation
+        is_section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+        if depth < len(parts) - 1 and not is_section:
+            raise SweepError(f"search_space: '{part}' in '{key}' is not a config section")
+        model = annotation
 
 
 def _check_spec(key: str, spec: Any) -> dict[str, Any]:
@@ -279,7 +298,8 @@ def read_tune_config(path: str | Path) -> dict[str, Any]:
         values = yaml.load(path.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        raise SweepError(f"tune config {path} is not valid YAML" + (f" (line {mark.line + 1})" if mark else "")) from None
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise SweepError(f"tune config {path} is not valid YAML{where}") from None
     if not isinstance(values, dict):
         raise SweepError(f"tune config {path} must hold a mapping of keys to values")
     return values
@@ -345,8 +365,10 @@ def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
     return all(amount <= have.get(kind, 0.0) + 1e-9 for kind, amount in need.items())
 
 
-def _fmt_resources(resources: dict[str, float]) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or v) or "nothing"
+def _fmt_resources(resources: dict[str, float], kinds: Optional[set[str]] = None) -> str:
+    """"2 CPU, 0.5 GPU" for the given kinds of resource (default: those present)."""
+    kinds = set(resources) if kinds is None else set(kinds)
+    return ", ".join(f"{resources.get(k, 0.0):g} {k}" for k in sorted(kinds))
 
 
 def check_cluster_fits(configs: list[RunConfig], driver_cpus: float, strategy: str,
@@ -361,14 +383,16 @@ def check_cluster_fits(configs: list[RunConfig], driver_cpus: float, strategy: s
         what = (f"a trial needs {_fmt_resources(need)} (driver {driver_cpus:g} CPU + server "
                 f"{res.server_cpus:g} CPU/{res.server_gpus:g} GPU + {actors} client actors x "
                 f"{res.cpus_per_client:g} CPU/{res.gpus_per_client:g} GPU, {res.actor_mode} mode)")
-        fix = ("lower resources.cpus_per_client/gpus_per_client, resources.pool_size or driver_cpus, "
-               "use resources.actor_mode=pool, or add nodes")
+        fix = ("lower resources.cpus_per_client/gpus_per_client/server_cpus/server_gpus or driver_cpus, "
+               + ("use resources.actor_mode=pool" if res.actor_mode == "per_client" else "lower resources.pool_size")
+               + ", or add nodes")
         if not _fits(need, cluster):
-            raise SweepError(f"{what} but the cluster has {_fmt_resources(cluster)}; {fix}")
+            raise SweepError(f"{what} but the cluster has {_fmt_resources(cluster, set(need))}; {fix}")
         for bundle in bundles:
             if bundle and not any(_fits(bundle, node) for node in nodes):
-                raise SweepError(f"{what}, and no node can hold a bundle of {_fmt_resources(bundle)} "
-                                 f"(largest node: {_fmt_resources(max(nodes, key=lambda n: n.get('CPU', 0)) if nodes else {})}); {fix}")
+                largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0))) if nodes else {}
+                raise SweepError(f"{what}, and no node can hold a bundle of {_fmt_resources(bundle)} (largest "
+                                 f"node: {_fmt_resources(largest, set(bundle))}); {fix}")
         if strategy == "STRICT_PACK" and not any(_fits(need, node) for node in nodes):
             raise SweepError(f"{what} on one node (STRICT_PACK) but no node has that much; use placement_strategy PACK")
         if strategy == "STRICT_SPREAD" and len(bundles) > len(nodes):
@@ -383,8 +407,8 @@ def _tune_metrics(row: dict[str, Any]) -> dict[str, Any]:
     for key, value in row.items():
         if isinstance(value, bool) or value is None:
             continue
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            out[key] = int(value) if key == "round" else value
+        if isinstance(value, numbers.Real) and math.isfinite(value):
+            out[key] = int(value) if key == "round" else _plain(value)
     return out
 
 
@@ -413,8 +437,14 @@ def _unpack_checkpoint(source: Path, run_dir: Path) -> int:
     return int(rounds[-1].name.split("_")[1])
 
 
-def make_trainable(base: dict[str, Any], fail_after: Optional[int] = None) -> Callable[[dict], None]:
-    """The function trainable: trial config (sampled dotted keys) in, one tune.report per round out."""
+def make_trainable(base: dict[str, Any], sweep_path: Path, fail_after: Optional[int] = None) -> Callable[[dict], None]:
+    """The function trainable: trial config (sampled dotted keys) in, one tune.report per round out.
+
+    The run goes straight into the sweep directory, ``sweep_path/<trial id>/run`` (the trial's own Tune
+    directory, see _trial_dirname), rather than into Tune's per-session staging directory: it is then
+    where the results are wherever the trial runs (given a filesystem shared by the nodes), and a restored
+    sweep finds it."""
+    sweep_path = Path(sweep_path)
 
     def ravan_trial(sampled: dict[str, Any]) -> None:
         from ray import tune
@@ -422,7 +452,7 @@ def make_trainable(base: dict[str, Any], fail_after: Optional[int] = None) -> Ca
         from ravan_ray.federation import run_federation
 
         config = trial_config(base, sampled)
-        trial_dir = Path(tune.get_context().get_trial_dir())
+        trial_dir = sweep_path / tune.get_context().get_trial_id()
         run_dir = trial_dir / RUN_DIRNAME
         checkpoint = tune.get_checkpoint()
         resumed_round = 0
@@ -477,7 +507,9 @@ def _cluster_view() -> tuple[dict[str, float], list[dict[str, float]]]:
 
 
 def sweep_dir(spec: SweepSpec, output: Optional[str | Path]) -> Path:
-    return Path(output).expanduser().resolve() if output else (Path(spec.storage_path).expanduser() / spec.name).resolve()
+    if output:
+        return Path(output).expanduser().resolve()
+    return (Path(spec.storage_path).expanduser() / spec.name).resolve()
 
 
 def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
@@ -491,7 +523,10 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
     saved = out / SAVED_TUNE_CONFIG
     restoring = saved.is_file()
     if restoring:  # resume with the config the sweep started with, whatever the file says now
-        spec = SweepSpec(read_tune_config(saved), Path(tune_config_path))
+        original = SweepSpec(read_tune_config(saved), Path(tune_config_path))
+        if original.normalized() != spec.normalized():
+            print(f"{out} was started from a different tune config; resuming it with its own copy, {saved}")
+        spec = original
     elif out.exists() and any(out.iterdir()):
         raise SweepError(f"{out} exists and is not a sweep directory (no {SAVED_TUNE_CONFIG}); choose another --output")
 
@@ -505,7 +540,7 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
 
         driver_cpus, strategy, base_values = spec.driver_cpus, spec.strategy, spec.base
         trainable = tune.with_resources(
-            make_trainable(base_values, spec.fail_after),
+            make_trainable(base_values, out, spec.fail_after),
             lambda sampled: placement_group_factory(trial_config(base_values, sampled), driver_cpus, strategy))
 
         if restoring and tune.Tuner.can_restore(str(out)):
@@ -513,17 +548,12 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
             tuner = tune.Tuner.restore(str(out), trainable=trainable, resume_errored=True)
         else:
             out.mkdir(parents=True, exist_ok=True)
-            saved.write_text(yaml.safe_dump(spec.raw, sort_keys=False))
-            scheduler = None
-            if spec.asha:
-                from ray.tune.schedulers import ASHAScheduler
-
-                scheduler = ASHAScheduler(time_attr="round", metric="test_accuracy", mode="max", **spec.asha)
+            saved.write_text(yaml.safe_dump(spec.normalized(), sort_keys=False))
             tuner = tune.Tuner(
                 trainable,
                 param_space=spec.param_space(),
                 tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
-                                            scheduler=scheduler, trial_dirname_creator=_trial_dirname),
+                                            scheduler=spec.scheduler(), trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent),
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
@@ -538,12 +568,16 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
     table.to_csv(path, index=False)
     shown = [c for c in ["trial_id", *spec.space, "final_test_accuracy", "rounds", "status"] if c in table]
     print(table[shown].to_string(index=False))
+    failed = table[table["status"] == "ERROR"]["trial_id"].tolist() if len(table) else []
+    if failed:
+        print(f"{len(failed)} trial(s) failed (see {out}/<trial_id>/error.txt): {', '.join(failed)}; "
+              "run the same command again to resume them")
     print(f"{len(table)} trials; results: {path}")
     return path
 
 
 def _trial_dirname(trial) -> str:
-    return str(trial.trial_id)
+    return str(trial.trial_id)  # the trainable writes its run to sweep_dir / trial_id / "run"
 
 
 def results_table(grid, swept_keys: list[str]):

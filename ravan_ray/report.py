@@ -1,0 +1,452 @@
+"""``ravan-ray report DIR [DIR ...]``: tables and plots over run and sweep directories.
+
+Every directory holding ``metrics.csv``, ``config.yaml`` and ``summary.json`` below the given paths is
+one run (a single ``ravan-ray run``, or a trial's ``run/`` inside a sweep). Runs are grouped by the
+config keys that differ between them, seeds aside; each group gets the mean, the sample standard
+deviation (ddof = 1, empty for a single seed) and the number of seeds n. Written to the output directory:
+
+- ``report.md``: the tables (accuracy in %, "mean ± std (n)") and the plots;
+- ``report.csv``: one row per group (the numbers behind the tables); ``runs.csv``: one row per run;
+- PNGs: test accuracy per round (mean over seeds, ±1 std band), final accuracy by budget mix (grouped
+  bars), accuracy gain over the fewest heads vs heads with the point where sqrt(N h) = d marked, and
+  the aggregated update's effective rank per round. A plot whose grouping has fewer than two values is
+  skipped, with a note in report.md.
+
+For the heads plot, N is the per-matrix trainable budget and d the adapted matrices' dimension, read from
+the run's ``resolved.method`` record (``budget_per_matrix``, ``layer_shapes``) when the driver wrote them
+there, else N from the config (``method.budget``, or r_L (d_in + d_out) for ``method.lora_rank``) and d
+from the model (``tiny-bert``: 32, ``minilm``: 384, or the Hugging Face config's hidden size when it is
+available offline).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+
+from ravan_ray.config import ConfigError, read_yaml
+
+RUN_FILES = ("metrics.csv", "config.yaml", "summary.json")
+# Keys that never change what a run computes (or are its identity): not used to tell configurations apart.
+IGNORED_PREFIXES = ("resources.", "output.")
+IGNORED_KEYS = {"seed", "name", "federation.eval_batch_size"}
+SHORT_NAMES = {
+    "method.name": "method", "compute.distribution": "budget mix", "data.partition.kind": "partition",
+    "data.partition.alpha": "alpha", "method.heads": "heads", "method.init": "init",
+    "method.scoring": "scoring", "method.scaling": "scaling", "method.lora_rank": "lora rank",
+    "method.budget": "budget", "optimizer.lr": "lr", "model.name": "model", "data.name": "data",
+}
+KNOWN_DIMS = {"tiny-bert": 32, "minilm": 384}
+STAT_COLUMNS = ["final_test_accuracy", "best_test_accuracy", "total_uplink_bytes", "total_downlink_bytes", "wall_s"]
+# (title, the keys that form the table's rows); the other differing keys become its columns.
+TABLES = [
+    ("Final accuracy per method", ["method.name"]),
+    ("Final accuracy per budget mix and method", ["compute.distribution"]),
+    ("Final accuracy per number of heads", ["method.heads"]),
+    ("Final accuracy per initialisation", ["method.init"]),
+    ("Final accuracy per head scoring", ["method.scoring"]),
+    ("Final accuracy per scaling", ["method.scaling"]),
+    ("Final accuracy per data partition", ["data.partition.kind", "data.partition.alpha"]),
+]
+
+
+class ReportError(ConfigError):
+    """Nothing to report on, or unreadable run files; one line for the user."""
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def find_runs(dirs: list[Path]) -> list[Path]:
+    """Run directories at or below each given directory, each once, in path order."""
+    found: dict[Path, None] = {}
+    for root in dirs:
+        root = Path(root)
+        if not root.exists():
+            raise ReportError(f"no such directory: {root}")
+        candidates = [root / "metrics.csv"] + sorted(root.rglob("metrics.csv")) if root.is_dir() else []
+        for metrics in candidates:
+            run = metrics.parent
+            if all((run / name).is_file() for name in RUN_FILES):
+                found.setdefault(run.resolve(), None)
+    return list(found)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:  # lists (levels, target modules, explicit mixes) as text, so they can be grouped on
+            flat[path] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def model_dim(config: dict[str, Any]) -> Optional[int]:
+    """d: the adapted matrices' dimension (min(d_in, d_out), the rank ceiling)."""
+    resolved = config.get("resolved") or {}
+    for section in (resolved.get("method") or {}, resolved.get("model") or {}, resolved):
+        shapes = section.get("layer_shapes")
+        if isinstance(shapes, dict) and shapes:
+            return int(min(min(shape) for shape in shapes.values()))
+        for key in ("d_model", "hidden_size"):
+            if isinstance(section.get(key), (int, float)):
+                return int(section[key])
+    name = (config.get("model") or {}).get("name")
+    if name in KNOWN_DIMS:
+        return KNOWN_DIMS[name]
+    try:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(name, local_files_only=True)
+        return int(getattr(hf, "hidden_size", None) or getattr(hf, "d_model", None) or hf.n_embd)
+    except Exception:  # not available offline: the heads plot then goes without its marker
+        return None
+
+
+def per_matrix_budget(config: dict[str, Any], d: Optional[int]) -> Optional[int]:
+    """N, as the driver recorded it (``resolved.method.budget_per_matrix``) or from the config."""
+    recorded = ((config.get("resolved") or {}).get("method") or {}).get("budget_per_matrix")
+    if isinstance(recorded, (int, float)):
+        return int(recorded)
+    method = config.get("method") or {}
+    if method.get("budget"):
+        return int(method["budget"])
+    if method.get("lora_rank") and d:
+        return int(method["lora_rank"]) * 2 * d  # r_L (d_in + d_out) for the square q / v projections
+    return None
+
+
+def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs: one row per run with its flattened config and summary, rounds: metrics.csv rows of all runs)."""
+    runs, rounds = [], []
+    for run_dir in run_dirs:
+        try:
+            config = read_yaml(run_dir / "config.yaml")
+            summary = json.loads((run_dir / "summary.json").read_text())
+            metrics = pd.read_csv(run_dir / "metrics.csv")
+        except (ConfigError, OSError, ValueError) as error:
+            raise ReportError(f"cannot read run {run_dir}: {' '.join(str(error).split())}") from None
+        label = str(run_dir.relative_to(common_root)) if common_root and run_dir.is_relative_to(common_root) \
+            else str(run_dir)
+        d = model_dim(config)
+        row = {"run": label, "run_dir": str(run_dir)}
+        row.update(_flatten({k: v for k, v in config.items() if k != "resolved"}))
+        row.update({k: summary.get(k) for k in ("final_test_accuracy", "best_test_accuracy", "rounds",
+                                                 "total_uplink_bytes", "total_downlink_bytes", "wall_s")})
+        row["d_model"] = d
+        row["budget_per_matrix"] = per_matrix_budget(config, d)
+        runs.append(row)
+        metrics.insert(0, "run", label)
+        rounds.append(metrics)
+    runs_df = pd.DataFrame(runs)
+    for column in ("final_test_accuracy", "best_test_accuracy", "wall_s", "total_uplink_bytes",
+                   "total_downlink_bytes"):
+        runs_df[column] = pd.to_numeric(runs_df[column], errors="coerce")
+    return runs_df, pd.concat(rounds, ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------------ grouping
+def varying_keys(runs: pd.DataFrame) -> list[str]:
+    """Config keys whose value differs between runs, seeds and bookkeeping aside."""
+    config_columns = [c for c in runs.columns if "." in c or c in ("seed", "name")]
+    keys = []
+    for column in config_columns:
+        if column in IGNORED_KEYS or column.startswith(IGNORED_PREFIXES):
+            continue
+        if runs[column].astype(str).nunique(dropna=False) > 1:
+            keys.append(column)
+    preferred = list(SHORT_NAMES)  # the method first, then the ablation axes
+    return sorted(keys, key=lambda k: (preferred.index(k) if k in preferred else len(preferred), k))
+
+
+def _short(key: str) -> str:
+    return SHORT_NAMES.get(key, ".".join(key.split(".")[-2:]))
+
+
+def _sort_values(values: list[Any]) -> list[Any]:
+    try:
+        return sorted(values)
+    except TypeError:
+        return sorted(values, key=str)
+
+
+def config_label(row: pd.Series | dict, keys: list[str]) -> str:
+    return ", ".join(f"{_short(k)}={row[k]}" for k in keys) if keys else "all runs"
+
+
+def summarise(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Mean, sample std (ddof 1) and n over seeds for every configuration (combination of ``keys``)."""
+    frame = runs.copy()
+    if not keys:
+        frame["_all"] = "all runs"
+    group_keys = keys or ["_all"]
+    grouped = frame.groupby(group_keys, dropna=False, sort=True)
+    out = grouped.size().rename("n").to_frame()
+    for column in STAT_COLUMNS:
+        out[f"{column}_mean"] = grouped[column].mean()
+        out[f"{column}_std"] = grouped[column].std(ddof=1)
+    out["seeds"] = grouped["seed"].agg(lambda s: " ".join(str(v) for v in sorted(s)))
+    out = out.reset_index()
+    if not keys:
+        out = out.drop(columns="_all")
+    return out
+
+
+def _cell(mean: float, std: float, n: int) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    text = f"{100 * mean:.2f}"
+    if n > 1 and std is not None and not math.isnan(std):
+        text += f" ± {100 * std:.2f}"
+    return f"{text} ({n})"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pivot_markdown(summary: pd.DataFrame, row_keys: list[str], col_keys: list[str]) -> str:
+    """Rows: values of ``row_keys``; columns: combinations of ``col_keys``; cells: final accuracy."""
+    rows_seen = _sort_values(list({tuple(r) for r in summary[row_keys].itertuples(index=False)}))
+    cols_seen = _sort_values(list({tuple(r) for r in summary[col_keys].itertuples(index=False)})) if col_keys else [()]
+    header = [" / ".join(_short(k) for k in row_keys)] + (
+        [", ".join(f"{_short(k)}={v}" for k, v in zip(col_keys, col)) for col in cols_seen]
+        if col_keys else ["final accuracy %"])
+    table = []
+    for row_value in rows_seen:
+        line = [" / ".join(str(v) for v in row_value)]
+        for col_value in cols_seen:
+            match = summary
+            for key, value in zip(row_keys + col_keys, row_value + col_value):
+                match = match[match[key].astype(str) == str(value)]
+            if match.empty:
+                line.append("–")
+            else:
+                first = match.iloc[0]
+                line.append(_cell(first["final_test_accuracy_mean"], first["final_test_accuracy_std"], int(first["n"])))
+        table.append(line)
+    return markdown_table(header, table)
+
+
+# ------------------------------------------------------------------------------------------------ plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _line_groups(keys: list[str]) -> tuple[list[str], list[str]]:
+    """(keys that pick a line, keys that pick a panel) for the per-round plots: lines per method when the
+    method varies, one panel per combination of the other differing keys."""
+    if "method.name" in keys:
+        return ["method.name"], [k for k in keys if k != "method.name"]
+    return keys, []
+
+
+def plot_per_round(runs: pd.DataFrame, rounds: pd.DataFrame, keys: list[str], column: str, ylabel: str,
+                   title: str, path: Path) -> Optional[str]:
+    """Mean over seeds per round with a ±1 std band; returns a reason when there is nothing to plot."""
+    data = rounds.merge(runs[["run", *keys]], on="run")
+    data = data[pd.to_numeric(data[column], errors="coerce").notna()]
+    if data.empty:
+        return f"no run recorded {column}"
+    line_keys, panel_keys = _line_groups(keys)
+    panels = _sort_values(list({tuple(r) for r in data[panel_keys].itertuples(index=False)})) if panel_keys else [()]
+    if len(panels) > 6:  # too many panels to read: one panel, a line per configuration
+        line_keys, panel_keys, panels = keys, [], [()]
+    plt = _plt()
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.8 * rows_n), squeeze=False, sharey=True)
+    for ax, panel in zip(axes.flat, panels):
+        subset = data
+        for key, value in zip(panel_keys, panel):
+            subset = subset[subset[key].astype(str) == str(value)]
+        labels = (subset[line_keys].astype(str).agg(", ".join, axis=1) if line_keys
+                  else pd.Series("all runs", index=subset.index))
+        for label in _sort_values(list(labels.unique())):
+            part = subset[labels == label]
+            stats = part.groupby("round")[column].agg(["mean", "std", "count"]).sort_index()
+            x = stats.index.to_numpy()
+            mean = stats["mean"].to_numpy(dtype=float)
+            std = stats["std"].fillna(0.0).to_numpy(dtype=float)
+            scale = 100.0 if column == "test_accuracy" else 1.0
+            ax.plot(x, scale * mean, marker="o", markersize=3, label=label)
+            ax.fill_between(x, scale * (mean - std), scale * (mean + std), alpha=0.2)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        if panel_keys:
+            ax.set_title(", ".join(f"{_short(k)}={v}" for k, v in zip(panel_keys, panel)), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title=" / ".join(_short(k) for k in line_keys) or None, title_fontsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} (mean over seeds, ±1 std)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path) -> Optional[str]:
+    mix = "compute.distribution"
+    if mix not in keys:
+        return "the budget mix (compute.distribution) takes a single value"
+    other = [k for k in keys if k != mix]
+    mixes = _sort_values(list(summary[mix].astype(str).unique()))
+    preferred = ["homogeneous", "uniform", "bell", "skewed_left", "skewed_right"]
+    mixes = [m for m in preferred if m in mixes] + [m for m in mixes if m not in preferred]
+    labels = (summary[other].astype(str).agg(", ".join, axis=1) if other
+              else pd.Series("all", index=summary.index))
+    series = _sort_values(list(labels.unique()))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(mixes) * max(1, len(series)) ** 0.5 + 2), 4.2))
+    width = 0.8 / len(series)
+    x = np.arange(len(mixes))
+    for i, label in enumerate(series):
+        part = summary[labels == label].set_index(summary[labels == label][mix].astype(str))
+        mean = [100 * part.loc[m, "final_test_accuracy_mean"] if m in part.index else np.nan for m in mixes]
+        std = [100 * np.nan_to_num(part.loc[m, "final_test_accuracy_std"]) if m in part.index else 0 for m in mixes]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, mean, width, yerr=std, capsize=3, label=label)
+    ax.set_xticks(x, mixes)
+    ax.set_xlabel("client budget mix")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title("Final accuracy by budget mix (mean over seeds, ±1 std)", fontsize=11)
+    if other:
+        ax.legend(fontsize=7, title=" / ".join(_short(k) for k in other), title_fontsize=7,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path: Path) -> Optional[str]:
+    heads = "method.heads"
+    if heads not in keys:
+        return "method.heads takes a single value"
+    other = [k for k in keys if k != heads]
+    labels = (summary[other].astype(str).agg(", ".join, axis=1) if other else pd.Series("", index=summary.index))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    reference_heads = None
+    for label in _sort_values(list(labels.unique())):
+        part = summary[labels == label].sort_values(heads)
+        h = part[heads].astype(float).to_numpy()
+        reference = part.iloc[0]
+        reference_heads = int(h[0])
+        gain = 100 * (part["final_test_accuracy_mean"].to_numpy(float) - reference["final_test_accuracy_mean"])
+        std = 100 * part["final_test_accuracy_std"].fillna(0.0).to_numpy(float)
+        ax.errorbar(h, gain, yerr=std, marker="o", capsize=3, label=label or None)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    # sqrt(N h) = d  <=>  h = d^2 / N: past it the update's total rank can no longer grow
+    ticks = {int(v) for v in summary[heads].astype(float)}
+    marks = runs[["d_model", "budget_per_matrix"]].dropna().drop_duplicates()
+    for _, mark in marks.iterrows():
+        h_star = float(mark["d_model"]) ** 2 / float(mark["budget_per_matrix"])
+        n, d = int(mark["budget_per_matrix"]), int(mark["d_model"])
+        ax.axvline(h_star, color="red", linestyle="--", linewidth=1,
+                   label=f"sqrt(N h) = d at h = {h_star:.3g}\n(N = {n}, d = {d})")
+        ticks.add(round(h_star, 1) if h_star != int(h_star) else int(h_star))
+    ax.set_xticks(sorted(ticks))
+    span = max(ticks) - min(ticks)
+    ax.set_xlim(min(ticks) - 0.05 * span - 0.5, max(ticks) + 0.05 * span + 0.5)
+    ax.set_xlabel("heads h (same per-matrix budget N)")
+    ax.set_ylabel(f"accuracy gain over h = {reference_heads} (points)")
+    ax.set_title("Gain from more heads at a fixed budget (mean over seeds, ±1 std)", fontsize=11)
+    if other or len(marks):
+        ax.legend(fontsize=7, title=" / ".join(_short(k) for k in other) or None, title_fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ report
+def write_report(dirs: list[Path], output: Optional[Path] = None) -> Path:
+    """Find the runs under ``dirs``, write report.md, report.csv, runs.csv and PNGs; returns report.md."""
+    dirs = [Path(d) for d in dirs]
+    if not dirs:
+        raise ReportError("give at least one run or sweep directory")
+    run_dirs = find_runs(dirs)
+    if not run_dirs:
+        raise ReportError("no runs (directories with metrics.csv, config.yaml and summary.json) under "
+                          + ", ".join(str(d) for d in dirs))
+    output = Path(output) if output else (dirs[0] / "report" if len(dirs) == 1 else Path("report"))
+    output.mkdir(parents=True, exist_ok=True)
+    root = dirs[0].resolve() if len(dirs) == 1 else None
+    runs, rounds = read_runs(run_dirs, root)
+    keys = varying_keys(runs)
+    summary = summarise(runs, keys)
+
+    runs.to_csv(output / "runs.csv", index=False)
+    summary.to_csv(output / "report.csv", index=False)
+
+    lines = [f"# Report: {len(runs)} run{'s' * (len(runs) != 1)} in {len(summary)} "
+             f"configuration{'s' * (len(summary) != 1)}", ""]
+    lines.append("Sources: " + ", ".join(f"`{d}`" for d in dirs))
+    lines.append("")
+    lines.append("Accuracy in %, as mean ± sample std (number of seeds) of the final test accuracy. "
+                 "Configurations differ in: " + (", ".join(f"`{k}`" for k in keys) or "nothing (seeds only)") + ".")
+    lines += ["", "## All configurations", ""]
+    header = [_short(k) for k in keys] + ["n", "seeds", "final acc %", "best acc %", "uplink MB", "wall s"]
+    table = []
+    for _, row in summary.iterrows():
+        table.append([row[k] for k in keys] + [
+            int(row["n"]), row["seeds"],
+            _cell(row["final_test_accuracy_mean"], row["final_test_accuracy_std"], int(row["n"])),
+            _cell(row["best_test_accuracy_mean"], row["best_test_accuracy_std"], int(row["n"])),
+            f"{row['total_uplink_bytes_mean'] / 1e6:.3g}", f"{row['wall_s_mean']:.1f}"])
+    lines += [markdown_table(header, table), ""]
+
+    skipped, single = [], []
+    for title, row_keys in TABLES:
+        present = [k for k in row_keys if k in keys]
+        if not present:
+            single.append(" / ".join(f"`{k}`" for k in row_keys))
+            continue
+        col_keys = [k for k in keys if k not in present]
+        if title.startswith("Final accuracy per budget mix") and "method.name" in col_keys:
+            col_keys = ["method.name"] + [k for k in col_keys if k != "method.name"]
+        lines += [f"## {title}", "", pivot_markdown(summary, present, col_keys), ""]
+
+    plots = [
+        ("accuracy_per_round.png", "Test accuracy per round",
+         lambda p: plot_per_round(runs, rounds, keys, "test_accuracy", "test accuracy (%)", "Test accuracy", p)),
+        ("accuracy_by_budget_mix.png", "Final accuracy by budget mix", lambda p: plot_budget_mix(summary, keys, p)),
+        ("heads_gain.png", "Accuracy gain vs heads", lambda p: plot_heads(runs, summary, keys, p)),
+        ("effective_rank.png", "Effective rank per round",
+         lambda p: plot_per_round(runs, rounds, keys, "effective_rank", "effective rank",
+                                  "Effective rank of the aggregated update", p)),
+    ]
+    lines += ["## Plots", ""]
+    for filename, title, draw in plots:
+        reason = draw(output / filename)
+        if reason:
+            skipped.append(f"{title} plot: {reason}")
+            (output / filename).unlink(missing_ok=True)
+        else:
+            lines += [f"### {title}", "", f"![{title}]({filename})", ""]
+    if single:
+        skipped.append("Tables per " + ", ".join(single) + ": a single value in these runs")
+    if skipped:
+        lines += ["## Skipped", ""] + [f"- {s}" for s in skipped] + [""]
+    lines += ["## Runs", "", markdown_table(["run", "seed", "final acc %", "rounds"], [
+        [r["run"], r.get("seed"), _cell(r["final_test_accuracy"], math.nan, 1).replace(" (1)", ""), r["rounds"]]
+        for _, r in runs.iterrows()]), ""]
+    path = output / "report.md"
+    path.write_text("\n".join(lines))
+    return path

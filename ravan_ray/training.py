@@ -26,13 +26,13 @@ def pick_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def make_optimizer(config: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(config: RunConfig, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
     opt = config.optimizer
     if opt.name == "adam":
-        return torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=opt.weight_decay)
     if opt.name == "adamw":
-        return torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
-    return torch.optim.SGD(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=opt.weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=opt.weight_decay)
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -48,7 +48,7 @@ def preflight(config: RunConfig, num_labels: int) -> dict:
     Returns the method's resolved settings (ranks) for config.yaml."""
     method = build_method(config)
     method.wrap_model(model_skeleton(config.model.name, num_labels))
-    return method.resolved()
+    return {**method.resolved(), "lr": method.lr}
 
 
 class ModelHost:
@@ -100,7 +100,7 @@ class ModelHost:
         self.model.train()
         meta = self.method.begin_training(self.model, task, lambda: self._loss(data, scoring_batch))
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg, params)
+        optimizer = make_optimizer(cfg, params, self.method.lr)
         losses = []
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)

@@ -82,10 +82,13 @@ class FederatedMethod(ABC):
     name: ClassVar[str] = ""
     #: True when the server rule reproduces the mean of the clients' full weight updates exactly.
     exact: ClassVar[bool] = False
+    #: The learning rate used when the config leaves optimizer.lr unset.
+    default_lr: ClassVar[float] = 2e-3
 
     def __init__(self, config: RunConfig):
         self.config = config
         self.seed = config.seed
+        self.lr = config.optimizer.lr if config.optimizer.lr is not None else self.default_lr
 
     # ----------------------------------------------------------------- model structure (every process)
     @abstractmethod

@@ -34,6 +34,7 @@ PREFIX = "full/"
 class FullFT(FederatedMethod):
     name = "full_ft"
     exact = True
+    default_lr = 5e-5  # all weights move: the adapters' learning rate collapses it to chance
 
     def __init__(self, config):
         super().__init__(config)

@@ -200,7 +200,40 @@ def _check_linear(base: nn.Module, cls: str) -> None:
 # Ravan
 
 
-class RavanLinear(nn.Module):
+class _MergeableAdapter(nn.Module):
+    """What RavanLinear and LoRALinear share: a frozen ``base`` linear plus ``delta_weight()``, and the
+    merge / unmerge / effective-rank operations defined on that pair."""
+
+    base: nn.Linear
+    merged: bool
+
+    def delta_weight(self) -> Tensor:  # pragma: no cover - every subclass defines it
+        raise TypeError(f"{type(self).__name__} must define delta_weight()")
+
+    def effective_rank(self) -> float:
+        return effective_rank(self.delta_weight())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into base.weight (exact to rounding in base.weight's dtype)."""
+        if not self.merged:
+            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
+            self.merged = False
+
+    def _refuse_if_merged(self, what: str) -> None:
+        # The merged weight holds the update as it was at merge(); changing the adapter in between
+        # would make unmerge() subtract a different matrix than was added.
+        if self.merged:
+            raise RuntimeError(f"{what}() while merged would corrupt base.weight; call unmerge() first")
+
+
+class RavanLinear(_MergeableAdapter):
     """y = W x + sum_i s_i B_i H_i A_i x with frozen W, B_i, A_i and trainable H_i (cores), s_i (scales).
 
     ``head_mask`` selects the heads a client trains this round: every head takes part in the forward
@@ -326,9 +359,6 @@ class RavanLinear(nn.Module):
         BH = torch.bmm(self.bases_B, self._scaled_cores())  # (h, d_out, r)
         return BH.permute(1, 0, 2).reshape(self._d_out, h * r) @ self.bases_A.reshape(h * r, -1)
 
-    def effective_rank(self) -> float:
-        return effective_rank(self.delta_weight())
-
     # -- round bookkeeping ---------------------------------------------------------------------
 
     def set_head_mask(self, selected: Sequence[int] | Tensor) -> None:
@@ -362,27 +392,6 @@ class RavanLinear(nn.Module):
         self._refuse_if_merged("load_trainable_state")
         _load_state(self, state, ("cores", "scales"))
 
-    # -- merge ---------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into base.weight (exact to rounding in base.weight's dtype)."""
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
-
-    def _refuse_if_merged(self, what: str) -> None:
-        # The merged weight holds the update as it was at merge(); changing cores, scales or bases
-        # in between would make unmerge() subtract a different matrix than was added.
-        if self.merged:
-            raise RuntimeError(f"{what}() while merged would corrupt base.weight; call unmerge() first")
-
     def extra_repr(self) -> str:
         return (
             f"d_in={self._d_in}, d_out={self._d_out}, heads={self._heads}, rank={self._rank}, "
@@ -394,7 +403,7 @@ class RavanLinear(nn.Module):
 # plain LoRA
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(_MergeableAdapter):
     """Plain LoRA y = W x + scale * B A x for the baselines (FedIT, FFA-LoRA, HetLoRA, ...).
 
     A ~ N(0, 1/d_in) is drawn from the same stable (seed, layer_name) hash as Ravan's bases, so every
@@ -472,30 +481,14 @@ class LoRALinear(nn.Module):
         """scale * B A (masked ranks excluded), shape (d_out, d_in)."""
         return self.scale * (self._masked_B() @ self.lora_A)
 
-    def effective_rank(self) -> float:
-        return effective_rank(self.delta_weight())
-
     def trainable_state(self) -> dict[str, Tensor]:
         return {"lora_A": self.lora_A.detach().clone(), "lora_B": self.lora_B.detach().clone()}
 
     @torch.no_grad()
     def load_trainable_state(self, state: dict[str, Tensor]) -> None:
         """Load ``lora_A`` and/or ``lora_B`` (a missing key leaves that tensor as it is)."""
-        if self.merged:
-            raise RuntimeError("load_trainable_state() while merged would corrupt base.weight; unmerge() first")
+        self._refuse_if_merged("load_trainable_state")
         _load_state(self, state, ("lora_A", "lora_B"))
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.base.weight -= self.delta_weight().to(self.base.weight.dtype)
-            self.merged = False
 
     def extra_repr(self) -> str:
         return (

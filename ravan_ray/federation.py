@@ -170,25 +170,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
             while round_index <= fed.rounds:
                 round_started = time.perf_counter()
                 try:
-                    sampled = sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round)
-                    state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(len(sampled))
-                    downlink_bytes = ray.get(downlink_ref)  # also: the server is alive before clients depend on it
-                    tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]
-                    outcome = run_clients(fleet, tasks, state_ref, client_state_refs, fed)
-                    server_metrics = ray.get(server.aggregate.remote(round_index, *outcome.update_refs))
-                    row = {"round": round_index, "clients": len(outcome.update_refs),
-                           "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else np.nan,
-                           "downlink_bytes": downlink_bytes, "failed_clients": outcome.failed,
-                           "dropped_clients": outcome.dropped, **server_metrics}
-                    if round_index % fed.eval_every == 0 or round_index == fed.rounds:
-                        row.update(ray.get(server.evaluate.remote()))
-                    client_state_refs.update(outcome.client_state_refs)
-                    checkpoint_path = None
-                    if round_index % config.output.checkpoint_every == 0 or round_index == fed.rounds:
-                        ids = sorted(client_state_refs)
-                        checkpoint_path = ray.get(server.checkpoint.remote(
-                            str(run_dir), round_index, {"seed": config.seed}, config.output.keep_checkpoints,
-                            ids, *[client_state_refs[i] for i in ids]))
+                    row, outcome, checkpoint_path = play_round(config, run_dir, round_index, server, fleet, levels,
+                                                               client_state_refs)
                 except ray.exceptions.RayActorError:
                     # The parameter server died: bring it back from the last checkpoint and redo the rounds
                     # since; every round is a function of (state, seed, round), so they come out the same.
@@ -221,6 +204,33 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
             fleet.shutdown()
             ray.kill(server, no_restart=True)
     return summarize(config.method.name, rows, rows[-1]["wall_s"] if rows else 0.0)
+
+
+def play_round(config: RunConfig, run_dir: Path, round_index: int, server, fleet: ClientFleet,
+               levels: np.ndarray, client_state_refs: dict[int, Any]):
+    """One round: broadcast, local training, aggregation, evaluation, checkpoint.
+    Returns (metrics row, client outcome, checkpoint path or None); updates ``client_state_refs``."""
+    fed = config.federation
+    sampled = sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round)
+    state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(len(sampled))
+    downlink_bytes = ray.get(downlink_ref)  # also: the server is alive before clients depend on it
+    tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]
+    outcome = run_clients(fleet, tasks, state_ref, client_state_refs, fed)
+    server_metrics = ray.get(server.aggregate.remote(round_index, *outcome.update_refs))
+    row = {"round": round_index, "clients": len(outcome.update_refs),
+           "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else np.nan,
+           "downlink_bytes": downlink_bytes, "failed_clients": outcome.failed,
+           "dropped_clients": outcome.dropped, **server_metrics}
+    if round_index % fed.eval_every == 0 or round_index == fed.rounds:
+        row.update(ray.get(server.evaluate.remote()))
+    client_state_refs.update(outcome.client_state_refs)
+    checkpoint_path = None
+    if round_index % config.output.checkpoint_every == 0 or round_index == fed.rounds:
+        ids = sorted(client_state_refs)
+        checkpoint_path = ray.get(server.checkpoint.remote(
+            str(run_dir), round_index, {"seed": config.seed}, config.output.keep_checkpoints,
+            ids, *[client_state_refs[i] for i in ids]))
+    return row, outcome, checkpoint_path
 
 
 def start_server(config: RunConfig, num_labels: int, test_ref, state, name: str):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -196,6 +197,9 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                 write_summary(run_dir / "summary.json", summarize(config.method.name, rows, row["wall_s"]))
                 progress.update(1)
                 progress.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("test_accuracy")))
+                if progress.disable and not os.environ.get("TQDM_DISABLE"):  # no terminal (a Ray job, CI): one line
+                    print(f"{config.method.name} round {round_index}/{fed.rounds} loss {row['train_loss']:.3f} "
+                          f"acc {_fmt(row.get('test_accuracy'))} ({row['round_s']:.1f} s)", file=sys.stderr, flush=True)
                 if on_round is not None:
                     on_round(row, checkpoint_path)
                 round_index += 1

@@ -60,6 +60,11 @@ class ReportError(ConfigError):
 
 
 # ------------------------------------------------------------------------------------------------ reading
+
+def _text(values):
+    """Values as display strings; a missing value (None/NaN, e.g. a key one run leaves unset) as "-"."""
+    return values.map(lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+
 def find_runs(dirs: list[Path]) -> list[Path]:
     """Run directories at or below each given directory, each once, in path order."""
     found: dict[Path, None] = {}
@@ -136,6 +141,8 @@ def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple
         d = model_dim(config)
         row = {"run": label, "run_dir": str(run_dir)}
         row.update(_flatten({k: v for k, v in config.items() if k != "resolved"}))
+        if row.get("optimizer.lr") is None:  # unset: the method's default, which the run recorded
+            row["optimizer.lr"] = (config.get("resolved") or {}).get("method", {}).get("lr")
         row.update({k: summary.get(k) for k in ("final_test_accuracy", "best_test_accuracy", "rounds",
                                                  "total_uplink_bytes", "total_downlink_bytes", "wall_s")})
         row["d_model"] = d
@@ -158,7 +165,7 @@ def varying_keys(runs: pd.DataFrame) -> list[str]:
     for column in config_columns:
         if column in IGNORED_KEYS or column.startswith(IGNORED_PREFIXES):
             continue
-        if runs[column].astype(str).nunique(dropna=False) > 1:
+        if _text(runs[column]).nunique(dropna=False) > 1:
             keys.append(column)
     preferred = list(SHORT_NAMES)  # the method first, then the ablation axes
     return sorted(keys, key=lambda k: (preferred.index(k) if k in preferred else len(preferred), k))
@@ -214,8 +221,8 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
 
 def pivot_markdown(summary: pd.DataFrame, row_keys: list[str], col_keys: list[str]) -> str:
     """Rows: values of ``row_keys``; columns: combinations of ``col_keys``; cells: final accuracy."""
-    rows_seen = _sort_values(list({tuple(r) for r in summary[row_keys].itertuples(index=False)}))
-    cols_seen = _sort_values(list({tuple(r) for r in summary[col_keys].itertuples(index=False)})) if col_keys else [()]
+    rows_seen = _sort_values(list({tuple(r) for r in _text(summary[row_keys]).itertuples(index=False)}))
+    cols_seen = _sort_values(list({tuple(r) for r in _text(summary[col_keys]).itertuples(index=False)})) if col_keys else [()]
     header = [" / ".join(_short(k) for k in row_keys)] + (
         [", ".join(f"{_short(k)}={v}" for k, v in zip(col_keys, col)) for col in cols_seen]
         if col_keys else ["final accuracy %"])
@@ -225,7 +232,7 @@ def pivot_markdown(summary: pd.DataFrame, row_keys: list[str], col_keys: list[st
         for col_value in cols_seen:
             match = summary
             for key, value in zip(row_keys + col_keys, row_value + col_value):
-                match = match[match[key].astype(str) == str(value)]
+                match = match[_text(match[key]) == str(value)]
             if match.empty:
                 line.append("–")
             else:
@@ -261,7 +268,7 @@ def plot_per_round(runs: pd.DataFrame, rounds: pd.DataFrame, keys: list[str], co
     if data.empty:
         return f"no run recorded {column}"
     line_keys, panel_keys = _line_groups(keys)
-    panels = _sort_values(list({tuple(r) for r in data[panel_keys].itertuples(index=False)})) if panel_keys else [()]
+    panels = _sort_values(list({tuple(r) for r in _text(data[panel_keys]).itertuples(index=False)})) if panel_keys else [()]
     if len(panels) > 6:  # too many panels to read: one panel, a line per configuration
         line_keys, panel_keys, panels = keys, [], [()]
     plt = _plt()
@@ -271,8 +278,8 @@ def plot_per_round(runs: pd.DataFrame, rounds: pd.DataFrame, keys: list[str], co
     for ax, panel in zip(axes.flat, panels):
         subset = data
         for key, value in zip(panel_keys, panel):
-            subset = subset[subset[key].astype(str) == str(value)]
-        labels = (subset[line_keys].astype(str).agg(", ".join, axis=1) if line_keys
+            subset = subset[_text(subset[key]) == str(value)]
+        labels = (_text(subset[line_keys]).agg(", ".join, axis=1) if line_keys
                   else pd.Series("all runs", index=subset.index))
         for label in _sort_values(list(labels.unique())):
             part = subset[labels == label]
@@ -304,10 +311,10 @@ def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path) -> Optio
     if mix not in keys:
         return "the budget mix (compute.distribution) takes a single value"
     other = [k for k in keys if k != mix]
-    mixes = _sort_values(list(summary[mix].astype(str).unique()))
+    mixes = _sort_values(list(_text(summary[mix]).unique()))
     preferred = ["homogeneous", "uniform", "bell", "skewed_left", "skewed_right"]
     mixes = [m for m in preferred if m in mixes] + [m for m in mixes if m not in preferred]
-    labels = (summary[other].astype(str).agg(", ".join, axis=1) if other
+    labels = (_text(summary[other]).agg(", ".join, axis=1) if other
               else pd.Series("all", index=summary.index))
     series = _sort_values(list(labels.unique()))
     plt = _plt()
@@ -315,7 +322,7 @@ def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path) -> Optio
     width = 0.8 / len(series)
     x = np.arange(len(mixes))
     for i, label in enumerate(series):
-        part = summary[labels == label].set_index(summary[labels == label][mix].astype(str))
+        part = summary[labels == label].set_index(_text(summary[labels == label][mix]))
         mean = [100 * part.loc[m, "final_test_accuracy_mean"] if m in part.index else np.nan for m in mixes]
         std = [100 * np.nan_to_num(part.loc[m, "final_test_accuracy_std"]) if m in part.index else 0 for m in mixes]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, mean, width, yerr=std, capsize=3, label=label)
@@ -338,15 +345,16 @@ def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path:
     if heads not in keys:
         return "method.heads takes a single value"
     other = [k for k in keys if k != heads]
-    labels = (summary[other].astype(str).agg(", ".join, axis=1) if other else pd.Series("", index=summary.index))
+    labels = (_text(summary[other]).agg(", ".join, axis=1) if other else pd.Series("", index=summary.index))
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     reference_heads = None
     for label in _sort_values(list(labels.unique())):
         part = summary[labels == label].sort_values(heads)
+        if len(part) < 2:
+            continue  # one head count: no gain to show
         h = part[heads].astype(float).to_numpy()
         reference = part.iloc[0]
-        reference_heads = int(h[0])
         gain = 100 * (part["final_test_accuracy_mean"].to_numpy(float) - reference["final_test_accuracy_mean"])
         std = 100 * part["final_test_accuracy_std"].fillna(0.0).to_numpy(float)
         ax.errorbar(h, gain, yerr=std, marker="o", capsize=3, label=label or None)
@@ -364,7 +372,7 @@ def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path:
     span = max(ticks) - min(ticks)
     ax.set_xlim(min(ticks) - 0.05 * span - 0.5, max(ticks) + 0.05 * span + 0.5)
     ax.set_xlabel("heads h (same per-matrix budget N)")
-    ax.set_ylabel(f"accuracy gain over h = {reference_heads} (points)")
+    ax.set_ylabel("accuracy gain over the line's fewest heads (points)")
     ax.set_title("Gain from more heads at a fixed budget (mean over seeds, ±1 std)", fontsize=11)
     if other or len(marks):
         ax.legend(fontsize=7, title=" / ".join(_short(k) for k in other) or None, title_fontsize=7, loc="best")

@@ -138,3 +138,13 @@ def test_cli_report_exit_code_2_without_runs(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ravan-ray: error: no runs") and len(err.strip().splitlines()) == 1
+
+
+def test_a_key_set_in_one_run_and_unset_in_another_is_shown_as_a_dash(tmp_path):
+    write_run(tmp_path / "a", [0.4, 0.5], method="ravan")
+    lr_run = write_run(tmp_path / "b", [0.3, 0.6], method="full_ft")
+    config = (lr_run / "config.yaml").read_text().replace("  lr: null", "  lr: 0.0001")
+    (lr_run / "config.yaml").write_text(config)
+    report = write_report([tmp_path], tmp_path / "out").read_text()
+    assert "ravan" in report and "full_ft" in report
+    assert (tmp_path / "out" / "accuracy_per_round.png").exists()

@@ -1,7 +1,5 @@
 """Claims about the adapter maths (PAPER.md sections 1, 2 and 5) and the model surgery."""
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings, assume, strategies as st

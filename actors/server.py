@@ -41,9 +41,6 @@ class ParameterServer:
     def resolved(self) -> dict[str, Any]:
         return self.method.resolved()
 
-    def get_state(self) -> State:
-        return self.state
-
     def broadcast(self, num_clients: int) -> tuple[State, int]:
         """The state to send this round and the downlink bytes it costs for ``num_clients`` clients."""
         return self.state, self.method.downlink_bytes(self.state, num_clients)

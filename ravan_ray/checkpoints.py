@@ -57,7 +57,7 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[int
         meta = json.loads((path / "meta.json").read_text())
         state = load_file(str(path / "state.safetensors"))
         flat = load_file(str(path / "client_states.safetensors"))
-    except (OSError, ValueError, json.JSONDecodeError, Exception) as error:  # safetensors raises its own error types
+    except Exception as error:  # OSError, JSONDecodeError, and safetensors' own error types alike
         raise CheckpointError(f"checkpoint {path} is corrupt or incomplete ({type(error).__name__})") from None
     client_states: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in flat.items():

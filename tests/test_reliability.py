@@ -227,3 +227,20 @@ def test_checkpoints_are_safetensors_and_json_only(ray_session, tiny_config, tmp
     assert files and {p.suffix for p in files} == {".safetensors", ".json"}
     leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []  # atomic writes leave no temporary files behind
+
+
+def test_a_run_that_started_its_own_ray_leaves_no_ray_process_behind(tmp_path):
+    args = [arg for o in [*TINY_OVERRIDES, "federation.rounds=1"] for arg in ("--set", o)]
+    env = {**os.environ, "RAY_ADDRESS": "", "TQDM_DISABLE": "1"}
+    driver = subprocess.Popen([sys.executable, "-m", "ravan_ray.cli", "run", *args, "--output", str(tmp_path / "run")],
+                              env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert driver.wait(timeout=300) == 0
+    leftovers = ""
+    for _ in range(50):  # Ray's processes exit within moments of ray.shutdown()
+        leftovers = subprocess.run(["pgrep", "-s", str(driver.pid), "-a"], capture_output=True, text=True).stdout
+        if not leftovers:
+            break
+        time.sleep(0.2)
+    subprocess.run(["pkill", "-9", "-s", str(driver.pid)], check=False)
+    assert leftovers == ""
+    assert (tmp_path / "run" / "summary.json").exists()

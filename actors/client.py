@@ -17,18 +17,20 @@ import numpy as np
 import ray
 import torch
 
+from actors.memory import return_freed_memory
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods.base import ClientTask, ClientUpdate, State
+from ravan_ray.models import FrozenWeights
 from ravan_ray.training import ModelHost
 
 
 @ray.remote
 class ClientActor:
     def __init__(self, config: dict[str, Any], num_labels: int, train_data: dict[str, np.ndarray],
-                 partitions: list[np.ndarray]):
+                 partitions: list[np.ndarray], frozen: Optional[FrozenWeights] = None):
         self.config: RunConfig = from_dict(config)
         torch.set_num_threads(max(1, int(round(self.config.resources.cpus_per_client))))
-        self.host = ModelHost(self.config, num_labels)
+        self.host = ModelHost(self.config, num_labels, frozen)
         # train_data arrives zero-copy from the object store, shared by every actor on the node.
         self.train_data = train_data
         self.partitions = partitions
@@ -40,6 +42,8 @@ class ClientActor:
         rows = self.partitions[task.client_id]
         local = {key: values[rows] for key, values in self.train_data.items()}
         update = self.host.train_client(task, state, client_state, local)
+        del local
+        return_freed_memory()
         self._inject_faults(task, update)
         # The simulated server also sees the client state, for the agg_error diagnostic and evaluation
         # only; it is not uplink and no aggregation rule reads it.
@@ -64,8 +68,9 @@ class ClientFleet:
     """Hands client tasks to actors and recreates the actors that die."""
 
     def __init__(self, config: RunConfig, num_labels: int, train_ref, partitions: list[np.ndarray],
-                 cluster_cpus: Optional[float] = None, name_prefix: Optional[str] = None):
+                 cluster_cpus: Optional[float] = None, name_prefix: Optional[str] = None, frozen_ref=None):
         self.config = config
+        self.frozen_ref = frozen_ref  # the shared pretrained weights (FrozenWeights), or None: each loads its own
         self.name_prefix = name_prefix  # actors are named PREFIX-client-SLOT, so operators can find them
         self.num_labels = num_labels
         self.train_ref = train_ref
@@ -97,7 +102,7 @@ class ClientFleet:
             name = f"{self.name_prefix}-client-{slot}-{self.generation}" if self.name_prefix else None
             self.actors[slot] = ClientActor.options(
                 num_cpus=res.cpus_per_client, num_gpus=res.gpus_per_client, name=name
-            ).remote(self.config.to_dict(), self.num_labels, self.train_ref, self.partitions_ref)
+            ).remote(self.config.to_dict(), self.num_labels, self.train_ref, self.partitions_ref, self.frozen_ref)
         return self.actors[slot]
 
     def wait_ready(self, placements: list[tuple[ClientTask, int]]) -> None:

@@ -15,10 +15,12 @@ import numpy as np
 import ray
 import torch
 
+from actors.memory import return_freed_memory
 from ravan_ray.adapters import effective_rank
 from ravan_ray.checkpoints import save_checkpoint
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods.base import ClientUpdate, State, state_bytes
+from ravan_ray.models import FrozenWeights
 from ravan_ray.training import ModelHost
 
 
@@ -29,11 +31,11 @@ def is_finite_update(update: ClientUpdate) -> bool:
 @ray.remote
 class ParameterServer:
     def __init__(self, config: dict[str, Any], num_labels: int, test_data: dict[str, np.ndarray],
-                 initial_state: Optional[State] = None):
+                 initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None):
         self.config: RunConfig = from_dict(config)
         res = self.config.resources
         torch.set_num_threads(max(1, int(round(max(res.server_cpus, res.cpus_per_client)))))
-        self.host = ModelHost(self.config, num_labels)
+        self.host = ModelHost(self.config, num_labels, frozen)
         self.method = self.host.method
         self.test_data = test_data
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()
@@ -85,7 +87,9 @@ class ParameterServer:
         return {"agg_error": error, "effective_rank": float(np.mean(ranks)) if ranks else math.nan}
 
     def evaluate(self) -> dict[str, float]:
-        return self.host.evaluate(self.state, self.test_data, self.config.federation.eval_batch_size)
+        metrics = self.host.evaluate(self.state, self.test_data, self.config.federation.eval_batch_size)
+        return_freed_memory()
+        return metrics
 
     def checkpoint(self, run_dir: str, round_index: int, meta: dict[str, Any], keep: int, client_ids: list[int],
                    *client_states: Optional[State]) -> str:

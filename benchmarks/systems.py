@@ -225,45 +225,68 @@ def proc_memory(pid: int) -> dict[str, int]:
             "uss": fields.get("Private_Clean", 0) + fields.get("Private_Dirty", 0)}
 
 
+IMPORT_FLOOR = """
+import re, sys
+def uss():
+    text = open("/proc/self/smaps_rollup").read()
+    return sum(int(v) for v in re.findall(r"Private_(?:Clean|Dirty):\\s+(\\d+) kB", text)) * 1024
+import ray, torch, transformers, ravan_ray.training
+print(uss())
+"""
+
+
+def import_floor() -> int:
+    """USS of a bare Python process that has imported what every actor imports (ray, torch, transformers):
+    the part of an actor's memory no weight sharing can remove."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", IMPORT_FLOOR], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
+
+
 def memory(args) -> None:
-    rows = []
+    mb = 1 << 20
+    rows, inc = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.actors:
-            start_ray(max(n, 2))
-            sample: dict = {}
+        for share in args.share:
+            previous = None
+            for n in args.actors:
+                start_ray(max(n, 2))
+                sample: dict = {}
+                run_dir = Path(tmp) / f"{share}{n}"
 
-            def on_round(row, ckpt, run_dir=Path(tmp) / f"m{n}"):
-                clients = pd.read_csv(run_dir / "clients.csv")
-                pids = sorted(set(int(p) for p in clients["pid"].dropna()))
-                rss = uss = pss = 0
-                for pid in pids:
-                    mi = proc_memory(pid)
-                    rss += mi["rss"]
-                    uss += mi["uss"]
-                    pss += mi["pss"]
-                sample.update(pids=len(pids), rss=rss, uss=uss, pss=pss)
+                def on_round(row, ckpt, run_dir=run_dir):  # the actors are alive while this runs
+                    clients = pd.read_csv(run_dir / "clients.csv")
+                    pids = sorted(set(int(p) for p in clients["pid"].dropna()))
+                    totals = {"rss": 0, "uss": 0, "pss": 0}
+                    for pid in pids:
+                        for key, value in proc_memory(pid).items():
+                            totals[key] += value
+                    sample.update(pids=len(pids), **totals)
 
-            sets = base_overrides(args, [
-                "federation.rounds=1", "federation.local_steps=1", "federation.eval_every=1",
-                f"federation.num_clients={max(n, 2)}", f"federation.clients_per_round={n}",
-                "resources.actor_mode=per_client", "resources.cpus_per_client=1", "data.max_test_samples=64"])
-            fed_run(sets, Path(tmp) / f"m{n}", on_round=on_round)
-            stop_ray()
-            mb = 1 << 20
-            rows.append([n, sample["pids"], f"{sample['rss'] / mb:.0f}", f"{sample['rss'] / mb / sample['pids']:.0f}",
-                         f"{sample['uss'] / mb:.0f}", f"{sample['uss'] / mb / sample['pids']:.0f}",
-                         f"{sample['pss'] / mb:.0f}"])
-            print(rows[-1], flush=True)
-    # increments between consecutive actor counts
-    inc = []
-    for a, b in zip(rows, rows[1:]):
-        inc.append([f"{a[0]} -> {b[0]}", f"{(float(b[2]) - float(a[2])) / (b[0] - a[0]):.0f}",
-                    f"{(float(b[4]) - float(a[4])) / (b[0] - a[0]):.0f}", f"{(float(b[6]) - float(a[6])) / (b[0] - a[0]):.0f}"])
-    text = ("Memory of the client actors (per_client mode, one actor per client, minilm, after one round of 1 step; "
-            "RSS counts shared pages in every process, USS is memory unique to the process, PSS shares shared "
-            "pages out)\n\n" + md_table(["actors", "pids", "RSS total MB", "RSS/actor MB", "USS total MB",
-                                         "USS/actor MB", "PSS total MB"], rows) +
-            "\n\nPer extra actor:\n\n" + md_table(["step", "RSS MB/actor", "USS MB/actor", "PSS MB/actor"], inc))
+                sets = base_overrides(args, [
+                    "federation.rounds=1", "federation.local_steps=1", "federation.eval_every=1",
+                    f"federation.num_clients={max(n, 2)}", f"federation.clients_per_round={n}",
+                    "resources.actor_mode=per_client", "resources.cpus_per_client=1", "data.max_test_samples=64",
+                    f"resources.share_frozen_weights={share == 'shared'}"])
+                fed_run(sets, run_dir, on_round=on_round)
+                stop_ray()
+                row = [share, n, sample["pids"], *(f"{sample[k] / mb:.0f}" for k in ("rss", "uss", "pss")),
+                       f"{sample['uss'] / mb / sample['pids']:.0f}"]
+                rows.append(row)
+                print(row, flush=True)
+                if previous is not None:
+                    step = n - previous["n"]
+                    inc.append([share, f"{previous['n']} -> {n}",
+                                *(f"{(sample[k] - previous[k]) / mb / step:.0f}" for k in ("rss", "uss", "pss"))])
+                previous = {"n": n, **sample}
+    text = ("Memory of the client actors (per_client mode, one actor per client, minilm, measured while the actors "
+            "are alive after one round of 1 local step; RSS counts shared pages in every process, USS is memory "
+            "unique to the process, PSS splits shared pages among their users). shared = "
+            "resources.share_frozen_weights=true (the default): the pretrained weights are mapped from Ray's "
+            "object store, whose single copy (in /dev/shm, held by the raylet) is not in any actor's USS.\n\n" +
+            md_table(["weights", "actors", "pids", "RSS total MB", "USS total MB", "PSS total MB", "USS/actor MB"], rows) +
+            "\n\nPer extra actor:\n\n" + md_table(["weights", "step", "RSS MB/actor", "USS MB/actor", "PSS MB/actor"], inc) +
+            f"\n\nImport floor (USS of a bare process after `import ray, torch, transformers`): {import_floor() / mb:.0f} MB")
     emit(args, "memory", text)
 
 
@@ -327,6 +350,8 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--actors", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--share", nargs="+", choices=["shared", "private"], default=["shared", "private"],
+                   help="memory: with resources.share_frozen_weights on (shared) and/or off (private)")
     p.add_argument("--methods", nargs="+", default=METHODS)
     p.add_argument("--share-methods", nargs="+", default=["ravan", "fedit", "flexlora"])
     args = p.parse_args()

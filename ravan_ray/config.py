@@ -156,6 +156,9 @@ class ResourcesConfig(_Section):
     # CPUs for a Ray the command starts itself (None: all cores).
     num_cpus: Optional[int] = Field(None, ge=1)
     num_gpus: Optional[float] = Field(None, ge=0)
+    # The driver puts the pretrained weights in Ray's object store once; every actor on a node builds its
+    # model around zero-copy views of them, and copies only what its method may change.
+    share_frozen_weights: bool = True
 
 
 class OutputConfig(_Section):

@@ -35,7 +35,7 @@ from ravan_ray.checkpoints import latest_checkpoint, load_checkpoint
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, load_text_classification, partition, tokenize
 from ravan_ray.methods.base import ClientTask
-from ravan_ray.models import load_tokenizer
+from ravan_ray.models import export_weights, load_model, load_tokenizer
 from ravan_ray.training import preflight
 from ravan_ray.results import read_metrics, read_table, summarize, write_metrics, write_summary, write_table
 
@@ -156,10 +156,11 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         test_ref = ray.put(data.test)
         actor_prefix = f"ravan-{uuid.uuid4().hex[:8]}"
         in_trial = ray.util.get_current_placement_group() is not None
+        frozen_ref = publish_frozen_weights(config, num_labels)
         fleet = ClientFleet(config, num_labels, ray.put(data.train), data.partitions, name_prefix=actor_prefix,
-                            cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"))
+                            cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"), frozen_ref=frozen_ref)
         check_resources(config, fleet)
-        server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server")
+        server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server", frozen_ref)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         wall_offset = rows[-1]["wall_s"] if rows else 0.0
         run_started = time.perf_counter()
@@ -183,7 +184,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                     round_index, state, client_states, rows = restore(run_dir, rows)
                     client_log = [entry for entry in client_log if entry["round"] < round_index]
                     client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
-                    server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server-{server_restarts}")
+                    server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server-{server_restarts}",
+                                          frozen_ref)
                     progress.n = round_index - 1
                     continue
 
@@ -237,10 +239,18 @@ def play_round(config: RunConfig, run_dir: Path, round_index: int, server, fleet
     return row, outcome, checkpoint_path
 
 
-def start_server(config: RunConfig, num_labels: int, test_ref, state, name: str):
+def publish_frozen_weights(config: RunConfig, num_labels: int):
+    """The pretrained weights, loaded once by the driver and put in the object store, where every actor on
+    a node reads the same pages (``resources.share_frozen_weights``); None when sharing is off."""
+    if not config.resources.share_frozen_weights:
+        return None
+    return ray.put(export_weights(load_model(config.model.name, num_labels, config.seed)))
+
+
+def start_server(config: RunConfig, num_labels: int, test_ref, state, name: str, frozen_ref=None):
     res = config.resources
     server = ParameterServer.options(num_cpus=res.server_cpus, num_gpus=res.server_gpus, name=name) \
-        .remote(config.to_dict(), num_labels, test_ref, state)
+        .remote(config.to_dict(), num_labels, test_ref, state, frozen_ref)
     return started(server, "the parameter server")
 
 

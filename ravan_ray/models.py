@@ -8,13 +8,19 @@
 
 The task head is what the checkpoint did not contain (``missing_keys`` of from_pretrained, e.g.
 ``classifier.*``); the tiny model, having no checkpoint, declares its pooler and classifier as the head.
+
+:class:`FrozenWeights` carries a loaded model's tensors as numpy arrays. The driver puts them in Ray's
+object store once; every actor on a node then builds its model from the weightless skeleton around
+zero-copy views of the same shared-memory pages, instead of each process loading its own copy.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -99,6 +105,69 @@ def load_model(name: str, num_labels: int, seed: int) -> LoadedModel:
     new = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
     head = [n for n, _ in model.named_parameters() if n in new]
     return LoadedModel(model.eval(), head)
+
+
+@dataclass
+class FrozenWeights:
+    """A loaded model's parameters and buffers as numpy arrays (the form Ray's object store hands back
+    zero-copy). Tied tensors are stored once and stay tied."""
+
+    arrays: dict[str, np.ndarray]  # one per distinct tensor
+    dtypes: dict[str, str]  # the torch dtype of each array; dtypes numpy lacks (bfloat16) travel as raw bits
+    slots: dict[str, tuple[str, bool]]  # "module.path.attr" -> (array key, is it a parameter)
+    head_parameters: list[str]
+
+
+def _bits_dtype(dtype: torch.dtype) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+
+
+def export_weights(loaded: LoadedModel) -> FrozenWeights:
+    arrays: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    slots: dict[str, tuple[str, bool]] = {}
+    key_of: dict[int, str] = {}  # id(tensor) -> key: a tied weight appears under several names
+    model = loaded.model
+    for is_param, named in ((True, model.named_parameters(remove_duplicate=False)),
+                            (False, model.named_buffers(remove_duplicate=False))):
+        for name, tensor in named:
+            key = key_of.setdefault(id(tensor), name)
+            if key == name:
+                tensor = tensor.detach().cpu()
+                try:
+                    arrays[key] = tensor.numpy()
+                except TypeError:  # no numpy dtype (bfloat16, float8): ship the bits
+                    arrays[key] = tensor.view(_bits_dtype(tensor.dtype)).numpy()
+                dtypes[key] = str(tensor.dtype).removeprefix("torch.")
+            slots[name] = (key, is_param)
+    return FrozenWeights(arrays, dtypes, slots, list(loaded.head_parameters))
+
+
+def model_from_weights(name: str, num_labels: int, weights: FrozenWeights) -> LoadedModel:
+    """The model of :func:`load_model`, its tensors being views of ``weights.arrays`` (no copy). The views
+    must stay read-only: whoever may change a tensor replaces it with its own copy first
+    (:class:`ravan_ray.training.ModelHost` does, for the method's mutable parameters)."""
+    model = model_skeleton(name, num_labels)
+    shared: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():
+        # The object store's arrays are flagged read-only; torch warns that it cannot enforce that.
+        warnings.simplefilter("ignore", UserWarning)
+        for key, array in weights.arrays.items():
+            dtype = getattr(torch, weights.dtypes[key])
+            tensor = torch.from_numpy(array)
+            shared[key] = tensor if tensor.dtype == dtype else tensor.view(dtype)
+    parameters: dict[str, nn.Parameter] = {}
+    for slot, (key, is_param) in weights.slots.items():
+        module_path, _, attr = slot.rpartition(".")
+        module = model.get_submodule(module_path)
+        if is_param:
+            setattr(module, attr, parameters.setdefault(key, nn.Parameter(shared[key], requires_grad=False)))
+        else:
+            setattr(module, attr, shared[key])
+    missing = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if missing:
+        raise ModelError(f"model.name '{name}': the shared weights lack {missing[0]} (and {len(missing) - 1} more)")
+    return LoadedModel(model.eval(), list(weights.head_parameters))
 
 
 def _first_line(error: BaseException) -> str:

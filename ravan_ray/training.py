@@ -16,7 +16,7 @@ from torch import nn
 from ravan_ray.config import RunConfig
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State
-from ravan_ray.models import load_model, model_skeleton
+from ravan_ray.models import FrozenWeights, load_model, model_from_weights, model_skeleton
 
 Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels
 
@@ -52,20 +52,32 @@ def preflight(config: RunConfig, num_labels: int) -> dict:
 
 
 class ModelHost:
-    def __init__(self, config: RunConfig, num_labels: int):
+    """``frozen``: build the model around these shared arrays (read zero-copy from Ray's object store)
+    instead of loading a private copy. Only the parameters the method may change get private copies."""
+
+    def __init__(self, config: RunConfig, num_labels: int, frozen: Optional[FrozenWeights] = None):
         self.config = config
         self.method = build_method(config)
-        loaded = load_model(config.model.name, num_labels, config.seed)
+        if frozen is None:
+            loaded = load_model(config.model.name, num_labels, config.seed)
+        else:
+            loaded = model_from_weights(config.model.name, num_labels, frozen)
         self.model = loaded.model
         self.model.requires_grad_(False)
         # Plain attributes (not submodules): the method finds its layers and the head through them.
         object.__setattr__(self.model, "ravan_head_parameters", loaded.head_parameters)
         object.__setattr__(self.model, "ravan_adapted", self.method.wrap_model(self.model))
         self.model.requires_grad_(False)
+        params = dict(self.model.named_parameters())
+        mutable = self.method.mutable_parameters(self.model)
+        if frozen is not None:
+            # The shared pages are every process's pretrained weights: never write them.
+            for name in mutable:
+                params[name].data = params[name].data.clone()
         self.device = pick_device()
         self.model.to(self.device)
         params = dict(self.model.named_parameters())
-        self.pristine = {n: params[n].detach().clone() for n in self.method.mutable_parameters(self.model)}
+        self.pristine = {n: params[n].detach().clone() for n in mutable}
 
     @property
     def adapted(self) -> dict[str, nn.Module]:

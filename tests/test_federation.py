@@ -75,6 +75,17 @@ def test_pool_and_per_client_modes_write_identical_metrics(ray_session, tiny_con
     assert (per_client_pids == 1).all()  # one long-lived actor per client
 
 
+def test_actors_on_shared_frozen_weights_write_the_same_metrics_as_actors_with_their_own(ray_session, tiny_config,
+                                                                                        tmp_path):
+    for method in ("ravan", "full_ft"):
+        run_federation(tiny_config(f"method.name={method}"), tmp_path / f"{method}_shared")
+        run_federation(tiny_config(f"method.name={method}", "resources.share_frozen_weights=false"),
+                       tmp_path / f"{method}_own")
+        shared, own = (deterministic_columns(pd.read_csv(tmp_path / f"{method}_{kind}" / "metrics.csv"))
+                       for kind in ("shared", "own"))
+        pd.testing.assert_frame_equal(shared, own)
+
+
 def test_four_client_actors_are_alive_together_on_one_logical_gpu_at_a_quarter_each(ray_session, tiny_config, tmp_path):
     import ray
 

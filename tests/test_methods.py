@@ -19,6 +19,7 @@ from ravan_ray.config import METHODS, load_config
 from ravan_ray.methods import REGISTRY, build_method, method_class
 from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate
 from ravan_ray.methods.budget import method_rank, per_matrix_budget
+from ravan_ray.models import export_weights, load_model
 from ravan_ray.training import ModelHost
 
 
@@ -338,6 +339,54 @@ def test_a_clients_update_does_not_depend_on_the_clients_the_process_served_befo
     assert after_another.tensors.keys() == alone.tensors.keys()
     for key, value in alone.tensors.items():
         assert torch.equal(after_another.tensors[key], value), key
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_a_host_on_shared_frozen_weights_never_writes_them_and_trains_as_on_its_own_copy(name):
+    """resources.share_frozen_weights: every actor of a node builds its model on the same read-only arrays.
+    Two rounds, so the methods that change base weights when loading a state (FlexLoRA, FedEx-LoRA, FLoRA,
+    Fed-SB after its warm-up, full FT) do so, and the server's evaluation load too."""
+    config = load_config(None, [*TINY_OVERRIDES, f"method.name={name}", "federation.local_steps=2"])
+    frozen = export_weights(load_model(config.model.name, 3, config.seed))
+    pretrained = {key: array.copy() for key, array in frozen.arrays.items()}
+    on_shared, on_own = ModelHost(config, 3, frozen), ModelHost(config, 3)
+
+    shared_addresses = {array.ctypes.data for array in frozen.arrays.values()}
+    mutable = set(on_shared.method.mutable_parameters(on_shared.model))
+    for param_name, param in on_shared.model.named_parameters():
+        assert (param.data_ptr() in shared_addresses) == (param_name not in mutable), param_name
+
+    state, client_states = on_shared.initial_state(), {}
+    for round_index in (1, 2):
+        updates = []
+        for client in (0, 1):
+            task = ClientTask(client, round_index, (0.5, 1.0)[client], 0)
+            update = on_shared.train_client(task, state, client_states.get(client), local_data(client))
+            reference = on_own.train_client(task, state, client_states.get(client), local_data(client))
+            for key, value in reference.tensors.items():
+                assert torch.equal(update.tensors[key], value), (round_index, key)
+            updates.append(update)
+        client_states.update({u.client_id: u.client_state for u in updates if u.client_state})
+        state = on_shared.method.aggregate(state, updates, round_index)
+        on_shared.load(state)  # what the server does before evaluating
+    for key, array in frozen.arrays.items():
+        assert np.array_equal(array, pretrained[key]), key
+
+
+def test_shared_weights_keep_dtypes_numpy_lacks_and_tied_tensors():
+    from ravan_ray.models import model_from_weights
+
+    loaded = load_model("tiny-bert", 3, 0)
+    loaded.model.to(torch.bfloat16)
+    frozen = export_weights(loaded)
+    query, pooler = "bert.encoder.layer.0.attention.self.query.weight", "bert.pooler.dense.weight"
+    frozen.slots[query] = frozen.slots[pooler]  # tie two 32 x 32 weights, as T5 ties its embeddings
+    model = model_from_weights("tiny-bert", 3, frozen).model
+    params = dict(model.named_parameters(remove_duplicate=False))
+    assert params[pooler].dtype == torch.bfloat16
+    assert torch.equal(params[pooler], dict(loaded.model.named_parameters())[pooler])
+    assert params[query] is params[pooler]
+    assert all(not t.is_meta for t in model.state_dict().values())
 
 
 def test_clients_never_receive_the_servers_eval_keys(monkeypatch):

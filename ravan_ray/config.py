@@ -157,7 +157,10 @@ class ResourcesConfig(_Section):
     num_cpus: Optional[int] = Field(None, ge=1)
     num_gpus: Optional[float] = Field(None, ge=0)
     # The driver puts the pretrained weights in Ray's object store once; every actor on a node builds its
-    # model around zero-copy views of them, and copies only what its method may change.
+    # model around zero-copy views of them, and copies only what its method may change. (A local fp32
+    # safetensors checkpoint is memory-mapped by transformers, so the page cache already shares it; this
+    # shares any checkpoint format, dtype conversion or in-memory model. It is one copy per run: trials of a
+    # sweep of a model too big for several copies per node should set it to false.)
     share_frozen_weights: bool = True
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ravan_ray.config import ConfigError, from_dict, load_config, read_yaml
+from ravan_ray.config import ConfigError, load_config
 
 EXIT_USAGE = 2
 
@@ -45,9 +45,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    values = read_yaml(run_dir / "config.yaml")
-    values.pop("resolved", None)
-    config = from_dict(values)
+    config = load_config(run_dir / "config.yaml")
     summary = run_federation(config, run_dir, resume=True)
     _print_summary(summary, run_dir)
     return 0

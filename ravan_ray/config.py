@@ -274,9 +274,14 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return values
 
 
+RESOLVED_KEY = "resolved"  # config.yaml's section of derived values (ranks per method), written, never read
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The embedded default, updated by a YAML file and then by ``key.path=value`` overrides."""
+    """The embedded default, updated by a YAML file and then by ``key.path=value`` overrides. A run's own
+    config.yaml is a valid file: its ``resolved`` section (derived values the run wrote) is not read."""
     values: dict[str, Any] = read_yaml(path) if path else {}
+    values.pop(RESOLVED_KEY, None)
     for text in overrides:
         key_path, value = parse_override(text)
         apply_override(values, key_path, value)
@@ -287,5 +292,5 @@ def save_config(config: RunConfig, path: str | Path, extra: dict[str, Any] | Non
     """Write the fully resolved config (plus derived values such as resolved ranks under ``resolved``)."""
     values = config.to_dict()
     if extra:
-        values["resolved"] = extra
+        values[RESOLVED_KEY] = extra
     Path(path).write_text(yaml.safe_dump(values, sort_keys=False))

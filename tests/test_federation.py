@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ravan_ray.config import load_config
 from ravan_ray.federation import run_federation
 from ravan_ray.results import TIMING_COLUMNS, read_metrics
 
@@ -36,6 +37,7 @@ def test_run_directory_matches_the_design_contract(ray_session, tiny_config, tmp
     assert SUMMARY_KEYS <= set(on_disk) and on_disk["rounds"] == 2 == summary["rounds"]
     assert on_disk["total_uplink_bytes"] == metrics["uplink_bytes"].sum()
     assert "rank_per_head" in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml") == config  # a run's config.yaml runs again as it is
     state = load_file(str(tmp_path / "checkpoints" / "round_00002" / "state.safetensors"))
     assert any(key.endswith("/cores") for key in state)
     assert len(pd.read_csv(tmp_path / "label_histogram.csv")) == config.federation.num_clients

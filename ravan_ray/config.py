@@ -156,12 +156,13 @@ class ResourcesConfig(_Section):
     # CPUs for a Ray the command starts itself (None: all cores).
     num_cpus: Optional[int] = Field(None, ge=1)
     num_gpus: Optional[float] = Field(None, ge=0)
-    # The driver puts the pretrained weights in Ray's object store once; every actor on a node builds its
-    # model around zero-copy views of them, and copies only what its method may change. (A local fp32
-    # safetensors checkpoint is memory-mapped by transformers, so the page cache already shares it; this
-    # shares any checkpoint format, dtype conversion or in-memory model. It is one copy per run: trials of a
-    # sweep of a model too big for several copies per node should set it to false.)
-    share_frozen_weights: bool = True
+    # true: the driver puts the pretrained weights in Ray's object store once and every actor on a node
+    # builds its model around zero-copy views of them, copying only what its method may change. Off by
+    # default because transformers already memory-maps local checkpoints (safetensors and .bin), so the
+    # page cache shares them between actors, and evictably: measured, 329 MB per actor either way
+    # (benchmarks/RESULTS.md). Turn it on where loading does not map the file (transformers reads
+    # checkpoints on hf-mount FUSE into memory) or for models built in memory.
+    share_frozen_weights: bool = False
 
 
 class OutputConfig(_Section):

@@ -80,7 +80,8 @@ def test_pool_and_per_client_modes_write_identical_metrics(ray_session, tiny_con
 def test_actors_on_shared_frozen_weights_write_the_same_metrics_as_actors_with_their_own(ray_session, tiny_config,
                                                                                         tmp_path):
     for method in ("ravan", "full_ft"):
-        run_federation(tiny_config(f"method.name={method}"), tmp_path / f"{method}_shared")
+        run_federation(tiny_config(f"method.name={method}", "resources.share_frozen_weights=true"),
+                       tmp_path / f"{method}_shared")
         run_federation(tiny_config(f"method.name={method}", "resources.share_frozen_weights=false"),
                        tmp_path / f"{method}_own")
         shared, own = (deterministic_columns(pd.read_csv(tmp_path / f"{method}_{kind}" / "metrics.csv"))

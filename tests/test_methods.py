@@ -11,6 +11,7 @@ import inspect
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
 
@@ -187,6 +188,34 @@ def test_flexlora_averages_full_products_and_redistributes_their_best_low_rank_t
     method.load_state(model, new, None)  # the server's global model
     assert torch.allclose(model.query.base.weight - pretrained, mean)
     assert torch.count_nonzero(model.query.delta_weight()) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(d_out=st.integers(2, 24), d_in=st.integers(2, 24), client_ranks=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+       rank=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_flexlora_truncation_from_the_factors_is_the_best_rank_r_approximation_of_the_dense_sum(
+        d_out, d_in, client_ranks, rank, seed):
+    from ravan_ray.methods.flexlora import truncated_factors
+
+    rank = min(rank, d_out, d_in)  # r_max never exceeds min(d_out, d_in)
+    generator = torch.Generator().manual_seed(seed)
+    Bs = [torch.randn(d_out, r, generator=generator, dtype=torch.float64) for r in client_ranks]
+    As = [torch.randn(r, d_in, generator=generator, dtype=torch.float64) for r in client_ranks]
+    B, A = truncated_factors(Bs, As, rank)
+    assert B.shape == (d_out, rank) and A.shape == (rank, d_in)
+
+    dense = sum(b @ a for b, a in zip(Bs, As))
+    U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    best = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    # Eckart-Young: the error is the tail of the singular values; equal to the dense SVD's truncation
+    # wherever that is unique (singular values rank and rank + 1 apart)
+    tail = float(torch.sqrt((S[rank:] ** 2).sum()))
+    assert abs(float(torch.linalg.matrix_norm(dense - B @ A)) - tail) <= 1e-8 * (1 + float(S[0]))
+    if rank < len(S) and S[rank - 1] - S[rank] > 1e-6 * S[0]:
+        assert torch.allclose(B @ A, best, atol=1e-8 * (1 + float(S[0])))
+    # A has orthonormal rows, also where dW has fewer than ``rank`` directions (those ranks restart as
+    # a fresh LoRA: B = 0 there, A orthonormal, so they can still train)
+    assert torch.allclose(A @ A.T, torch.eye(rank, dtype=torch.float64), atol=1e-10)
 
 
 def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():

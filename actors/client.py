@@ -70,7 +70,7 @@ class ClientFleet:
     def __init__(self, config: RunConfig, num_labels: int, train_ref, partitions: list[np.ndarray],
                  cluster_cpus: Optional[float] = None, name_prefix: Optional[str] = None, frozen_ref=None):
         self.config = config
-        self.frozen_ref = frozen_ref  # the shared pretrained weights (FrozenWeights), or None: each loads its own
+        self.frozen_ref = frozen_ref  # the pretrained weights in the object store (FrozenWeights), or None: each actor loads the checkpoint
         self.name_prefix = name_prefix  # actors are named PREFIX-client-SLOT, so operators can find them
         self.num_labels = num_labels
         self.train_ref = train_ref

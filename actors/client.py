@@ -70,7 +70,8 @@ class ClientFleet:
     def __init__(self, config: RunConfig, num_labels: int, train_ref, partitions: list[np.ndarray],
                  cluster_cpus: Optional[float] = None, name_prefix: Optional[str] = None, frozen_ref=None):
         self.config = config
-        self.frozen_ref = frozen_ref  # the pretrained weights in the object store (FrozenWeights), or None: each actor loads the checkpoint
+        # The pretrained weights in the object store (FrozenWeights), or None: each actor loads the checkpoint.
+        self.frozen_ref = frozen_ref
         self.name_prefix = name_prefix  # actors are named PREFIX-client-SLOT, so operators can find them
         self.num_labels = num_labels
         self.train_ref = train_ref

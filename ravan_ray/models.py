@@ -10,8 +10,9 @@ The task head is what the checkpoint did not contain (``missing_keys`` of from_p
 ``classifier.*``); the tiny model, having no checkpoint, declares its pooler and classifier as the head.
 
 :class:`FrozenWeights` carries a loaded model's tensors as numpy arrays. With
-``resources.share_frozen_weights`` the driver puts them in Ray's object store once; every actor on a node then builds its model from the weightless skeleton around
-zero-copy views of the same shared-memory pages, instead of each process loading its own copy.
+``resources.share_frozen_weights`` the driver puts them in Ray's object store once; every actor on a
+node then builds its model from the weightless skeleton around zero-copy views of the same
+shared-memory pages instead of loading the checkpoint itself.
 """
 
 from __future__ import annotations

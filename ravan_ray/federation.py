@@ -158,7 +158,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         in_trial = ray.util.get_current_placement_group() is not None
         frozen_ref = publish_frozen_weights(config, num_labels)
         fleet = ClientFleet(config, num_labels, ray.put(data.train), data.partitions, name_prefix=actor_prefix,
-                            cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"), frozen_ref=frozen_ref)
+                            cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"),
+                            frozen_ref=frozen_ref)
         check_resources(config, fleet)
         server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server", frozen_ref)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}

@@ -29,7 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 
-from ravan_ray.config import ConfigError, read_yaml
+from ravan_ray.config import RESOLVED_KEY, ConfigError, read_yaml
 
 RUN_FILES = ("metrics.csv", "config.yaml", "summary.json")
 # Keys that never change what a run computes (or are its identity): not used to tell configurations apart.
@@ -61,9 +61,15 @@ class ReportError(ConfigError):
 
 # ------------------------------------------------------------------------------------------------ reading
 
+def _display(value) -> str:
+    """A config value as shown in tables and labels; a missing one (None/NaN, e.g. a key one run leaves
+    unset) as "-"."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
 def _text(values):
-    """Values as display strings; a missing value (None/NaN, e.g. a key one run leaves unset) as "-"."""
-    return values.map(lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    """:func:`_display` over a pandas Series or DataFrame."""
+    return values.map(_display)
 
 def find_runs(dirs: list[Path]) -> list[Path]:
     """Run directories at or below each given directory, each once, in path order."""
@@ -93,7 +99,7 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def model_dim(config: dict[str, Any]) -> Optional[int]:
     """d: the adapted matrices' dimension (min(d_in, d_out), the rank ceiling)."""
-    resolved = config.get("resolved") or {}
+    resolved = config.get(RESOLVED_KEY) or {}
     for section in (resolved.get("method") or {}, resolved.get("model") or {}, resolved):
         shapes = section.get("layer_shapes")
         if isinstance(shapes, dict) and shapes:
@@ -115,7 +121,7 @@ def model_dim(config: dict[str, Any]) -> Optional[int]:
 
 def per_matrix_budget(config: dict[str, Any], d: Optional[int]) -> Optional[int]:
     """N, as the driver recorded it (``resolved.method.budget_per_matrix``) or from the config."""
-    recorded = ((config.get("resolved") or {}).get("method") or {}).get("budget_per_matrix")
+    recorded = ((config.get(RESOLVED_KEY) or {}).get("method") or {}).get("budget_per_matrix")
     if isinstance(recorded, (int, float)):
         return int(recorded)
     method = config.get("method") or {}
@@ -140,9 +146,9 @@ def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple
             else str(run_dir)
         d = model_dim(config)
         row = {"run": label, "run_dir": str(run_dir)}
-        row.update(_flatten({k: v for k, v in config.items() if k != "resolved"}))
+        row.update(_flatten({k: v for k, v in config.items() if k != RESOLVED_KEY}))
         if row.get("optimizer.lr") is None:  # unset: the method's default, which the run recorded
-            row["optimizer.lr"] = (config.get("resolved") or {}).get("method", {}).get("lr")
+            row["optimizer.lr"] = (config.get(RESOLVED_KEY) or {}).get("method", {}).get("lr")
         row.update({k: summary.get(k) for k in ("final_test_accuracy", "best_test_accuracy", "rounds",
                                                  "total_uplink_bytes", "total_downlink_bytes", "wall_s")})
         row["d_model"] = d
@@ -183,7 +189,7 @@ def _sort_values(values: list[Any]) -> list[Any]:
 
 
 def config_label(row: pd.Series | dict, keys: list[str]) -> str:
-    return ", ".join(f"{_short(k)}={row[k]}" for k in keys) if keys else "all runs"
+    return ", ".join(f"{_short(k)}={_display(row[k])}" for k in keys) if keys else "all runs"
 
 
 def summarise(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -413,7 +419,7 @@ def write_report(dirs: list[Path], output: Optional[Path] = None) -> Path:
     header = [_short(k) for k in keys] + ["n", "seeds", "final acc %", "best acc %", "uplink MB", "wall s"]
     table = []
     for _, row in summary.iterrows():
-        table.append([row[k] for k in keys] + [
+        table.append([_display(row[k]) for k in keys] + [
             int(row["n"]), row["seeds"],
             _cell(row["final_test_accuracy_mean"], row["final_test_accuracy_std"], int(row["n"])),
             _cell(row["best_test_accuracy_mean"], row["best_test_accuracy_std"], int(row["n"])),

@@ -146,5 +146,8 @@ def test_a_key_set_in_one_run_and_unset_in_another_is_shown_as_a_dash(tmp_path):
     config = (lr_run / "config.yaml").read_text().replace("  lr: null", "  lr: 0.0001")
     (lr_run / "config.yaml").write_text(config)
     report = write_report([tmp_path], tmp_path / "out").read_text()
-    assert "ravan" in report and "full_ft" in report
+    all_configurations = report.split("## All configurations")[1].split("##")[0]
+    assert "| ravan | - |" in all_configurations and "| full_ft | 0.0001 |" in all_configurations
+    assert "nan" not in report
+    assert "lr=-" in report  # the per-method pivot's column for the run without an lr
     assert (tmp_path / "out" / "accuracy_per_round.png").exists()

@@ -24,9 +24,13 @@ def deterministic_columns(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.drop(columns=list(TIMING_COLUMNS))
 
 
-def test_run_directory_matches_the_design_contract(ray_session, tiny_config, tmp_path):
+def test_run_directory_matches_the_design_contract(ray_session, tiny_config, tmp_path, capfd, monkeypatch):
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # as in a Ray job: no terminal, so no progress bar
     config = tiny_config("federation.eval_every=2")
     summary = run_federation(config, tmp_path)
+    # ... and one line per round on stderr instead
+    assert [line for line in capfd.readouterr().err.splitlines() if line.startswith("ravan round ")][-1] \
+        .startswith("ravan round 2/2 loss ")
 
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert CONTRACT_COLUMNS <= set(metrics.columns)

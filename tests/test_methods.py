@@ -201,7 +201,7 @@ def test_flexlora_truncation_from_the_factors_is_the_best_rank_r_approximation_o
     generator = torch.Generator().manual_seed(seed)
     Bs = [torch.randn(d_out, r, generator=generator, dtype=torch.float64) for r in client_ranks]
     As = [torch.randn(r, d_in, generator=generator, dtype=torch.float64) for r in client_ranks]
-    B, A = truncated_factors(Bs, As, rank)
+    B, A = truncated_factors(torch.cat(Bs, dim=1), torch.cat(As, dim=0), rank)
     assert B.shape == (d_out, rank) and A.shape == (rank, d_in)
 
     dense = sum(b @ a for b, a in zip(Bs, As))
@@ -216,6 +216,16 @@ def test_flexlora_truncation_from_the_factors_is_the_best_rank_r_approximation_o
     # A has orthonormal rows, also where dW has fewer than ``rank`` directions (those ranks restart as
     # a fresh LoRA: B = 0 there, A orthonormal, so they can still train)
     assert torch.allclose(A @ A.T, torch.eye(rank, dtype=torch.float64), atol=1e-10)
+
+
+def test_an_unset_learning_rate_is_the_methods_default_and_a_set_one_wins():
+    from ravan_ray.training import preflight
+
+    assert build_method(load_config(None, ["method.name=ravan"])).lr == 2e-3
+    assert build_method(load_config(None, ["method.name=full_ft"])).lr == 5e-5
+    assert build_method(load_config(None, ["method.name=full_ft", "optimizer.lr=1e-4"])).lr == 1e-4
+    # the lr a run actually used goes into config.yaml's resolved section
+    assert preflight(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), 3)["lr"] == 5e-5
 
 
 def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():

@@ -39,8 +39,9 @@ def delta_key(layer: str) -> str:
     return f"{EVAL_PREFIX}{layer}/delta"
 
 
-def truncated_factors(Bs: list[torch.Tensor], As: list[torch.Tensor], rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, A) = (U_r S_r, V_r^T) of dW = sum_c B_c A_c: its best rank-``rank`` approximation (Eckart-Young).
+def truncated_factors(B_cat: torch.Tensor, A_cat: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) = (U_r S_r, V_r^T) of dW = B_cat A_cat = sum_c B_c A_c (the clients' factors stacked along the
+    rank axis): its best rank-``rank`` approximation (Eckart-Young).
 
     dW has rank at most R = sum_c r_c (24 for 3 clients of rank 8), so its SVD comes from the factors
     instead of the d_out x d_in matrix: with B_cat = Q_B R_B and A_cat^T = Q_A R_A (thin QR),
@@ -49,8 +50,7 @@ def truncated_factors(Bs: list[torch.Tensor], As: list[torch.Tensor], rank: int)
     When R < rank the missing right singular vectors (singular value 0) complete V to an orthonormal
     set, as a full SVD's would, so the client's extra ranks start like a fresh LoRA (B = 0, A orthonormal)
     and can train; B is zero there."""
-    B_cat = torch.cat([b.double() for b in Bs], dim=1)
-    A_cat = torch.cat([a.double() for a in As], dim=0)
+    B_cat, A_cat = B_cat.double(), A_cat.double()
     inner = B_cat.shape[1]
     Q_B, R_B = torch.linalg.qr(B_cat)
     Q_A, R_A = torch.linalg.qr(A_cat.T, mode="complete" if inner < rank else "reduced")
@@ -71,10 +71,10 @@ class FlexLoRA(HeterogeneousRankLoRA):
         new_state = {**state, **self.aggregate_head(updates, weights)}
         for layer, rank in self.ranks.items():
             b_key, a_key = factor_key(layer, "lora_B"), factor_key(layer, "lora_A")
-            Bs = [float(w) * u.tensors[b_key].double() for u, w in zip(updates, weights)]
-            As = [u.tensors[a_key].double() for u in updates]
-            delta = torch.cat(Bs, dim=1) @ torch.cat(As, dim=0)  # sum_c w_c B_c A_c
-            B, A = truncated_factors(Bs, As, rank)
+            B_cat = torch.cat([float(w) * u.tensors[b_key].double() for u, w in zip(updates, weights)], dim=1)
+            A_cat = torch.cat([u.tensors[a_key].double() for u in updates], dim=0)
+            delta = B_cat @ A_cat  # sum_c w_c B_c A_c
+            B, A = truncated_factors(B_cat, A_cat, rank)
             dtype = state[b_key].dtype
             new_state[b_key], new_state[a_key] = B.to(dtype), A.to(dtype)
             new_state[delta_key(layer)] = delta.to(dtype)

@@ -26,11 +26,11 @@ from ravan_ray.training import ModelHost
 
 @ray.remote
 class ClientActor:
-    def __init__(self, config: dict[str, Any], num_labels: int, train_data: dict[str, np.ndarray],
+    def __init__(self, config: dict[str, Any], task_info: dict[str, Any], train_data: dict[str, np.ndarray],
                  partitions: list[np.ndarray], frozen: Optional[FrozenWeights] = None):
         self.config: RunConfig = from_dict(config)
         torch.set_num_threads(max(1, int(round(self.config.resources.cpus_per_client))))
-        self.host = ModelHost(self.config, num_labels, frozen)
+        self.host = ModelHost(self.config, task_info, frozen)
         # train_data arrives zero-copy from the object store, shared by every actor on the node.
         self.train_data = train_data
         self.partitions = partitions
@@ -67,13 +67,13 @@ class ClientActor:
 class ClientFleet:
     """Hands client tasks to actors and recreates the actors that die."""
 
-    def __init__(self, config: RunConfig, num_labels: int, train_ref, partitions: list[np.ndarray],
+    def __init__(self, config: RunConfig, task_info: dict[str, Any], train_ref, partitions: list[np.ndarray],
                  cluster_cpus: Optional[float] = None, name_prefix: Optional[str] = None, frozen_ref=None):
         self.config = config
         # The pretrained weights in the object store (FrozenWeights), or None: each actor loads the checkpoint.
         self.frozen_ref = frozen_ref
         self.name_prefix = name_prefix  # actors are named PREFIX-client-SLOT, so operators can find them
-        self.num_labels = num_labels
+        self.task_info = task_info
         self.train_ref = train_ref
         self.partitions_ref = ray.put(partitions)
         self.per_client = config.resources.actor_mode == "per_client"
@@ -103,7 +103,7 @@ class ClientFleet:
             name = f"{self.name_prefix}-client-{slot}-{self.generation}" if self.name_prefix else None
             self.actors[slot] = ClientActor.options(
                 num_cpus=res.cpus_per_client, num_gpus=res.gpus_per_client, name=name
-            ).remote(self.config.to_dict(), self.num_labels, self.train_ref, self.partitions_ref, self.frozen_ref)
+            ).remote(self.config.to_dict(), self.task_info, self.train_ref, self.partitions_ref, self.frozen_ref)
         return self.actors[slot]
 
     def wait_ready(self, placements: list[tuple[ClientTask, int]]) -> None:

@@ -30,12 +30,12 @@ def is_finite_update(update: ClientUpdate) -> bool:
 
 @ray.remote
 class ParameterServer:
-    def __init__(self, config: dict[str, Any], num_labels: int, test_data: dict[str, np.ndarray],
+    def __init__(self, config: dict[str, Any], task_info: dict[str, Any], test_data: dict[str, Any],
                  initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None):
         self.config: RunConfig = from_dict(config)
         res = self.config.resources
         torch.set_num_threads(max(1, int(round(max(res.server_cpus, res.cpus_per_client)))))
-        self.host = ModelHost(self.config, num_labels, frozen)
+        self.host = ModelHost(self.config, task_info, frozen)
         self.method = self.host.method
         self.test_data = test_data
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()

@@ -110,7 +110,7 @@ def overhead(args) -> None:
     prep_s = time.perf_counter() - t0
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    host = ModelHost(config, len(data.label_names))
+    host = ModelHost(config, data.task_info)
     load_s = time.perf_counter() - t0
     state = host.initial_state()
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)

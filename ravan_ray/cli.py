@@ -1,4 +1,4 @@
-"""``ravan-ray run | resume | sweep | report``.
+"""``ravan-ray run | resume | sweep | report | tiny``.
 
 Bad input (config, data, model, resources, checkpoints) is reported as one line on stderr with exit
 code 2, never a traceback; set RAVAN_DEBUG=1 to see the traceback anyway.
@@ -30,6 +30,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ravan_ray.federation import run_federation
 
     config = load_config(args.config, args.set or ())
+    check_paths(config)
+    if args.dry_run:
+        print(f"config OK (no model or data loaded): task {config.model.task}, model {config.model.name}, "
+              f"data {config.data.path or config.data.name}, method {config.method.name}, "
+              f"{config.federation.num_clients} clients x {config.federation.rounds} rounds")
+        return 0
     run_dir = _run_dir(config, args.output)
     if (run_dir / "metrics.csv").exists():
         raise ConfigError(f"{run_dir} already holds a run; use 'ravan-ray resume {run_dir}' or another --output")
@@ -52,8 +58,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from ravan_ray.sweep import run_sweep
+    from ravan_ray.sweep import load_sweep_spec, run_sweep, trial_bundles
 
+    if args.dry_run:
+        spec = load_sweep_spec(args.tune_config)  # every key and search-space value is checked here
+        for config in spec.candidates:
+            check_paths(config)
+        widest = max(spec.candidates, key=lambda c: len(trial_bundles(c, spec.driver_cpus)))
+        need = {}
+        for bundle in trial_bundles(widest, spec.driver_cpus):
+            for kind, amount in bundle.items():
+                need[kind] = need.get(kind, 0.0) + amount
+        base = spec.candidates[0]
+        print(f"tune config OK (no model or data loaded): sweep '{spec.name}', {spec.trials()} trials of "
+              f"task {base.model.task} on {base.model.name}, ranked by {spec.metric}; a trial reserves "
+              + ", ".join(f"{v:g} {k}" for k, v in sorted(need.items())))
+        return 0
     results_dir = run_sweep(args.tune_config, address=args.address, output=args.output)
     print(f"sweep results: {results_dir}")
     return 0
@@ -64,6 +84,25 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     out = write_report([Path(d) for d in args.dirs], Path(args.output) if args.output else None)
     print(f"report written to {out}")
+    return 0
+
+
+def check_paths(config) -> None:
+    """Local paths the config names must exist (hub ids are not looked up: that needs the network)."""
+    from ravan_ray.data import DataError
+
+    if config.data.path is not None and not Path(config.data.path).exists():
+        raise DataError(f"data.path {config.data.path} does not exist")
+    name = config.model.name
+    if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model.name {name} looks like a local path but does not exist")
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from ravan_ray.tiny import write_tiny_assets
+
+    out = write_tiny_assets(args.dir)
+    print(f"tiny models (config only) in {out / 'models'} and datasets in {out / 'data'}")
     return 0
 
 
@@ -80,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="YAML config; omitted keys keep their defaults")
     run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config key (repeatable)")
     run.add_argument("--output", help="run directory (default: output.dir/NAME-METHOD-TIMESTAMP)")
+    run.add_argument("--dry-run", action="store_true", help="check the config and paths, load nothing, run nothing")
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
@@ -90,12 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("tune_config")
     sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     sweep.add_argument("--output", help="sweep directory (default: from the tune config)")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="check every key and search-space value offline, load no model or data, start no Ray")
     sweep.set_defaults(func=cmd_sweep)
 
     report = sub.add_parser("report", help="tables and plots from run and sweep directories")
     report.add_argument("dirs", nargs="+")
     report.add_argument("--output", help="report directory (default: DIR/report for one DIR, ./report otherwise)")
     report.set_defaults(func=cmd_report)
+
+    tiny = sub.add_parser("tiny", help="write tiny models (config only) and small datasets for every task, to try "
+                                       "the tasks without hub access")
+    tiny.add_argument("dir")
+    tiny.set_defaults(func=cmd_tiny)
     return parser
 
 

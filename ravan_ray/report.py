@@ -5,12 +5,19 @@ one run (a single ``ravan-ray run``, or a trial's ``run/`` inside a sweep). Runs
 config keys that differ between them, seeds aside; each group gets the mean, the sample standard
 deviation (ddof = 1, empty for a single seed) and the number of seeds n. Written to the output directory:
 
-- ``report.md``: the tables (accuracy in %, "mean ± std (n)") and the plots;
+- ``report.md``: the tables ("mean ± std (n)" of the runs' score, in % for accuracies, exact match and F1)
+  and the plots;
 - ``report.csv``: one row per group (the numbers behind the tables); ``runs.csv``: one row per run;
-- PNGs: test accuracy per round (mean over seeds, ±1 std band), final accuracy by budget mix (grouped
-  bars), accuracy gain over the fewest heads vs heads with the point where sqrt(N h) = d marked, and
+- PNGs: the score per round (mean over seeds, ±1 std band), the final score by budget mix (grouped
+  bars), the score's gain over the fewest heads vs heads with the point where sqrt(N h) = d marked, and
   the aggregated update's effective rank per round. A plot whose grouping has fewer than two values is
   skipped, with a note in report.md.
+
+The score is each run's task's primary metric (summary.json's ``metric``: ``test_accuracy`` for
+classification and seq2seq, ``test_f1`` for question answering, ``test_loss`` for instruction tuning);
+every other metric its task writes is a column of "All configurations" too. When the runs are of tasks
+with different primary metrics, the score columns are named ``score`` and each configuration's task says
+which metric it is.
 
 For the heads plot, N is the per-matrix trainable budget and d the adapted matrices' dimension, read from
 the run's ``resolved.method`` record (``budget_per_matrix``, ``layer_shapes``) when the driver wrote them
@@ -42,16 +49,18 @@ SHORT_NAMES = {
     "method.budget": "budget", "optimizer.lr": "lr", "model.name": "model", "data.name": "data",
 }
 KNOWN_DIMS = {"tiny-bert": 32, "minilm": 384}
-STAT_COLUMNS = ["final_test_accuracy", "best_test_accuracy", "total_uplink_bytes", "total_downlink_bytes", "wall_s"]
+TRAFFIC_COLUMNS = ["total_uplink_bytes", "total_downlink_bytes", "wall_s"]
+LOWER_IS_BETTER = ("loss", "perplexity")  # metric name endings that are not fractions shown in %
 # (title, the keys that form the table's rows); the other differing keys become its columns.
-TABLES = [
-    ("Final accuracy per method", ["method.name"]),
-    ("Final accuracy per budget mix and method", ["compute.distribution"]),
-    ("Final accuracy per number of heads", ["method.heads"]),
-    ("Final accuracy per initialisation", ["method.init"]),
-    ("Final accuracy per head scoring", ["method.scoring"]),
-    ("Final accuracy per scaling", ["method.scaling"]),
-    ("Final accuracy per data partition", ["data.partition.kind", "data.partition.alpha"]),
+TABLES = [  # "score" in a title becomes the score's name ("test accuracy")
+    ("Final score per task", ["model.task"]),
+    ("Final score per method", ["method.name"]),
+    ("Final score per budget mix and method", ["compute.distribution"]),
+    ("Final score per number of heads", ["method.heads"]),
+    ("Final score per initialisation", ["method.init"]),
+    ("Final score per head scoring", ["method.scoring"]),
+    ("Final score per scaling", ["method.scaling"]),
+    ("Final score per data partition", ["data.partition.kind", "data.partition.alpha"]),
 ]
 
 
@@ -149,18 +158,43 @@ def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple
         row.update(_flatten({k: v for k, v in config.items() if k != RESOLVED_KEY}))
         if row.get("optimizer.lr") is None:  # unset: the method's default, which the run recorded
             row["optimizer.lr"] = (config.get(RESOLVED_KEY) or {}).get("method", {}).get("lr")
-        row.update({k: summary.get(k) for k in ("final_test_accuracy", "best_test_accuracy", "rounds",
-                                                 "total_uplink_bytes", "total_downlink_bytes", "wall_s")})
+        row.update({k: summary.get(k) for k in ("rounds", "total_uplink_bytes", "total_downlink_bytes", "wall_s")})
+        row["metric"] = summary.get("metric", "test_accuracy")  # runs from before tasks had a metric name
+        row.update({k: v for k, v in summary.items() if k.startswith(("final_", "best_"))})
+        row["final_score"], row["best_score"] = summary.get(f"final_{row['metric']}"), summary.get(f"best_{row['metric']}")
         row["d_model"] = d
         row["budget_per_matrix"] = per_matrix_budget(config, d)
         runs.append(row)
         metrics.insert(0, "run", label)
         rounds.append(metrics)
     runs_df = pd.DataFrame(runs)
-    for column in ("final_test_accuracy", "best_test_accuracy", "wall_s", "total_uplink_bytes",
-                   "total_downlink_bytes"):
+    for column in [c for c in runs_df.columns if c.startswith(("final_", "best_"))] + TRAFFIC_COLUMNS:
         runs_df[column] = pd.to_numeric(runs_df[column], errors="coerce")
     return runs_df, pd.concat(rounds, ignore_index=True)
+
+
+def score_name(runs: pd.DataFrame) -> str:
+    """The metric the tables rank by: the runs' common primary metric, or "score" when tasks differ."""
+    metrics = runs["metric"].dropna().unique()
+    return str(metrics[0]) if len(metrics) == 1 else "score"
+
+
+def in_percent(metric: str, runs: pd.DataFrame) -> bool:
+    """Accuracies, exact match and F1 are fractions, shown in %; losses and perplexities keep their scale.
+    A mixed "score" is in % when none of the runs' primary metrics is a loss."""
+    names = runs["metric"].dropna().unique() if metric == "score" else [metric]
+    return not any(str(name).endswith(LOWER_IS_BETTER) for name in names)
+
+
+def metric_label(metric: str, percent: bool) -> str:
+    """"test_accuracy" -> "test accuracy %"."""
+    return metric.replace("_", " ") + (" %" if percent else "")
+
+
+def task_metrics(runs: pd.DataFrame) -> list[str]:
+    """Every metric a run's summary has a final value of, the score first."""
+    names = [c.removeprefix("final_") for c in runs.columns if c.startswith("final_") and c != "final_score"]
+    return sorted(set(names), key=names.index)
 
 
 # ------------------------------------------------------------------------------------------------ grouping
@@ -193,14 +227,16 @@ def config_label(row: pd.Series | dict, keys: list[str]) -> str:
 
 
 def summarise(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean, sample std (ddof 1) and n over seeds for every configuration (combination of ``keys``)."""
+    """Mean, sample std (ddof 1) and n over seeds for every configuration (combination of ``keys``), of
+    every final / best metric and the traffic and time columns."""
     frame = runs.copy()
     if not keys:
         frame["_all"] = "all runs"
     group_keys = keys or ["_all"]
     grouped = frame.groupby(group_keys, dropna=False, sort=True)
     out = grouped.size().rename("n").to_frame()
-    for column in STAT_COLUMNS:
+    stats = [c for c in runs.columns if c.startswith(("final_", "best_"))] + TRAFFIC_COLUMNS
+    for column in stats:
         out[f"{column}_mean"] = grouped[column].mean()
         out[f"{column}_std"] = grouped[column].std(ddof=1)
     out["seeds"] = grouped["seed"].agg(lambda s: " ".join(str(v) for v in sorted(s)))
@@ -210,12 +246,13 @@ def summarise(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out
 
 
-def _cell(mean: float, std: float, n: int) -> str:
+def _cell(mean: float, std: float, n: int, percent: bool = True) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    text = f"{100 * mean:.2f}"
+    scale, digits = (100.0, 2) if percent else (1.0, 4)
+    text = f"{scale * mean:.{digits}f}"
     if n > 1 and std is not None and not math.isnan(std):
-        text += f" ± {100 * std:.2f}"
+        text += f" ± {scale * std:.{digits}f}"
     return f"{text} ({n})"
 
 
@@ -225,13 +262,14 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def pivot_markdown(summary: pd.DataFrame, row_keys: list[str], col_keys: list[str]) -> str:
-    """Rows: values of ``row_keys``; columns: combinations of ``col_keys``; cells: final accuracy."""
+def pivot_markdown(summary: pd.DataFrame, row_keys: list[str], col_keys: list[str], score: str = "test_accuracy",
+                   percent: bool = True) -> str:
+    """Rows: values of ``row_keys``; columns: combinations of ``col_keys``; cells: the final score."""
     rows_seen = _sort_values(list({tuple(r) for r in _text(summary[row_keys]).itertuples(index=False)}))
     cols_seen = _sort_values(list({tuple(r) for r in _text(summary[col_keys]).itertuples(index=False)})) if col_keys else [()]
     header = [" / ".join(_short(k) for k in row_keys)] + (
         [", ".join(f"{_short(k)}={v}" for k, v in zip(col_keys, col)) for col in cols_seen]
-        if col_keys else ["final accuracy %"])
+        if col_keys else [f"final {metric_label(score, percent)}"])
     table = []
     for row_value in rows_seen:
         line = [" / ".join(str(v) for v in row_value)]
@@ -243,7 +281,7 @@ def pivot_markdown(summary: pd.DataFrame, row_keys: list[str], col_keys: list[st
                 line.append("–")
             else:
                 first = match.iloc[0]
-                line.append(_cell(first["final_test_accuracy_mean"], first["final_test_accuracy_std"], int(first["n"])))
+                line.append(_cell(first[f"final_{score}_mean"], first[f"final_{score}_std"], int(first["n"]), percent))
         table.append(line)
     return markdown_table(header, table)
 
@@ -267,8 +305,10 @@ def _line_groups(keys: list[str]) -> tuple[list[str], list[str]]:
 
 
 def plot_per_round(runs: pd.DataFrame, rounds: pd.DataFrame, keys: list[str], column: str, ylabel: str,
-                   title: str, path: Path) -> Optional[str]:
+                   title: str, path: Path, percent: bool = False) -> Optional[str]:
     """Mean over seeds per round with a ±1 std band; returns a reason when there is nothing to plot."""
+    if column not in rounds.columns:
+        return f"no run recorded {column}"
     data = rounds.merge(runs[["run", *keys]], on="run")
     data = data[pd.to_numeric(data[column], errors="coerce").notna()]
     if data.empty:
@@ -293,7 +333,7 @@ def plot_per_round(runs: pd.DataFrame, rounds: pd.DataFrame, keys: list[str], co
             x = stats.index.to_numpy()
             mean = stats["mean"].to_numpy(dtype=float)
             std = stats["std"].fillna(0.0).to_numpy(dtype=float)
-            scale = 100.0 if column == "test_accuracy" else 1.0
+            scale = 100.0 if percent else 1.0
             ax.plot(x, scale * mean, marker="o", markersize=3, label=label)
             ax.fill_between(x, scale * (mean - std), scale * (mean + std), alpha=0.2)
         ax.set_xlabel("round")
@@ -312,7 +352,8 @@ def plot_per_round(runs: pd.DataFrame, rounds: pd.DataFrame, keys: list[str], co
     return None
 
 
-def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path) -> Optional[str]:
+def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path, score: str = "test_accuracy",
+                    percent: bool = True) -> Optional[str]:
     mix = "compute.distribution"
     if mix not in keys:
         return "the budget mix (compute.distribution) takes a single value"
@@ -329,13 +370,14 @@ def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path) -> Optio
     x = np.arange(len(mixes))
     for i, label in enumerate(series):
         part = summary[labels == label].set_index(_text(summary[labels == label][mix]))
-        mean = [100 * part.loc[m, "final_test_accuracy_mean"] if m in part.index else np.nan for m in mixes]
-        std = [100 * np.nan_to_num(part.loc[m, "final_test_accuracy_std"]) if m in part.index else 0 for m in mixes]
+        scale = 100.0 if percent else 1.0
+        mean = [scale * part.loc[m, f"final_{score}_mean"] if m in part.index else np.nan for m in mixes]
+        std = [scale * np.nan_to_num(part.loc[m, f"final_{score}_std"]) if m in part.index else 0 for m in mixes]
         ax.bar(x + (i - (len(series) - 1) / 2) * width, mean, width, yerr=std, capsize=3, label=label)
     ax.set_xticks(x, mixes)
     ax.set_xlabel("client budget mix")
-    ax.set_ylabel("final test accuracy (%)")
-    ax.set_title("Final accuracy by budget mix (mean over seeds, ±1 std)", fontsize=11)
+    ax.set_ylabel(f"final {metric_label(score, percent)}")
+    ax.set_title(f"Final {score.replace('_', ' ')} by budget mix (mean over seeds, ±1 std)", fontsize=11)
     if other:
         ax.legend(fontsize=7, title=" / ".join(_short(k) for k in other), title_fontsize=7,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -346,7 +388,8 @@ def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path) -> Optio
     return None
 
 
-def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path: Path) -> Optional[str]:
+def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path: Path, score: str = "test_accuracy",
+               percent: bool = True) -> Optional[str]:
     heads = "method.heads"
     if heads not in keys:
         return "method.heads takes a single value"
@@ -361,8 +404,9 @@ def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path:
             continue  # one head count: no gain to show
         h = part[heads].astype(float).to_numpy()
         reference = part.iloc[0]
-        gain = 100 * (part["final_test_accuracy_mean"].to_numpy(float) - reference["final_test_accuracy_mean"])
-        std = 100 * part["final_test_accuracy_std"].fillna(0.0).to_numpy(float)
+        scale = 100.0 if percent else 1.0
+        gain = scale * (part[f"final_{score}_mean"].to_numpy(float) - reference[f"final_{score}_mean"])
+        std = scale * part[f"final_{score}_std"].fillna(0.0).to_numpy(float)
         ax.errorbar(h, gain, yerr=std, marker="o", capsize=3, label=label or None)
     ax.axhline(0.0, color="grey", linewidth=0.8)
     # sqrt(N h) = d  <=>  h = d^2 / N: past it the update's total rank can no longer grow
@@ -378,7 +422,7 @@ def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path:
     span = max(ticks) - min(ticks)
     ax.set_xlim(min(ticks) - 0.05 * span - 0.5, max(ticks) + 0.05 * span + 0.5)
     ax.set_xlabel("heads h (same per-matrix budget N)")
-    ax.set_ylabel("accuracy gain over the line's fewest heads (points)")
+    ax.set_ylabel(f"{score.replace('_', ' ')} gain over the line's fewest heads" + (" (points)" if percent else ""))
     ax.set_title("Gain from more heads at a fixed budget (mean over seeds, ±1 std)", fontsize=11)
     if other or len(marks):
         ax.legend(fontsize=7, title=" / ".join(_short(k) for k in other) or None, title_fontsize=7, loc="best")
@@ -409,20 +453,34 @@ def write_report(dirs: list[Path], output: Optional[Path] = None) -> Path:
     runs.to_csv(output / "runs.csv", index=False)
     summary.to_csv(output / "report.csv", index=False)
 
+    score = score_name(runs)
+    percent = in_percent(score, runs)
+    score_text = metric_label(score, percent)
     lines = [f"# Report: {len(runs)} run{'s' * (len(runs) != 1)} in {len(summary)} "
              f"configuration{'s' * (len(summary) != 1)}", ""]
     lines.append("Sources: " + ", ".join(f"`{d}`" for d in dirs))
     lines.append("")
-    lines.append("Accuracy in %, as mean ± sample std (number of seeds) of the final test accuracy. "
+    ranked_by = (f"the final {score.replace('_', ' ')}" if score != "score"
+                 else "the final value of each run's task's primary metric (column `metric`)")
+    lines.append(f"Scores ({'in %, ' if percent else ''}as mean ± sample std (number of seeds)) are {ranked_by}. "
                  "Configurations differ in: " + (", ".join(f"`{k}`" for k in keys) or "nothing (seeds only)") + ".")
     lines += ["", "## All configurations", ""]
-    header = [_short(k) for k in keys] + ["n", "seeds", "final acc %", "best acc %", "uplink MB", "wall s"]
+    others = [m for m in task_metrics(runs) if m != score and f"final_{m}_mean" in summary]
+    header = [_short(k) for k in keys] + (["metric"] if score == "score" else []) + [
+        "n", "seeds", f"final {score_text}", f"best {score_text}"] + [
+        f"final {metric_label(m, in_percent(m, runs))}" for m in others] + ["uplink MB", "wall s"]
+    metric_of = runs.groupby(keys, dropna=False)["metric"].first() if keys and score == "score" else None
     table = []
     for _, row in summary.iterrows():
-        table.append([_display(row[k]) for k in keys] + [
-            int(row["n"]), row["seeds"],
-            _cell(row["final_test_accuracy_mean"], row["final_test_accuracy_std"], int(row["n"])),
-            _cell(row["best_test_accuracy_mean"], row["best_test_accuracy_std"], int(row["n"])),
+        n = int(row["n"])
+        label = [_display(row[k]) for k in keys]
+        if metric_of is not None:
+            label.append(metric_of.loc[tuple(row[k] for k in keys) if len(keys) > 1 else row[keys[0]]])
+        table.append(label + [
+            n, row["seeds"],
+            _cell(row[f"final_{score}_mean"], row[f"final_{score}_std"], n, percent),
+            _cell(row[f"best_{score}_mean"], row[f"best_{score}_std"], n, percent)] + [
+            _cell(row[f"final_{m}_mean"], row[f"final_{m}_std"], n, in_percent(m, runs)) for m in others] + [
             f"{row['total_uplink_bytes_mean'] / 1e6:.3g}", f"{row['wall_s_mean']:.1f}"])
     lines += [markdown_table(header, table), ""]
 
@@ -433,15 +491,19 @@ def write_report(dirs: list[Path], output: Optional[Path] = None) -> Path:
             single.append(" / ".join(f"`{k}`" for k in row_keys))
             continue
         col_keys = [k for k in keys if k not in present]
-        if title.startswith("Final accuracy per budget mix") and "method.name" in col_keys:
+        if title.startswith("Final score per budget mix") and "method.name" in col_keys:
             col_keys = ["method.name"] + [k for k in col_keys if k != "method.name"]
-        lines += [f"## {title}", "", pivot_markdown(summary, present, col_keys), ""]
+        heading = title.replace("score", score.replace("_", " ") if score != "score" else "score")
+        lines += [f"## {heading}", "", pivot_markdown(summary, present, col_keys, score, percent), ""]
 
     plots = [
-        ("accuracy_per_round.png", "Test accuracy per round",
-         lambda p: plot_per_round(runs, rounds, keys, "test_accuracy", "test accuracy (%)", "Test accuracy", p)),
-        ("accuracy_by_budget_mix.png", "Final accuracy by budget mix", lambda p: plot_budget_mix(summary, keys, p)),
-        ("heads_gain.png", "Accuracy gain vs heads", lambda p: plot_heads(runs, summary, keys, p)),
+        ("accuracy_per_round.png", f"{score.replace('_', ' ').capitalize()} per round",
+         lambda p: plot_per_round(runs, rounds, keys, score, score_text, score.replace("_", " ").capitalize(), p,
+                                  percent)),
+        ("accuracy_by_budget_mix.png", f"Final {score.replace('_', ' ')} by budget mix",
+         lambda p: plot_budget_mix(summary, keys, p, score, percent)),
+        ("heads_gain.png", f"{score.replace('_', ' ').capitalize()} gain vs heads",
+         lambda p: plot_heads(runs, summary, keys, p, score, percent)),
         ("effective_rank.png", "Effective rank per round",
          lambda p: plot_per_round(runs, rounds, keys, "effective_rank", "effective rank",
                                   "Effective rank of the aggregated update", p)),
@@ -458,8 +520,8 @@ def write_report(dirs: list[Path], output: Optional[Path] = None) -> Path:
         skipped.append("Tables per " + ", ".join(single) + ": a single value in these runs")
     if skipped:
         lines += ["## Skipped", ""] + [f"- {s}" for s in skipped] + [""]
-    lines += ["## Runs", "", markdown_table(["run", "seed", "final acc %", "rounds"], [
-        [r["run"], r.get("seed"), _cell(r["final_test_accuracy"], math.nan, 1).replace(" (1)", ""), r["rounds"]]
+    lines += ["## Runs", "", markdown_table(["run", "seed", f"final {score_text}", "rounds"], [
+        [r["run"], r.get("seed"), _cell(r[f"final_{score}"], math.nan, 1, percent).replace(" (1)", ""), r["rounds"]]
         for _, r in runs.iterrows()]), ""]
     path = output / "report.md"
     path.write_text("\n".join(lines))

@@ -16,11 +16,14 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-METRIC_COLUMNS = [
-    "round", "wall_s", "round_s", "train_loss", "test_accuracy", "test_loss",
+# metrics.csv's columns: these, with the task's own metrics (Task.metrics: test_accuracy and test_loss
+# for classification, test_exact_match and test_f1 for QA, ...) after train_loss.
+ROUND_COLUMNS = ["round", "wall_s", "round_s", "train_loss"]
+FEDERATION_COLUMNS = [
     "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
     "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s",
 ]
+DEFAULT_TASK_METRICS = {"test_accuracy": "max", "test_loss": "min"}
 COUNT_COLUMNS = {"round", "uplink_bytes", "downlink_bytes", "clients", "failed_clients", "dropped_clients",
                  "rejected_uploads", "server_restarts"}
 # Columns that measure time: they differ between otherwise identical runs.
@@ -42,12 +45,18 @@ def _cell(key: str, value: Any) -> Any:
     return value
 
 
-def write_metrics(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+def metric_columns(task_metrics: Iterable[str] = DEFAULT_TASK_METRICS) -> list[str]:
+    return [*ROUND_COLUMNS, *task_metrics, *FEDERATION_COLUMNS]
+
+
+def write_metrics(path: str | Path, rows: Iterable[dict[str, Any]],
+                  task_metrics: Iterable[str] = DEFAULT_TASK_METRICS) -> None:
+    columns = metric_columns(task_metrics)
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: _cell(key, row.get(key)) for key in METRIC_COLUMNS})
+        writer.writerow({key: _cell(key, row.get(key)) for key in columns})
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -76,12 +85,19 @@ def read_table(path: str | Path, before_round: int) -> list[dict[str, Any]]:
     return frame[frame["round"] < before_round].to_dict("records")
 
 
-def summarize(method: str, rows: list[dict[str, Any]], wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    accuracies = [r["test_accuracy"] for r in rows if not _missing(r.get("test_accuracy"))]
-    summary = {
-        "method": method,
-        "final_test_accuracy": accuracies[-1] if accuracies else None,
-        "best_test_accuracy": max(accuracies) if accuracies else None,
+def summarize(config: Any, rows: list[dict[str, Any]], wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """summary.json: the task's metrics (final = last evaluated round, best = best evaluated round by the
+    metric's own direction: highest accuracy, lowest loss), traffic, time and fault counts. ``metric``
+    names the task's primary metric, by which reports and sweeps rank runs."""
+    from ravan_ray.tasks import task_class
+
+    task = task_class(config.model.task)
+    summary: dict[str, Any] = {"method": config.method.name, "task": task.name, "metric": task.primary_metric}
+    for name, direction in task.metrics.items():
+        values = [r[name] for r in rows if not _missing(r.get(name))]
+        summary[f"final_{name}"] = values[-1] if values else None
+        summary[f"best_{name}"] = (max(values) if direction == "max" else min(values)) if values else None
+    summary.update({
         "rounds": len(rows),
         "total_uplink_bytes": int(sum(r.get("uplink_bytes") or 0 for r in rows)),
         "total_downlink_bytes": int(sum(r.get("downlink_bytes") or 0 for r in rows)),
@@ -89,7 +105,7 @@ def summarize(method: str, rows: list[dict[str, Any]], wall_s: float, extra: dic
         "failed_clients": int(sum(r.get("failed_clients") or 0 for r in rows)),
         "dropped_clients": int(sum(r.get("dropped_clients") or 0 for r in rows)),
         "rejected_uploads": int(sum(r.get("rejected_uploads") or 0 for r in rows)),
-    }
+    })
     summary.update(extra or {})
     return summary
 

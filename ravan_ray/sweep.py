@@ -25,8 +25,9 @@ pool mode, num_clients in per_client mode). Tune creates the group with child-ta
 federation's actors land inside it and a trial never competes with another trial for its clients' CPUs.
 
 Every round is reported to Tune. Metrics that are NaN or missing are left out of the report rather than
-sent as NaN: ``test_accuracy`` appears only in rounds that evaluated (ASHA then decides at the first
-evaluated round past each milestone), ``agg_error`` only for methods that define it. Each checkpointed
+sent as NaN: ``test_accuracy`` (or the task's own primary metric, on which ASHA stops trials) appears only
+in rounds that evaluated (ASHA then decides at the first evaluated round past each milestone),
+``agg_error`` only for methods that define it. Each checkpointed
 round also reports a Tune checkpoint holding the run's latest federation checkpoint and metrics.csv, so
 a retried trial (``max_failures``) or a resumed sweep continues from that round instead of round 1.
 
@@ -74,8 +75,12 @@ ATTEMPTS_FILE = "attempts.jsonl"
 FAILURE_MARKER = ".injected_failure_done"
 # Beyond this many combinations the search space is checked one axis at a time instead of exhaustively.
 MAX_CHECKED_COMBINATIONS = 4096
-SUMMARY_COLUMNS = ["final_test_accuracy", "best_test_accuracy", "rounds", "total_uplink_bytes",
-                   "total_downlink_bytes", "wall_s"]
+TRAFFIC_COLUMNS = ["rounds", "total_uplink_bytes", "total_downlink_bytes", "wall_s"]
+
+
+def summary_columns(metric: str) -> list[str]:
+    """results.csv's columns from each trial's summary.json: its task's primary metric, final and best."""
+    return [f"final_{metric}", f"best_{metric}", *TRAFFIC_COLUMNS]
 
 
 class SweepError(ConfigError):
@@ -117,6 +122,7 @@ class SweepSpec:
         self.storage_path = str(values.get("storage_path") or "runs/sweeps")
         self.asha = self._load_scheduler(values.get("scheduler"))
         self.candidates = self._check_search_space()
+        self.metric, self.mode = self._ranking_metric()
 
     # -- pieces
     def _load_base(self, values: dict[str, Any]) -> dict[str, Any]:
@@ -188,6 +194,22 @@ class SweepSpec:
             configs.append(trial_config(self.base, sampled, where=where))
         return configs
 
+    def _ranking_metric(self) -> tuple[str, str]:
+        """The trials' task's primary metric and whether higher is better (ASHA and results.csv rank by it)."""
+        from ravan_ray.tasks import task_class
+
+        tasks = {task_class(c.model.task) for c in self.candidates}
+        metrics = {(t.primary_metric, t.metrics[t.primary_metric]) for t in tasks}
+        if len(metrics) > 1 and self.asha:
+            raise SweepError("scheduler.asha needs one metric to stop trials on, but the swept tasks rank by "
+                             f"{', '.join(sorted(m for m, _ in metrics))}")
+        return sorted(metrics)[0]
+
+    def trials(self) -> int:
+        """How many trials the sweep runs (grid points times num_samples)."""
+        grid = math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec)
+        return grid * self.num_samples
+
     def normalized(self) -> dict[str, Any]:
         """The tune config as saved in the sweep directory: name explicit, base inlined."""
         values = {k: v for k, v in self.raw.items() if k != "base_config"}
@@ -195,12 +217,13 @@ class SweepSpec:
 
     # -- Tune objects
     def scheduler(self):
-        """ASHA on each round's test accuracy (rounds without an evaluation do not count), or None (FIFO)."""
+        """ASHA on each round's primary metric of the task (test accuracy for classification; rounds without
+        an evaluation do not count), or None (FIFO)."""
         if not self.asha:
             return None
         from ray.tune.schedulers import ASHAScheduler
 
-        return ASHAScheduler(time_attr="round", metric="test_accuracy", mode="max", **self.asha)
+        return ASHAScheduler(time_attr="round", metric=self.metric, mode=self.mode, **self.asha)
 
     def param_space(self) -> dict[str, Any]:
         from ray import tune
@@ -559,14 +582,14 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
             )
         grid = tuner.fit()
-        table = results_table(grid, list(spec.space))
+        table = results_table(grid, list(spec.space), spec.metric)
     finally:
         if started_ray:
             ray.shutdown()
 
     path = out / RESULTS_FILE
     table.to_csv(path, index=False)
-    shown = [c for c in ["trial_id", *spec.space, "final_test_accuracy", "rounds", "status"] if c in table]
+    shown = [c for c in ["trial_id", *spec.space, f"final_{spec.metric}", "rounds", "status"] if c in table]
     print(table[shown].to_string(index=False))
     failed = table[table["status"] == "ERROR"]["trial_id"].tolist() if len(table) else []
     if failed:
@@ -580,10 +603,12 @@ def _trial_dirname(trial) -> str:
     return str(trial.trial_id)  # the trainable writes its run to sweep_dir / trial_id / "run"
 
 
-def results_table(grid, swept_keys: list[str]):
-    """One row per trial: id, swept keys, the run's summary (accuracy, rounds, bytes, time) and status."""
+def results_table(grid, swept_keys: list[str], metric: str = "test_accuracy"):
+    """One row per trial: id, swept keys, the run's summary (the task's primary metric, rounds, bytes,
+    time) and status."""
     import pandas as pd
 
+    columns = summary_columns(metric)
     rows = []
     for result in grid:
         trial_dir = Path(result.path)
@@ -594,7 +619,7 @@ def results_table(grid, swept_keys: list[str]):
         summary = {}
         if (run_dir / "summary.json").is_file():
             summary = json.loads((run_dir / "summary.json").read_text())
-        row.update({key: summary.get(key) for key in SUMMARY_COLUMNS})
+        row.update({key: summary.get(key) for key in columns})
         row["total_bytes"] = (summary.get("total_uplink_bytes") or 0) + (summary.get("total_downlink_bytes") or 0) \
             if summary else None
         attempts = trial_dir / ATTEMPTS_FILE
@@ -607,7 +632,7 @@ def results_table(grid, swept_keys: list[str]):
         row["run_dir"] = str(run_dir)
         rows.append(row)
     return pd.DataFrame(rows).sort_values("trial_id", kind="stable").reset_index(drop=True) if rows \
-        else pd.DataFrame(columns=["trial_id", *swept_keys, *SUMMARY_COLUMNS, "total_bytes", "status", "run_dir"])
+        else pd.DataFrame(columns=["trial_id", *swept_keys, *columns, "total_bytes", "status", "run_dir"])
 
 
 def _planned_rounds(run_dir: Path) -> Optional[int]:

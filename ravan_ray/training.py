@@ -1,13 +1,14 @@
 """One process's model: the pretrained network wrapped by the method, local training and evaluation.
 
 :class:`ModelHost` is what a client actor and the parameter server hold; it knows nothing of Ray and
-nothing of any particular method (it only calls the method protocol), so it is tested directly.
+nothing of any particular method or task (it only calls the two protocols), so it is tested directly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -16,9 +17,11 @@ from torch import nn
 from ravan_ray.config import RunConfig
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State
-from ravan_ray.models import FrozenWeights, load_model, model_from_weights, model_skeleton
+from ravan_ray.models import FrozenWeights, ModelError, default_targets, model_from_weights, torch_dtype
+from ravan_ray.tasks import build_task
+from ravan_ray.tasks.base import rows_in
 
-Batch = dict[str, np.ndarray]  # input_ids, attention_mask, labels
+Batch = dict[str, np.ndarray]  # a client's rows of the task's training arrays
 
 
 def pick_device() -> torch.device:
@@ -35,33 +38,44 @@ def make_optimizer(config: RunConfig, params: list[nn.Parameter], lr: float) -> 
     return torch.optim.SGD(params, lr=lr, weight_decay=opt.weight_decay)
 
 
-def effective_weight(module: nn.Module) -> torch.Tensor:
-    """The weight the layer applies: base + adapter delta for an adapter, the weight for a plain linear."""
-    if hasattr(module, "delta_weight"):
-        return module.base.weight + module.delta_weight().to(module.base.weight.dtype)
-    return module.weight
+def with_targets(config: RunConfig, model: nn.Module) -> RunConfig:
+    """The config with ``model.target_modules`` resolved: an unset one becomes the model's own attention
+    query and value projections (:func:`ravan_ray.models.default_targets`)."""
+    if config.model.target_modules is not None:
+        return config
+    resolved = config.model_copy(deep=True)
+    resolved.model.target_modules = default_targets(model)
+    return resolved
 
 
-def preflight(config: RunConfig, num_labels: int) -> dict:
+def preflight(config: RunConfig, task_info: dict[str, Any]) -> dict:
     """Wrap the model's weightless skeleton with the method, in the driver, before Ray starts: no target
     module, a rank that does not fit, an unknown model are then one clear error, not an actor's traceback.
-    Returns the method's resolved settings (ranks) for config.yaml."""
+    Returns the method's resolved settings (ranks, target modules) for config.yaml."""
+    skeleton = build_task(config, task_info).skeleton()
+    config = with_targets(config, skeleton)
     method = build_method(config)
-    method.wrap_model(model_skeleton(config.model.name, num_labels))
-    return {**method.resolved(), "lr": method.lr}
+    method.wrap_model(skeleton)
+    return {**method.resolved(), "lr": method.lr, "target_modules": list(config.model.target_modules)}
 
 
 class ModelHost:
     """``frozen``: build the model around these shared arrays (read zero-copy from Ray's object store)
-    instead of loading a private copy. Only the parameters the method may change get private copies."""
+    instead of loading a private copy. Only the parameters the method may change get private copies.
 
-    def __init__(self, config: RunConfig, num_labels: int, frozen: Optional[FrozenWeights] = None):
-        self.config = config
-        self.method = build_method(config)
+    Precision: with ``model.dtype`` bfloat16 / float16 the frozen base is stored in that dtype and every
+    forward pass runs under autocast in it, while every parameter a client may change (adapters, task
+    head, full fine-tuning's weights) is held in float32: they are averaged across clients, where half
+    precision rounding would show, and Adam's updates on half-precision weights underflow."""
+
+    def __init__(self, config: RunConfig, task_info: dict[str, Any], frozen: Optional[FrozenWeights] = None):
+        self.task = build_task(config, task_info)
         if frozen is None:
-            loaded = load_model(config.model.name, num_labels, config.seed)
+            loaded = self.task.load_model()
         else:
-            loaded = model_from_weights(config.model.name, num_labels, frozen)
+            loaded = model_from_weights(self.task.skeleton(), frozen, config.model.name)
+        self.config = config = with_targets(config, loaded.model)
+        self.method = build_method(config)
         self.model = loaded.model
         self.model.requires_grad_(False)
         # Plain attributes (not submodules): the method finds its layers and the head through them.
@@ -70,18 +84,38 @@ class ModelHost:
         self.model.requires_grad_(False)
         params = dict(self.model.named_parameters())
         mutable = self.method.mutable_parameters(self.model)
-        if frozen is not None:
-            # The shared pages are every process's pretrained weights: never write them.
-            for name in mutable:
-                params[name].data = params[name].data.clone()
+        for name in mutable:
+            # Private float32 copies: the shared pages are every process's pretrained weights (never
+            # written), and what trains stays in float32 whatever the base's dtype.
+            if frozen is not None or params[name].dtype != torch.float32:
+                params[name].data = params[name].data.to(torch.promote_types(params[name].dtype, torch.float32),
+                                                         copy=True)
+        if config.model.gradient_checkpointing:
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise ModelError(f"model.gradient_checkpointing: {type(self.model).__name__} does not support it")
+            # Non-reentrant checkpointing works with a frozen base (no input needs a gradient).
+            enable = getattr(self.model, "activation_checkpointing_enable", None)  # transformers >= 5.x
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.device = pick_device()
         self.model.to(self.device)
         params = dict(self.model.named_parameters())
         self.pristine = {n: params[n].detach().clone() for n in mutable}
+        half = torch_dtype(config.model.dtype)
+        self.autocast_dtype = None if half == torch.float32 else half
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none).
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=half == torch.float16 and self.device.type == "cuda")
 
     @property
     def adapted(self) -> dict[str, nn.Module]:
         return self.model.ravan_adapted
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def initial_state(self) -> State:
         return {k: v.detach().cpu() for k, v in self.method.initial_state(self.model).items()}
@@ -102,7 +136,7 @@ class ModelHost:
         # eval/ keys are the server's, for evaluating the global model; they are not downlink, so a client
         # never sees them (a method's load_state may rely on that to tell a client from the global model).
         self.load({k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}, client_state)
-        num_samples = len(data["labels"])
+        num_samples = rows_in(data)
         torch.manual_seed(int(task.generator(stream=2).initial_seed()))  # dropout, identical in any actor
         batches = self._batch_order(num_samples, cfg.federation.local_steps, cfg.federation.batch_size,
                                     task.generator(stream=0))
@@ -117,16 +151,18 @@ class ModelHost:
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
             loss = self._loss(data, batch)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            self.scaler.scale(loss).backward()
+            self.scaler.step(optimizer)
+            self.scaler.update()
+            losses.append(loss.detach())
         self.model.eval()
         tensors, new_client_state = self.method.upload(self.model, task, meta)
         return ClientUpdate(
             client_id=task.client_id,
             tensors={k: v.detach().cpu() for k, v in tensors.items()},
             num_samples=num_samples,
-            train_loss=float(np.mean(losses)) if losses else math.nan,
+            # one host sync for the whole round, not one per step
+            train_loss=float(torch.stack(losses).double().mean()) if losses else math.nan,
             heads_trained=int(meta.get("heads_trained", 0)),
             meta=meta,
             client_state=None if new_client_state is None else {k: v.detach().cpu() for k, v in new_client_state.items()},
@@ -141,42 +177,32 @@ class ModelHost:
         return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
     def _loss(self, data: Batch, rows: torch.Tensor) -> torch.Tensor:
-        return self._forward(data, rows.numpy(), with_labels=True).loss
-
-    def _forward(self, data: Batch, rows: np.ndarray, with_labels: bool):
-        mask = torch.from_numpy(np.ascontiguousarray(data["attention_mask"][rows]))
-        length = max(1, int(mask.sum(dim=1).max()))  # drop all-padding columns: same result, less work
-        inputs = {
-            "input_ids": torch.from_numpy(np.ascontiguousarray(data["input_ids"][rows][:, :length])).to(self.device),
-            "attention_mask": mask[:, :length].to(self.device),
-        }
-        if with_labels:
-            inputs["labels"] = torch.from_numpy(np.ascontiguousarray(data["labels"][rows])).to(self.device)
-        return self.model(**inputs)
+        with self.autocast():
+            return self.task.loss(self.model, self.task.batch(data, rows.numpy(), self.device))
 
     # ----------------------------------------------------------------- global model
     @torch.no_grad()
-    def evaluate(self, state: State, data: Batch, batch_size: int) -> dict[str, float]:
+    def evaluate(self, state: State, data: dict[str, Any], batch_size: int) -> dict[str, float]:
         self.load(state)
         self.model.eval()
-        correct, loss_sum, total = 0, 0.0, len(data["labels"])
-        for start in range(0, total, batch_size):
-            rows = np.arange(start, min(total, start + batch_size))
-            out = self._forward(data, rows, with_labels=True)
-            labels = torch.from_numpy(data["labels"][rows]).to(self.device)
-            correct += int((out.logits.argmax(-1) == labels).sum())
-            loss_sum += float(out.loss) * len(rows)
-        return {"test_accuracy": correct / total, "test_loss": loss_sum / total}
+        with self.autocast():
+            return self.task.evaluate(self.model, data, batch_size, self.device)
 
     @torch.no_grad()
     def layer_deltas(self, state: State, client_state: Optional[State] = None) -> dict[str, torch.Tensor]:
-        """ΔW = (weight the layer applies) - (pretrained weight), per adapted layer, under ``state``."""
+        """ΔW = (weight the layer applies) - (pretrained weight), per adapted layer, under ``state``, in
+        float64: the change of the layer's own weight (where the method changes it) plus the adapter's
+        delta, each computed on its own so that a half-precision base does not round the update away."""
         self.load(state, client_state)
+        params = dict(self.model.named_parameters())
         deltas = {}
         for name, module in self.adapted.items():
-            base_name = f"{name}.base.weight" if hasattr(module, "base") else f"{name}.weight"
-            pretrained = self.pristine.get(base_name)
-            if pretrained is None:
-                pretrained = dict(self.model.named_parameters())[base_name]
-            deltas[name] = (effective_weight(module) - pretrained).detach().to(torch.float64).cpu()
+            weight_name = f"{name}.base.weight" if hasattr(module, "base") else f"{name}.weight"
+            weight = params[weight_name]
+            delta = torch.zeros(weight.shape, dtype=torch.float64)
+            if weight_name in self.pristine:
+                delta += (weight.detach().double() - self.pristine[weight_name].double()).cpu()
+            if hasattr(module, "delta_weight"):
+                delta += module.delta_weight().detach().double().cpu()
+            deltas[name] = delta
         return deltas

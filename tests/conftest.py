@@ -44,6 +44,18 @@ TINY_OVERRIDES = [
 ]
 
 
+# What a 3-class text-classification task tells every process (TaskData.info): for ModelHost in tests.
+TINY_INFO = {"label_names": ["0", "1", "2"], "pad_token_id": 0}
+
+
+def tiny_model(config=None):
+    """The task's model (a LoadedModel) for a config, tiny-bert with 3 classes by default."""
+    from ravan_ray.config import load_config
+    from ravan_ray.tasks import build_task
+
+    return build_task(config or load_config(None, TINY_OVERRIDES), TINY_INFO).load_model()
+
+
 @pytest.fixture
 def tiny_config():
     """A config for a 2-round run on a 2-layer BERT built from a config (no downloads), with overrides."""

@@ -14,12 +14,11 @@ import yaml
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, tiny_model
 from ravan_ray.budgets import heads_for_level, rank_for_level
 from ravan_ray.cli import main
 from ravan_ray.config import METHODS
 from ravan_ray.methods.base import HEAD_PREFIX
-from ravan_ray.models import load_model
 
 E2E_OVERRIDES = [*TINY_OVERRIDES, "resources.pool_size=1", "federation.eval_every=2"]
 HETEROGENEOUS = ("hetlora", "flexlora")  # their main run uses a bell-shaped compute mix
@@ -68,9 +67,9 @@ def main_run(run, method: str) -> Run:
 
 
 # ------------------------------------------------------------------------------------------------ bytes
-def body_bytes(num_labels: int) -> int:
+def body_bytes() -> int:
     """Full-FT's trained weights outside the head: everything but the nn.Embedding tables."""
-    loaded = load_model("tiny-bert", num_labels, 0)
+    loaded = tiny_model()
     embeddings = {id(p) for m in loaded.model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     head = set(loaded.head_parameters)
     return FLOAT32 * sum(p.numel() for n, p in loaded.model.named_parameters() if id(p) not in embeddings and n not in head)
@@ -96,7 +95,7 @@ def expected_bytes(method: str, r: Run, round_index: int) -> tuple[int, int]:
                                           for n, (d_out, d_in) in shapes.items()),
         "ravan": lambda c: FLOAT32 * sum(heads_for_level(r.levels[c], r.resolved["heads"]) * ranks[n] ** 2
                                          for n in shapes),
-        "full_ft": lambda c: body_bytes(r.state["head/classifier.bias"].numel()),
+        "full_ft": lambda c: body_bytes(),
     }[method]
     uplink = sum(per_client_up(c) + head for c in sampled)
 

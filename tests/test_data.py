@@ -8,17 +8,24 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ravan_ray.config import ConfigError, from_dict
 from ravan_ray.data import (
     DataError,
     TextClassificationData,
     label_histogram,
-    load_text_classification,
     make_synthetic,
     partition,
     tokenize,
 )
+from ravan_ray.tasks.text_classification import TextClassification
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_text_classification(name="synthetic", path=None, seed=0, **data_keys) -> TextClassificationData:
+    """The text-classification task's data for these ``data.*`` keys."""
+    data = {"name": name, **data_keys, **({"path": str(path)} if path is not None else {})}
+    return TextClassification(from_dict({"seed": seed, "data": data})).load_texts()
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +209,7 @@ def test_empty_file_raises_data_error(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.5, float("nan")])
 def test_test_fraction_outside_open_unit_interval_raises(fraction):
-    with pytest.raises(DataError, match="test_fraction"):
+    with pytest.raises(ConfigError, match="test_fraction"):
         load_text_classification(test_fraction=fraction)
 
 

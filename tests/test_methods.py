@@ -15,12 +15,13 @@ from hypothesis import given, settings, strategies as st
 import torch
 from torch import nn
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_INFO, TINY_OVERRIDES, tiny_model
 from ravan_ray.config import METHODS, load_config
 from ravan_ray.methods import REGISTRY, build_method, method_class
 from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate
 from ravan_ray.methods.budget import method_rank, per_matrix_budget
-from ravan_ray.models import export_weights, load_model
+from ravan_ray.models import export_weights
+from ravan_ray.tasks import build_task
 from ravan_ray.training import ModelHost
 
 
@@ -225,7 +226,7 @@ def test_an_unset_learning_rate_is_the_methods_default_and_a_set_one_wins():
     assert build_method(load_config(None, ["method.name=full_ft"])).lr == 5e-5
     assert build_method(load_config(None, ["method.name=full_ft", "optimizer.lr=1e-4"])).lr == 1e-4
     # the lr a run actually used goes into config.yaml's resolved section
-    assert preflight(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), 3)["lr"] == 5e-5
+    assert preflight(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), TINY_INFO)["lr"] == 5e-5
 
 
 def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():
@@ -297,7 +298,7 @@ def test_fed_sb_warms_up_with_the_svd_of_the_mean_full_update_then_averages_H():
 
 
 def test_full_ft_trains_everything_but_the_embeddings():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), TINY_INFO)
     trained = set(host.method.mutable_parameters(host.model))
     names = {n for n, _ in host.model.named_parameters()}
     assert {n for n in names if "embeddings" in n and "LayerNorm" not in n}.isdisjoint(trained)
@@ -331,7 +332,7 @@ def aggregation_error(host: ModelHost, old_state, new_state, updates) -> tuple[f
 def federate(name: str, rounds: int, levels=(1.0, 1.0, 1.0), *overrides: str):
     """Train 3 clients per round on one ModelHost and aggregate; yields (round, error, scale, state)."""
     host = ModelHost(load_config(None, [*TINY_OVERRIDES, f"method.name={name}", "federation.local_steps=3",
-                                        "federation.batch_size=8", *overrides]), 3)
+                                        "federation.batch_size=8", *overrides]), TINY_INFO)
     state, client_states = host.initial_state(), {}
     for round_index in range(1, rounds + 1):
         tasks = [ClientTask(c, round_index, level, 0) for c, level in enumerate(levels)]
@@ -370,7 +371,7 @@ def test_flexlora_global_model_is_the_exact_mean_while_hetlora_is_not():
 def test_a_clients_update_does_not_depend_on_the_clients_the_process_served_before(name):
     """Pool mode: one actor serves many clients, so everything a client may change is reset between them."""
     config = load_config(None, [*TINY_OVERRIDES, f"method.name={name}", "federation.local_steps=2"])
-    shared, fresh = ModelHost(config, 3), ModelHost(config, 3)
+    shared, fresh = ModelHost(config, TINY_INFO), ModelHost(config, TINY_INFO)
     state = shared.initial_state()
     shared.train_client(ClientTask(0, 1, 0.25, 0), state, None, local_data(0))
     after_another = shared.train_client(ClientTask(1, 1, 1.0, 0), state, None, local_data(1))
@@ -386,9 +387,9 @@ def test_a_host_on_shared_frozen_weights_never_writes_them_and_trains_as_on_its_
     Two rounds, so the methods that change base weights when loading a state (FlexLoRA, FedEx-LoRA, FLoRA,
     Fed-SB after its warm-up, full FT) do so, and the server's evaluation load too."""
     config = load_config(None, [*TINY_OVERRIDES, f"method.name={name}", "federation.local_steps=2"])
-    frozen = export_weights(load_model(config.model.name, 3, config.seed))
+    frozen = export_weights(tiny_model(config))
     pretrained = {key: array.copy() for key, array in frozen.arrays.items()}
-    on_shared, on_own = ModelHost(config, 3, frozen), ModelHost(config, 3)
+    on_shared, on_own = ModelHost(config, TINY_INFO, frozen), ModelHost(config, TINY_INFO)
 
     shared_addresses = {array.ctypes.data for array in frozen.arrays.values()}
     mutable = set(on_shared.method.mutable_parameters(on_shared.model))
@@ -415,12 +416,12 @@ def test_a_host_on_shared_frozen_weights_never_writes_them_and_trains_as_on_its_
 def test_shared_weights_keep_dtypes_numpy_lacks_and_tied_tensors():
     from ravan_ray.models import model_from_weights
 
-    loaded = load_model("tiny-bert", 3, 0)
+    loaded = tiny_model()
     loaded.model.to(torch.bfloat16)
     frozen = export_weights(loaded)
     query, pooler = "bert.encoder.layer.0.attention.self.query.weight", "bert.pooler.dense.weight"
     frozen.slots[query] = frozen.slots[pooler]  # tie two 32 x 32 weights, as T5 ties its embeddings
-    model = model_from_weights("tiny-bert", 3, frozen).model
+    model = model_from_weights(build_task(load_config(None, TINY_OVERRIDES), TINY_INFO).skeleton(), frozen).model
     params = dict(model.named_parameters(remove_duplicate=False))
     assert params[pooler].dtype == torch.bfloat16
     assert torch.equal(params[pooler], dict(loaded.model.named_parameters())[pooler])
@@ -429,7 +430,7 @@ def test_shared_weights_keep_dtypes_numpy_lacks_and_tied_tensors():
 
 
 def test_clients_never_receive_the_servers_eval_keys(monkeypatch):
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fedsa_lora"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fedsa_lora"]), TINY_INFO)
     state = host.initial_state()
     state.update({f"{EVAL_PREFIX}{name}/lora_B": torch.ones_like(layer.lora_B) for name, layer in host.adapted.items()})
     seen = []

@@ -29,7 +29,7 @@ def write_run(run_dir, accuracies, *, seed=0, method="ravan", heads=4, distribut
              "effective_rank": ranks[r % len(ranks)], "clients": 3, "heads_trained": heads}
             for r, acc in enumerate(accuracies)]
     write_metrics(run_dir / "metrics.csv", rows)
-    write_summary(run_dir / "summary.json", summarize(method, rows, rows[-1]["wall_s"]))
+    write_summary(run_dir / "summary.json", summarize(config, rows, rows[-1]["wall_s"]))
     return run_dir
 
 
@@ -61,7 +61,7 @@ def test_mean_std_and_n_over_seeds_are_those_of_the_numbers(method_sweep, tmp_pa
     text = report.read_text()
     # ravan under bell: mean 71.00, std 1.00 over 3 seeds
     assert "71.00 ± 1.00 (3)" in text
-    assert "## Final accuracy per method" in text and "## Final accuracy per budget mix and method" in text
+    assert "## Final test accuracy per method" in text and "## Final test accuracy per budget mix and method" in text
 
 
 def test_report_writes_tables_and_the_plots_its_groupings_allow(method_sweep, tmp_path):
@@ -73,7 +73,7 @@ def test_report_writes_tables_and_the_plots_its_groupings_allow(method_sweep, tm
                  "effective_rank.png"):
         assert (out / name).stat().st_size > 0, name
     assert not (out / "heads_gain.png").exists()  # one head count only: skipped, with a note
-    assert "Accuracy gain vs heads plot: method.heads takes a single value" in report.read_text()
+    assert "Test accuracy gain vs heads plot: method.heads takes a single value" in report.read_text()
     assert len(pd.read_csv(out / "runs.csv")) == 12
 
 
@@ -84,7 +84,7 @@ def test_heads_report_marks_where_sqrt_nh_reaches_d(tmp_path):
                       heads=heads)
     report = write_report([tmp_path / "runs"], tmp_path / "out")
     assert (tmp_path / "out" / "heads_gain.png").stat().st_size > 0
-    assert "## Final accuracy per number of heads" in report.read_text()
+    assert "## Final test accuracy per number of heads" in report.read_text()
     runs = pd.read_csv(tmp_path / "out" / "runs.csv")
     # tiny-bert: d = 32; lora_rank 8 -> N = 8 (32 + 32) = 512; sqrt(N h) = d at h = d^2 / N = 2
     assert set(runs["d_model"]) == {32} and set(runs["budget_per_matrix"]) == {512}
@@ -97,8 +97,8 @@ def test_runs_from_several_directories_and_a_single_seed(tmp_path):
     (tmp_path / "b" / "not_a_run" / "metrics.csv").write_text("round\n1\n")
     assert len(find_runs([tmp_path / "a", tmp_path / "b"])) == 2
     report = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out").read_text()
-    assert "## Final accuracy per initialisation" in report
-    assert "60.00 (1)" in report and "±" not in report.split("## Final accuracy per initialisation")[1].split("##")[0]
+    assert "## Final test accuracy per initialisation" in report
+    assert "60.00 (1)" in report and "±" not in report.split("## Final test accuracy per initialisation")[1].split("##")[0]
 
 
 def test_report_over_a_run_written_by_run_federation(tmp_path, tiny_config, ray_session):

@@ -84,6 +84,10 @@ class FederatedMethod(ABC):
     exact: ClassVar[bool] = False
     #: The learning rate used when the config leaves optimizer.lr unset.
     default_lr: ClassVar[float] = 2e-3
+    #: True when the method writes into the wrapped layers' own weights W (merging an update into W, as
+    #: FedEx-LoRA, FLoRA, FlexLoRA and Fed-SB's warm-up do). Those weights are then private, float32 copies
+    #: in every process; otherwise they stay shared and in the base's dtype (a bfloat16 base stays bfloat16).
+    changes_base_weights: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -141,7 +145,8 @@ class FederatedMethod(ABC):
         """Names of the parameters a client may change. The host restores them to their pretrained
         values before every client task, so nothing leaks from one client to the next in pool mode."""
         adapter_params = [f"{layer}.{param}" for layer, module in self.adapted_modules(model).items()
-                          for param, _ in module.named_parameters()]
+                          for param, _ in module.named_parameters()
+                          if self.changes_base_weights or not param.startswith("base.")]
         return adapter_params + self.head_parameter_names(model)
 
     # ----------------------------------------------------------------- helpers shared by methods

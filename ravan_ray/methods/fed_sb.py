@@ -50,6 +50,7 @@ def warmup_key(layer: str) -> str:
 
 class FedSB(FederatedMethod):
     name = "fed_sb"
+    changes_base_weights = True  # merges updates into W
     exact = True
 
     def __init__(self, config):

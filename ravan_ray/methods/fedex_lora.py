@@ -33,6 +33,7 @@ def base_key(layer: str) -> str:
 
 class FedExLoRA(LoRAMethod):
     name = "fedex_lora"
+    changes_base_weights = True  # merges updates into W
     exact = True
 
     def initial_state(self, model: nn.Module) -> State:

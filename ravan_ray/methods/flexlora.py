@@ -64,6 +64,7 @@ def truncated_factors(B_cat: torch.Tensor, A_cat: torch.Tensor, rank: int) -> tu
 
 class FlexLoRA(HeterogeneousRankLoRA):
     name = "flexlora"
+    changes_base_weights = True  # merges updates into W
     exact = False
 
     def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:

@@ -40,6 +40,7 @@ STACK_SUFFIXES = ("/stack_A", "/stack_B")
 
 class FLoRA(LoRAMethod):
     name = "flora"
+    changes_base_weights = True  # merges updates into W
     exact = True
 
     def initial_state(self, model: nn.Module) -> State:

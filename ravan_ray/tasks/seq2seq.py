@@ -1,0 +1,105 @@
+"""Text-to-text with an encoder-decoder (``AutoModelForSeq2SeqLM``; the paper's T5-Base on 20 Newsgroups):
+``data.source_field`` -> ``data.target_field``, teacher-forced cross-entropy, exact match of the greedy
+generation.
+
+Classification as generation, how T5 is used on 20 Newsgroups: when the target column holds class ids
+(integers, named by a ``ClassLabel`` feature or ``label_names.json``), the model is taught to generate the
+class *name* ("rec.sport.hockey"); a text target column is used as it is. Those class ids are also what
+the Dirichlet partition splits on; a text target has no classes, so the split then needs
+``data.partition.label_field`` or falls back to iid.
+
+Lengths: sources are cut to ``data.max_length`` tokens, targets to ``data.max_target_length`` (with the
+tokenizer's end token, which T5's tokenizer appends). Metrics: ``test_loss`` (mean cross-entropy per
+target token) and ``test_accuracy``: the share of test sources whose greedy generation, decoded without
+special tokens and stripped of surrounding white space, equals the target text stripped alike;
+``data.max_new_tokens`` bounds the generation (unset: the longest test target's length in tokens; 0: no
+generation, test_accuracy empty).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ravan_ray.data import DataError, as_texts, encode_labels, is_class_id, tokenize
+from ravan_ray.models import load_tokenizer
+from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, greedy_exact_match, object_array, take, to_device
+from ravan_ray.tasks.causal_lm import IGNORE
+
+
+class Seq2Seq(Task):
+    name = "seq2seq"
+    auto_class = "AutoModelForSeq2SeqLM"
+    new_head = False
+    metrics = {"test_accuracy": "max", "test_loss": "min"}
+    primary_metric = "test_accuracy"
+
+    def prepare(self) -> TaskData:
+        d = self.config.data
+        splits = self.load_splits(label_field=d.target_field)
+        splits.require({"source_field": d.source_field, "target_field": d.target_field})
+        train_raw, test_raw = splits.column("train", d.target_field), splits.column("test", d.target_field)
+        own_labels = None
+        if all(v is not None and is_class_id(v) for v in train_raw + test_raw):
+            ids, names = encode_labels(train_raw + test_raw, d.target_field, splits.where, splits.label_names)
+            train_targets, test_targets = [names[i] for i in ids[:len(train_raw)]], [names[i] for i in ids[len(train_raw):]]
+            own_labels = (ids[:len(train_raw)], names)
+        else:
+            train_targets, test_targets = as_texts(train_raw), as_texts(test_raw)
+        tokenizer = self.tokenizer()
+        train = self.encode(as_texts(splits.column("train", d.source_field)), train_targets, tokenizer)
+        test = self.encode(as_texts(splits.column("test", d.source_field)), test_targets, tokenizer)
+        if d.max_new_tokens != 0:
+            test["references"] = object_array([t.strip() for t in test_targets])
+            longest = int((test["labels"] != IGNORE).sum(axis=1).max())
+            self.info["max_new_tokens"] = int(d.max_new_tokens if d.max_new_tokens is not None else longest)
+        labels, names = self.partition_labels(splits, own_labels)
+        return TaskData(train, test, self.info, labels, names)
+
+    def tokenizer(self):
+        tokenizer = load_tokenizer(self.config.model.name)
+        tokenizer.padding_side = "right"
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise DataError(f"the tokenizer of model.name '{self.config.model.name}' needs a pad and an end-of-sequence "
+                            f"token for text-to-text training")
+        self.info["pad_token_id"] = int(tokenizer.pad_token_id)
+        self.info["eos_token_ids"] = [int(tokenizer.eos_token_id)]
+        return tokenizer
+
+    def encode(self, sources: list[str], targets: list[str], tokenizer) -> Arrays:
+        d = self.config.data
+        arrays = tokenize(sources, tokenizer, d.max_length)
+        arrays.pop("token_type_ids", None)  # encoder-decoders take none
+        labels = tokenizer(text_target=targets, max_length=d.max_target_length, truncation=True,
+                           padding="max_length", return_tensors="np")
+        arrays["labels"] = np.where(labels["attention_mask"] == 1, labels["input_ids"], IGNORE).astype(np.int64)
+        return arrays
+
+    # ----------------------------------------------------------------- every process
+    def batch(self, data: Arrays, rows: np.ndarray, device: torch.device) -> dict[str, torch.Tensor]:
+        inputs = take(data, rows, device, ["input_ids", "attention_mask"])
+        labels = data["labels"][rows]
+        length = max(1, int((labels != IGNORE).sum(axis=1).max()))  # targets are right-padded too
+        inputs["labels"] = to_device(np.ascontiguousarray(labels[:, :length]), device)
+        return inputs
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:
+        loss_sum, tokens = 0.0, 0
+        for rows in batches(len(data["labels"]), batch_size):
+            inputs = self.batch(data, rows, device)
+            counted = int((inputs["labels"] != IGNORE).sum())
+            loss_sum += float(model(**inputs).loss) * counted
+            tokens += counted
+        metrics = {"test_loss": loss_sum / max(tokens, 1)}
+        if "references" in data:
+            metrics["test_accuracy"] = greedy_exact_match(model, data, batch_size, device, self.info,
+                                                          self.decoding_tokenizer(),
+                                                          ("input_ids", "attention_mask"), continues_prompt=False)
+        return metrics
+
+    def model_overrides(self) -> dict[str, Any]:
+        return {"pad_token_id": self.info["pad_token_id"]}

@@ -182,10 +182,13 @@ def write_squad(folder: Path, seed: int) -> None:
 def write_vit(folder: Path) -> None:
     from transformers import ViTConfig, ViTImageProcessor
 
+    from ravan_ray.models import quiet_transformers
+
     folder.mkdir(parents=True, exist_ok=True)
     ViTConfig(image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
               num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
-    ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    with quiet_transformers():  # without torchvision the processor notes that it uses its PIL backend
+        ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
 
 
 def _corpus(folder: Path, fields: tuple[str, ...]) -> list[str]:

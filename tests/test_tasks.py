@@ -382,3 +382,23 @@ def test_gradient_checkpointing_gives_the_same_update():
     for key, value in plain.tensors.items():
         torch.testing.assert_close(checkpointed.tensors[key], value)
     assert checkpointed.train_loss == pytest.approx(plain.train_loss)
+
+
+# ------------------------------------------------------------------------------------- configs and reports
+@pytest.mark.parametrize("tune_config", sorted(p.name for p in (__import__("pathlib").Path(__file__).parents[1]
+                                                                 / "tune_configs").glob("*.yaml")))
+def test_every_tune_config_passes_the_offline_dry_run(tune_config, capsys):
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "tune_configs" / tune_config
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "tune config OK" in capsys.readouterr().out
+
+
+def test_the_report_shows_each_tasks_own_metrics(ray_session, tiny, tmp_path):
+    from ravan_ray.report import write_report
+
+    assert cli_run(tiny, "question_answering", tmp_path / "runs" / "qa", "federation.rounds=2") == 0
+    report = write_report([tmp_path / "runs"], tmp_path / "report").read_text()
+    assert "final test f1 %" in report and "final test exact match %" in report and "final test loss" in report
+    assert "Test f1 per round" in report

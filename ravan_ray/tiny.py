@@ -16,7 +16,7 @@ DIR/models/
 DIR/data/
   images/        image folder: 4 classes of striped pictures by colour (red, green, blue, grey)
   topics/        the synthetic 12-class text task (train / test .jsonl, label_names.json)
-  pairs/         sentence pairs: do two sentences speak of the same topic ("same" / "different")
+  pairs/         sentence pairs: same topic and sentiment, same topic only, or unrelated (3 classes)
   instructions/  Alpaca-layout instructions with one-word answers, and a category column
   squad/         SQuAD-format questions about short made-up biographies, and a category column
 """
@@ -73,7 +73,7 @@ def striped_image(hue: str, rng: np.random.Generator, size: int = IMAGE_SIZE) ->
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def write_images(folder: Path, seed: int, train_per_class: int = 60, test_per_class: int = 15) -> None:
+def write_images(folder: Path, seed: int, train_per_class: int = 150, test_per_class: int = 25) -> None:
     from PIL import Image
 
     rng = np.random.default_rng([seed, 11])
@@ -94,20 +94,27 @@ def write_topics(folder: Path, seed: int) -> None:
     (folder / "label_names.json").write_text(json.dumps(data.label_names))
 
 
+PAIR_LABELS = ("same", "related", "unrelated")
+
+
 def write_pairs(folder: Path, seed: int) -> None:
-    data = make_synthetic(train_size=960, test_size=240, seed=seed + 1)
+    """Sentence pairs in three classes, balanced: the same topic and sentiment ("same"), the same topic
+    with another sentiment ("related"), another topic ("unrelated")."""
+    data = make_synthetic(train_size=1200, test_size=240, seed=seed + 1)
     rng = np.random.default_rng([seed, 12])
     for split, texts, labels in (("train", data.train_texts, data.train_labels),
                                  ("test", data.test_texts, data.test_labels)):
-        topic = labels // 3
+        topic, sentiment = labels // 3, labels % 3
         rows = []
-        for i in range(0, len(texts) - 1, 2):
-            j = i + 1
-            if rng.random() < 0.5:  # half the pairs share a topic: pick the second sentence to match
-                same = np.flatnonzero(topic == topic[i])
-                j = int(same[rng.integers(len(same))])
-            rows.append({"sentence1": texts[i], "sentence2": texts[j],
-                         "label": "same" if topic[i] == topic[j] else "different"})
+        for i in range(len(texts)):
+            label = PAIR_LABELS[i % 3]
+            match = {"same": (topic == topic[i]) & (sentiment == sentiment[i]),
+                     "related": (topic == topic[i]) & (sentiment != sentiment[i]),
+                     "unrelated": topic != topic[i]}[label]
+            match[i] = False
+            candidates = np.flatnonzero(match)
+            j = int(candidates[rng.integers(len(candidates))])
+            rows.append({"sentence1": texts[i], "sentence2": texts[j], "label": label})
         _write_jsonl(folder / f"{split}.jsonl", rows)
 
 
@@ -180,7 +187,7 @@ def write_squad(folder: Path, seed: int) -> None:
 
 # -------------------------------------------------------------------------------------------------- models
 def write_vit(folder: Path) -> None:
-    from transformers import ViTConfig, ViTImageProcessor
+    from transformers import ViTConfig
 
     from ravan_ray.models import quiet_transformers
 
@@ -188,6 +195,8 @@ def write_vit(folder: Path) -> None:
     ViTConfig(image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
               num_attention_heads=2, intermediate_size=64).save_pretrained(folder)
     with quiet_transformers():  # without torchvision the processor notes that it uses its PIL backend
+        from transformers import ViTImageProcessor
+
         ViTImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
 
 

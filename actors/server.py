@@ -8,6 +8,7 @@ frozen bases, which it regenerates from the seed like every client) and evaluati
 from __future__ import annotations
 
 import math
+import os
 import time
 from typing import Any, Optional
 
@@ -36,6 +37,11 @@ class ParameterServer:
         res = self.config.resources
         torch.set_num_threads(max(1, int(round(max(res.server_cpus, res.cpus_per_client)))))
         self.host = ModelHost(self.config, task_info, frozen)
+        # The server evaluates between rounds, while the client actors wait: their CPUs are free then, so
+        # evaluation uses them all (a function of the config alone, so the numbers do not depend on the
+        # machine, short of a machine with fewer cores than the config reserves).
+        clients = self.config.federation.clients_per_round if res.actor_mode == "per_client" else self.config.pool_size
+        self.eval_threads = max(1, min(int(round(clients * res.cpus_per_client + res.server_cpus)), os.cpu_count() or 1))
         self.method = self.host.method
         self.test_data = test_data
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()
@@ -87,7 +93,12 @@ class ParameterServer:
         return {"agg_error": error, "effective_rank": float(np.mean(ranks)) if ranks else math.nan}
 
     def evaluate(self) -> dict[str, float]:
-        metrics = self.host.evaluate(self.state, self.test_data, self.config.federation.eval_batch_size)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.eval_threads)
+        try:
+            metrics = self.host.evaluate(self.state, self.test_data, self.config.federation.eval_batch_size)
+        finally:
+            torch.set_num_threads(threads)
         return_freed_memory()
         return metrics
 

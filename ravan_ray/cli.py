@@ -7,6 +7,7 @@ code 2, never a traceback; set RAVAN_DEBUG=1 to see the traceback anyway.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -37,10 +38,12 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{config.federation.num_clients} clients x {config.federation.rounds} rounds")
         return 0
     run_dir = _run_dir(config, args.output)
+    require_directory(run_dir, "--output")
     if (run_dir / "metrics.csv").exists():
         raise ConfigError(f"{run_dir} already holds a run; use 'ravan-ray resume {run_dir}' or another --output")
-    summary = run_federation(config, run_dir)
-    _print_summary(summary, run_dir)
+    with _quiet_progress(args.quiet or args.json):
+        summary = run_federation(config, run_dir)
+    _print_summary(summary, run_dir, args)
     return 0
 
 
@@ -52,8 +55,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml")
-    summary = run_federation(config, run_dir, resume=True)
-    _print_summary(summary, run_dir)
+    with _quiet_progress(args.quiet or args.json):
+        summary = run_federation(config, run_dir, resume=True)
+    _print_summary(summary, run_dir, args)
     return 0
 
 
@@ -82,6 +86,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from ravan_ray.report import write_report
 
+    if args.output:
+        require_directory(Path(args.output), "--output")
     out = write_report([Path(d) for d in args.dirs], Path(args.output) if args.output else None)
     print(f"report written to {out}")
     return 0
@@ -98,17 +104,84 @@ def check_paths(config) -> None:
         raise ConfigError(f"model.name {name} looks like a local path but does not exist")
 
 
+def require_directory(path: Path, what: str) -> None:
+    """A path the command writes a directory at must not be an existing file (or under one)."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ConfigError(f"{what} {path}: {candidate} is a file, not a directory")
+            return
+
+
 def cmd_tiny(args: argparse.Namespace) -> int:
     from ravan_ray.tiny import write_tiny_assets
 
+    require_directory(Path(args.dir), "tiny")
     out = write_tiny_assets(args.dir)
     print(f"tiny models (config only) in {out / 'models'} and datasets in {out / 'data'}")
     return 0
 
 
-def _print_summary(summary: dict, run_dir: Path) -> None:
-    print(json.dumps(summary, indent=2, default=float))
-    print(f"run directory: {run_dir}")
+@contextlib.contextmanager
+def _quiet_progress(quiet: bool):
+    """--quiet / --json: no progress bar or per-round lines (TQDM_DISABLE is what the driver reads)."""
+    saved = os.environ.get("TQDM_DISABLE")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = saved
+
+
+def _print_summary(summary: dict, run_dir: Path, args: argparse.Namespace) -> None:
+    """What a person wants to read at the end of a run (--json: summary.json for a script; --quiet: the run
+    directory alone)."""
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+        return
+    if args.quiet:
+        print(run_dir)
+        return
+    print(format_summary(summary, run_dir))
+
+
+def format_summary(summary: dict, run_dir: Path) -> str:
+    metric = summary.get("metric", "test_accuracy")
+    lines = [f"{summary['method']} on {summary.get('task', 'text_classification')}: {summary['rounds']} rounds in "
+             f"{_duration(summary['wall_s'])}"]
+    finals = [k.removeprefix("final_") for k in summary if k.startswith("final_")]
+    for name in sorted(finals, key=lambda m: m != metric):  # the primary metric first
+        final, best = summary.get(f"final_{name}"), summary.get(f"best_{name}")
+        if final is None:
+            continue
+        percent = not name.endswith(("loss", "perplexity"))
+        shown = (lambda v: f"{100 * v:.1f} %") if percent else (lambda v: f"{v:.4g}")
+        lines.append(f"  {name.replace('_', ' '):<16} final {shown(final):>9}   best {shown(best)}")
+    lines.append(f"  {'traffic':<16} uplink {summary['total_uplink_bytes'] / 1e6:.2f} MB, "
+                 f"downlink {summary['total_downlink_bytes'] / 1e6:.2f} MB")
+    faults = {k: summary.get(k) for k in ("failed_clients", "dropped_clients", "rejected_uploads") if summary.get(k)}
+    if faults:
+        lines.append(f"  {'faults':<16} " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in faults.items()))
+    lines.append(f"  {'run directory':<16} {run_dir}")
+    if (run_dir / "curves.png").is_file():
+        lines.append(f"  {'curves':<16} {run_dir / 'curves.png'}")
+    lines.append(f"next: ravan-ray report {run_dir}    (tables and plots; give several run directories to compare)")
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def _output_choices(parser: argparse.ArgumentParser) -> None:
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="no progress; print only the run directory at the end")
+    shown.add_argument("--json", action="store_true", help="no progress; print summary.json at the end (for scripts)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,10 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY.PATH=VALUE", help="override a config key (repeatable)")
     run.add_argument("--output", help="run directory (default: output.dir/NAME-METHOD-TIMESTAMP)")
     run.add_argument("--dry-run", action="store_true", help="check the config and paths, load nothing, run nothing")
+    _output_choices(run)
     run.set_defaults(func=cmd_run)
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     resume.add_argument("run_dir")
+    _output_choices(resume)
     resume.set_defaults(func=cmd_resume)
 
     sweep = sub.add_parser("sweep", help="Ray Tune sweep over config keys (see tune_configs/)")

@@ -74,7 +74,9 @@ class PartitionConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: str = "synthetic"
+    # "banking77": the Banking77 intents shipped with the package (the embedded default); "synthetic": a
+    # generated 12-class task (tests); anything else: a Hugging Face dataset id. data.path wins over name.
+    name: str = "banking77"
     path: Optional[str] = None
     subset: Optional[str] = None  # a hub dataset's configuration ("mnli" of nyu-mll/glue)
     train_split: Optional[str] = None  # None: "train" (or the only split)
@@ -300,6 +302,8 @@ def apply_override(values: dict[str, Any], path: list[str], value: Any) -> None:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:

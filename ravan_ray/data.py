@@ -3,8 +3,10 @@ Hugging Face hub ids), split it across clients (iid or label-Dirichlet, PAPER.md
 
 Sources, chosen by :func:`load_splits` from the ``data`` config section:
 
-- ``name="synthetic"`` (the default, no files, no network): a 12-class text task generated here from the
-  seed, see :func:`make_synthetic`.
+- ``name="banking77"`` (the default): Banking77, 77 intents of customer queries to a bank, shipped with
+  the package under CC BY 4.0 (``ravan_ray/data_files/banking77/README.md``); no network needed.
+- ``name="synthetic"`` (tests): a 12-class text task generated here from the seed, see
+  :func:`make_synthetic`.
 - ``path=`` a local csv / jsonl / json / parquet file, a directory holding ``train.*`` and ``test.*``
   (the layout of ``shared/data/*``: fields ``text``, ``label``, ``label_name`` and a ``label_names.json``
   beside them), or an image folder (``train/<class>/*.png``, ``test/<class>/*.png``). Read with
@@ -32,6 +34,8 @@ import numpy as np
 import pandas as pd
 
 SUPPORTED_EXTENSIONS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+# Datasets shipped inside the package: name -> folder with train.jsonl.gz, test.jsonl.gz, label_names.json.
+BUILTIN_DATASETS = {"banking77": Path(__file__).parent / "data_files" / "banking77"}
 TEST_SPLIT_NAMES = ("test", "validation", "valid", "dev")
 PARTITION_KINDS = ("iid", "dirichlet")
 
@@ -254,6 +258,8 @@ def load_splits(data_config: Any, seed: int, label_field: str | None = None) -> 
         splits = _load_local(Path(d.path), d, seed)
     elif d.name == "synthetic":
         splits = _synthetic_splits(seed)
+    elif d.name in BUILTIN_DATASETS:
+        splits = _builtin_splits(d.name)
     elif not d.name:
         raise DataError("data.name is empty: use 'synthetic', a Hugging Face dataset id, or set data.path")
     else:
@@ -277,6 +283,15 @@ def _synthetic_splits(seed: int) -> Splits:
     train = datasets.Dataset.from_dict({"text": data.train_texts, "label": data.train_labels.tolist()})
     test = datasets.Dataset.from_dict({"text": data.test_texts, "label": data.test_labels.tolist()})
     return Splits(train, test, "the synthetic dataset", list(data.label_names))
+
+
+def _builtin_splits(name: str) -> Splits:
+    import datasets
+
+    folder = BUILTIN_DATASETS[name]
+    with _quiet_datasets():
+        splits = datasets.load_dataset("json", data_files={s: str(folder / f"{s}.jsonl.gz") for s in ("train", "test")})
+    return Splits(splits["train"], splits["test"], f"the {name} dataset", _read_label_names(folder / "label_names.json"))
 
 
 def _split_off_test(train: Any, test_fraction: float, seed: int, where: str) -> tuple[Any, Any]:
@@ -513,8 +528,11 @@ def _one_line(e: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+DIRICHLET_TRIES = 200  # fresh draws before a min_size that no draw meets is reported (about a second for 1,000 clients)
+
+
 def partition(labels: np.ndarray, num_clients: int, kind: str = "dirichlet", alpha: float = 0.3,
-              min_size: int = 1, seed: int = 0, max_tries: int = 1000) -> list[np.ndarray]:
+              min_size: int = 1, seed: int = 0, max_tries: int = DIRICHLET_TRIES) -> list[np.ndarray]:
     """Split sample indices across ``num_clients``: one sorted int64 index array per client, together
     covering every index exactly once; the same seed gives the same split.
 
@@ -524,7 +542,10 @@ def partition(labels: np.ndarray, num_clients: int, kind: str = "dirichlet", alp
     at those proportions; clients already holding more than n / num_clients samples get no share of
     later classes (keeps client sizes from running away). The whole draw is repeated (up to
     ``max_tries`` fresh draws) until every client has at least ``min_size`` samples. Smaller alpha
-    gives each client fewer dominant classes; large alpha approaches iid.
+    gives each client fewer dominant classes; large alpha approaches iid. A draw only counts samples
+    (the index arrays are cut once, for the draw that is kept), so even 1,000 clients are decided in
+    about a second; when no draw meets ``min_size`` the error says what would: the smallest client of
+    the best draw, and an alpha for which a draw did.
     """
     labels = np.asarray(labels)
     if labels.ndim != 1:
@@ -540,7 +561,8 @@ def partition(labels: np.ndarray, num_clients: int, kind: str = "dirichlet", alp
         raise DataError(f"min_size must be >= 0, got {min_size}")
     if num_clients * min_size > n:
         raise DataError(
-            f"cannot give each of {num_clients} clients at least min_size={min_size} samples from a dataset of {n}"
+            f"cannot give each of {num_clients} clients at least min_size={min_size} samples from a dataset of {n}; "
+            f"use data.partition.min_size <= {n // num_clients} or fewer clients"
         )
     rng = np.random.default_rng(seed)
 
@@ -550,25 +572,60 @@ def partition(labels: np.ndarray, num_clients: int, kind: str = "dirichlet", alp
     if not (isinstance(alpha, (int, float, np.floating)) and math.isfinite(alpha) and alpha > 0):
         raise DataError(f"dirichlet alpha must be a finite number > 0, got {alpha!r}")
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    best = -1
     for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        sizes = np.zeros(num_clients, dtype=np.int64)
-        for idx in by_class:
-            idx = rng.permutation(idx)
-            p = rng.dirichlet(np.full(num_clients, float(alpha)))
-            p = p * (sizes < n / num_clients)
-            if not p.sum() > 0:  # tiny alpha can put all mass on full clients; spread over the rest
-                p = (sizes < n / num_clients).astype(float)
-            cuts = (np.cumsum(p / p.sum()) * len(idx)).astype(np.int64)[:-1]
-            for client, chunk in enumerate(np.split(idx, cuts)):
-                parts[client].append(chunk)
-                sizes[client] += len(chunk)
-        if sizes.min() >= min_size:
-            return [np.sort(np.concatenate(chunks)).astype(np.int64) for chunks in parts]
+        shuffled, counts = _dirichlet_draw(by_class, num_clients, float(alpha), n, rng)
+        smallest = int(counts.sum(axis=0).min())
+        if smallest >= min_size:
+            return _cut(shuffled, counts, num_clients)
+        best = max(best, smallest)
+    hint = _working_alpha(by_class, num_clients, float(alpha), n, min_size, seed)
     raise DataError(
         f"no Dirichlet(alpha={alpha}) split of a dataset of {n} samples gave each of {num_clients} clients "
-        f"at least min_size={min_size} samples in {max_tries} draws; raise alpha, lower min_size or use fewer clients"
+        f"at least min_size={min_size} samples in {max_tries} draws (the best gave its smallest client {best}); "
+        f"use data.partition.min_size <= {best}"
+        + (f", data.partition.alpha >= {hint:g}" if hint is not None else "") + " or fewer clients"
     )
+
+
+def _dirichlet_draw(by_class: list[np.ndarray], num_clients: int, alpha: float, n: int,
+                    rng: np.random.Generator) -> tuple[list[np.ndarray], np.ndarray]:
+    """One draw: each class's shuffled indices and how many of them each client gets, (classes, clients)."""
+    sizes = np.zeros(num_clients, dtype=np.int64)
+    shuffled, counts = [], np.zeros((len(by_class), num_clients), dtype=np.int64)
+    for c, idx in enumerate(by_class):
+        idx = rng.permutation(idx)
+        p = rng.dirichlet(np.full(num_clients, alpha))
+        p = p * (sizes < n / num_clients)
+        if not p.sum() > 0:  # tiny alpha can put all mass on full clients; spread over the rest
+            p = (sizes < n / num_clients).astype(float)
+        cuts = (np.cumsum(p / p.sum()) * len(idx)).astype(np.int64)[:-1]
+        counts[c] = np.diff(np.concatenate([[0], cuts, [len(idx)]]))
+        sizes += counts[c]
+        shuffled.append(idx)
+    return shuffled, counts
+
+
+def _cut(shuffled: list[np.ndarray], counts: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    chunks: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for idx, class_counts in zip(shuffled, counts):
+        for client, chunk in enumerate(np.split(idx, np.cumsum(class_counts)[:-1])):
+            chunks[client].append(chunk)
+    return [np.sort(np.concatenate(parts)).astype(np.int64) for parts in chunks]
+
+
+def _working_alpha(by_class: list[np.ndarray], num_clients: int, alpha: float, n: int, min_size: int,
+                   seed: int, tries: int = 20) -> float | None:
+    """The smallest of alpha x 2, x 4, ... (up to 1,000) for which one of a few draws meets min_size."""
+    rng = np.random.default_rng([seed, 7])
+    candidate = alpha
+    while candidate < 1000:
+        candidate *= 2
+        for _ in range(tries):
+            _, counts = _dirichlet_draw(by_class, num_clients, candidate, n, rng)
+            if counts.sum(axis=0).min() >= min_size:
+                return float(f"{candidate:.2g}")
+    return None
 
 
 def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> pd.DataFrame:

@@ -38,6 +38,7 @@ from ravan_ray.methods.base import ClientTask
 from ravan_ray.models import export_weights
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
+from ravan_ray.report import plot_run
 from ravan_ray.results import read_metrics, read_table, summarize, write_metrics, write_summary, write_table
 
 log = logging.getLogger(__name__)
@@ -105,14 +106,31 @@ def ray_runtime(config: RunConfig) -> Iterator[None]:
     else:
         # No dashboard (nothing listens for HTTP). Ray core's own gRPC servers choose their interfaces
         # themselves; ray.init resolves 127.0.0.1 to the node's address, so there is nothing to pass.
-        ray.init(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus, include_dashboard=False,
-                 logging_level=logging.WARNING,
-                 # errors come back as exceptions; worker logs would repeat them as remote tracebacks
-                 log_to_driver=False)
+        # Token authentication stays on (Ray's default for a new local cluster); Ray's warning that
+        # announces that default means nothing for a private Ray this command starts and stops itself.
+        with _quiet_logger(RAY_AUTH_LOGGER):
+            ray.init(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus,
+                     include_dashboard=False, logging_level=logging.WARNING,
+                     # errors come back as exceptions; worker logs would repeat them as remote tracebacks
+                     log_to_driver=False)
     try:
         yield
     finally:
         ray.shutdown()
+
+
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+@contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_resources(config: RunConfig, fleet: ClientFleet) -> None:
@@ -232,6 +250,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
             progress.close()
             fleet.shutdown()
             ray.kill(server, no_restart=True)
+    if rows:
+        plot_run(run_dir)
     return summarize(config, rows, rows[-1]["wall_s"] if rows else 0.0)
 
 

@@ -433,6 +433,39 @@ def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path:
     return None
 
 
+def plot_run(run_dir: Path) -> Path:
+    """A run's own curves, RUN/curves.png: its task's primary metric per evaluated round, and the training
+    loss per round beside the test loss where the task writes one."""
+    run_dir = Path(run_dir)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metric = summary.get("metric", "test_accuracy")
+    percent = not metric.endswith(LOWER_IS_BETTER)
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    evaluated = metrics.dropna(subset=[metric]) if metric in metrics else metrics.iloc[0:0]
+    left.plot(evaluated["round"], (100 if percent else 1) * evaluated[metric], marker="o")
+    left.set_ylabel(metric_label(metric, percent))
+    left.set_title(f"{metric.replace('_', ' ')} of the global model")
+    right.plot(metrics["round"], metrics["train_loss"], marker=".", label="train loss (sampled clients)")
+    if "test_loss" in metrics and metric != "test_loss":
+        tested = metrics.dropna(subset=["test_loss"])
+        right.plot(tested["round"], tested["test_loss"], marker="o", label="test loss")
+    right.set_title("loss")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"{summary.get('method')} on {summary.get('task', 'text_classification')}: {run_dir.name}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------ report
 def write_report(dirs: list[Path], output: Optional[Path] = None) -> Path:
     """Find the runs under ``dirs``, write report.md, report.csv, runs.csv and PNGs; returns report.md."""

@@ -530,9 +530,10 @@ def _cluster_view() -> tuple[dict[str, float], list[dict[str, float]]]:
 
 
 def sweep_dir(spec: SweepSpec, output: Optional[str | Path]) -> Path:
-    if output:
-        return Path(output).expanduser().resolve()
-    return (Path(spec.storage_path).expanduser() / spec.name).resolve()
+    out = Path(output).expanduser().resolve() if output else (Path(spec.storage_path).expanduser() / spec.name).resolve()
+    if out.exists() and not out.is_dir():
+        raise SweepError(f"--output {out} is a file, not a directory; give a directory for the sweep")
+    return out
 
 
 def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,

@@ -29,6 +29,7 @@ def ray_session():
 
 TINY_OVERRIDES = [
     "model.name=tiny-bert",
+    "data.name=synthetic",
     "data.max_train_samples=240",
     "data.max_test_samples=60",
     "data.max_length=24",

@@ -8,6 +8,7 @@ aggregated ΔW of an exact method equals the weighted mean of the clients' ΔW.
 from __future__ import annotations
 
 import inspect
+import re
 
 import numpy as np
 import pytest
@@ -95,13 +96,26 @@ def test_budget_matching_gives_every_method_at_most_N_trainable_numbers_per_matr
     assert rank("fed_sb") ** 2 <= N and 4 * rank("ravan") ** 2 <= N
 
 
-def test_an_explicit_budget_overrides_the_lora_rank_and_svd_ranks_stop_at_the_matrix_size():
-    config = load_config(None, ["method.budget=100000"]).method
-    assert method_rank(config.model_copy(update={"name": "fedit"}), 32, 32) == 100000 // 64
-    assert method_rank(config.model_copy(update={"name": "fed_sb"}), 32, 32) == 32
-    assert method_rank(config.model_copy(update={"name": "flexlora"}), 32, 48) == 32
+def test_an_explicit_budget_overrides_the_lora_rank_and_a_rank_above_the_matrix_size_is_refused():
+    config = load_config(None, ["method.budget=1000"]).method
+    assert method_rank(config.model_copy(update={"name": "fedit"}), 32, 32) == 1000 // 64
+    assert method_rank(config.model_copy(update={"name": "fed_sb"}), 32, 32) == 31
     with pytest.raises(ValueError, match="too small"):
         method_rank(load_config(None, ["method.budget=10"]).method.model_copy(update={"name": "fedit"}), 32, 32)
+
+
+@pytest.mark.parametrize("name", sorted(set(METHODS) - {"full_ft"}))
+def test_a_budget_whose_rank_exceeds_the_matrix_is_refused_with_the_largest_budget_that_fits(name):
+    """lora_rank 100000 on MiniLM asked for heads of rank 4,381 on 384 x 384 matrices: memory for nothing."""
+    config = load_config(None, ["method.lora_rank=100000", f"method.name={name}"]).method
+    with pytest.raises(ValueError) as refused:
+        method_rank(config, 384, 384)
+    largest = int(re.search(r"method.budget <= (\d+)", str(refused.value)).group(1))
+    assert method_rank(config.model_copy(update={"lora_rank": None, "budget": largest}), 384, 384) <= 384
+    with pytest.raises(ValueError):
+        method_rank(config.model_copy(update={"lora_rank": None, "budget": largest * 2 + 10 ** 6}), 384, 384)
+    if name == "ravan":  # the paper's saturation point is named too: sqrt(N h) = d
+        assert "sqrt(N h) = d, N = 36864" in str(refused.value)
 
 
 # ------------------------------------------------------------------------------------------------ server rules

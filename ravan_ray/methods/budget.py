@@ -12,8 +12,10 @@ trains in one adapted d_out x d_in matrix is (at most) N numbers:
     ravan                                  r = floor(sqrt(N / h)) per head     (h cores of r x r)
     full_ft                                no budget: the update is full rank, min(d_in, d_out)
 
-SVD-based methods (fed_sb, flexlora) cannot have more singular directions than min(d_in, d_out), so
-their rank is capped there. FedSA-LoRA trains B as well, only keeps it local, so it gets the LoRA rank.
+No method's rank may exceed min(d_in, d_out): the update is full rank there, and more rank only costs
+memory (SVD-based methods, fed_sb and flexlora, cannot even have more singular directions). A budget
+that asks for more is refused with the largest one that makes sense (:func:`check_rank_fits`).
+FedSA-LoRA trains B as well, only keeps it local, so it gets the LoRA rank.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from typing import Any
 from ravan_ray.adapters import budget_from_lora_rank, rank_from_budget
 
 LORA_RANK_METHODS = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora")
-SVD_METHODS = ("fed_sb", "flexlora")
 
 
 def per_matrix_budget(method_config, d_in: int, d_out: int) -> int:
@@ -42,7 +43,9 @@ def method_rank(method_config, d_in: int, d_out: int) -> int:
         return min(d_in, d_out)
     budget = per_matrix_budget(method_config, d_in, d_out)
     if name == "ravan":
-        return rank_from_budget(budget, method_config.heads)
+        rank = rank_from_budget(budget, method_config.heads)
+        check_rank_fits(method_config, rank, budget, d_in, d_out)
+        return rank
     if name == "fed_sb":
         rank = math.isqrt(budget)
     elif name == "ffa_lora":
@@ -56,9 +59,32 @@ def method_rank(method_config, d_in: int, d_out: int) -> int:
             f"method.budget {budget} is too small for {name} on a {d_out} x {d_in} matrix (rank would be 0); "
             f"raise method.budget or method.lora_rank"
         )
-    if name in SVD_METHODS:
-        rank = min(rank, d_in, d_out)
+    check_rank_fits(method_config, rank, budget, d_in, d_out)
     return rank
+
+
+def check_rank_fits(method_config, rank: int, budget: int, d_in: int, d_out: int) -> None:
+    """A rank above min(d_in, d_out) adds nothing (the update is full rank at d) but memory: refuse it with
+    the largest budget that makes sense. For Ravan that is heads of rank d (N = h d^2); its heads' total
+    rank h r already reaches d at sqrt(N h) = d (N = d^2 / h), where PAPER.md says the gains stop."""
+    d = min(d_in, d_out)
+    if rank <= d:
+        return
+    given = (f"method.budget={method_config.budget}" if method_config.budget is not None
+             else f"method.lora_rank={method_config.lora_rank}")
+    name = method_config.name
+    if name == "ravan":
+        heads = method_config.heads
+        saturation = math.ceil(d * d / heads)
+        raise ValueError(
+            f"{given} gives ravan's {heads} heads rank {rank} on a {d_out} x {d_in} matrix, more than {d}: use "
+            f"method.budget <= {heads * d * d} (heads of rank {d}); the heads' total rank already reaches {d} at "
+            f"sqrt(N h) = d, N = {saturation} (method.lora_rank ~ {max(1, saturation // (d_in + d_out))})")
+    largest = {"ffa_lora": d * d_out, "fed_sb": d * d}.get(name, d * (d_in + d_out))
+    raise ValueError(
+        f"{given} (N = {budget} per matrix) gives {name} rank {rank} on a {d_out} x {d_in} matrix, more than {d}, "
+        f"where the update is already full rank: use method.budget <= {largest} "
+        f"(method.lora_rank <= {largest // (d_in + d_out)})")
 
 
 def layer_summary(method_config, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:

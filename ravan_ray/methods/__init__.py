@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from importlib import import_module
-
 from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State
+from ravan_ray.registry import registered_class
 
 # name -> "module:Class"; imported on first use so a run pays only for the method it uses.
 REGISTRY: dict[str, str] = {
@@ -22,10 +21,7 @@ REGISTRY: dict[str, str] = {
 
 
 def method_class(name: str) -> type[FederatedMethod]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method '{name}' (available: {', '.join(sorted(REGISTRY))})")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(import_module(module), cls)
+    return registered_class(REGISTRY, name, "method")
 
 
 def build_method(config) -> FederatedMethod:

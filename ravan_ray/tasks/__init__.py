@@ -3,9 +3,9 @@ class and head, loss, metrics), independent of how it is federated."""
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import Any, Optional
 
+from ravan_ray.registry import registered_class
 from ravan_ray.tasks.base import Task, TaskData
 
 # name -> "module:Class"; imported on first use so a run pays only for the task it runs.
@@ -19,10 +19,7 @@ REGISTRY: dict[str, str] = {
 
 
 def task_class(name: str) -> type[Task]:
-    if name not in REGISTRY:
-        raise ValueError(f"unknown task '{name}' (available: {', '.join(sorted(REGISTRY))})")
-    module, cls = REGISTRY[name].split(":")
-    return getattr(import_module(module), cls)
+    return registered_class(REGISTRY, name, "task")
 
 
 def build_task(config, info: Optional[dict[str, Any]] = None) -> Task:

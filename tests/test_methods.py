@@ -125,7 +125,7 @@ def test_fedex_folds_the_residual_mean_BA_minus_mean_B_mean_A_into_the_base_weig
     assert torch.allclose(residual, mean_BA - mean_B @ mean_A)
     assert torch.allclose(new["query/base_weight"] + mean_B @ mean_A, state["query/base_weight"] + mean_BA)
     # the updated weights are broadcast, so they are downlink
-    assert method.downlink_bytes(new, 3) == 3 * (3 * 4 + 3 * 2 + 2 * 4) * 8
+    assert method.downlink_bytes(new, [0, 1, 2]) == 3 * (3 * 4 + 3 * 2 + 2 * 4) * 8
 
 
 def test_ffa_lora_keeps_A_frozen_and_out_of_the_state_and_averages_B():
@@ -179,7 +179,7 @@ def test_flexlora_averages_full_products_and_redistributes_their_best_low_rank_t
     assert torch.allclose(new[EVAL_PREFIX + "query/delta"], mean)  # the global model: W0 + the exact mean
     rank2 = torch.diag(torch.tensor([1.5, 1.0, 0.0], dtype=torch.float64)) @ E
     assert torch.allclose(new["query/lora_B"] @ new["query/lora_A"], rank2)  # broadcast: rank r_max = 2
-    assert method.downlink_bytes(new, 3) == 3 * (3 * 2 + 2 * 4) * 8  # eval/ is not sent
+    assert method.downlink_bytes(new, [0, 1, 2]) == 3 * (3 * 2 + 2 * 4) * 8  # eval/ is not sent
 
     method.load_state(model, {k: v for k, v in new.items() if not k.startswith(EVAL_PREFIX)}, None)
     method.begin_training(model, ClientTask(0, 2, 0.5, 0), no_batch_loss)  # a rank-1 client
@@ -231,7 +231,7 @@ def test_an_unset_learning_rate_is_the_methods_default_and_a_set_one_wins():
 def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():
     method, model = toy("flora", "method.aggregation_weights=num_samples")
     state = method.initial_state(model)
-    assert method.downlink_bytes(state, 3) == 0  # round 1: nothing to send but the (absent) head
+    assert method.downlink_bytes(state, [0, 1, 2]) == 0  # round 1: nothing to send but the (absent) head
     clients = [(rand(3, 2, seed=2 * c), rand(2, 4, seed=2 * c + 1), 10 * (c + 1)) for c in range(3)]
     new = method.aggregate(state, [update(c, n, lora_B=B, lora_A=A) for c, (B, A, n) in enumerate(clients)], 1)
     p = np.array([10, 20, 30]) / 60
@@ -240,7 +240,7 @@ def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():
     assert torch.allclose(new["query/stack_B"] @ new["query/stack_A"], expected)
     assert torch.allclose(new["query/base_weight"], state["query/base_weight"] + expected)
     # the broadcast is the stacks (growing with the clients per round), not the merged weights
-    assert method.downlink_bytes(new, 3) == 3 * (3 * 6 + 6 * 4) * 8
+    assert method.downlink_bytes(new, [0, 1, 2]) == 3 * (3 * 6 + 6 * 4) * 8
 
 
 def test_flora_clients_start_each_round_from_a_fresh_lora():
@@ -262,7 +262,7 @@ def test_fedsa_shares_A_and_keeps_B_on_the_client():
     new = method.aggregate(state, updates, 1)
     assert torch.allclose(new["query/lora_A"], (A1 + A2) / 2)
     assert torch.allclose(new[EVAL_PREFIX + "query/lora_B"], (B1 + B2) / 2)
-    assert method.downlink_bytes(new, 2) == 2 * 2 * 4 * 8  # A only
+    assert method.downlink_bytes(new, [0, 1]) == 2 * 2 * 4 * 8  # A only
 
     client = {k: v for k, v in new.items() if not k.startswith(EVAL_PREFIX)}
     method.load_state(model, client, {"query/lora_B": B1})  # a returning client gets its own B back
@@ -287,13 +287,13 @@ def test_fed_sb_warms_up_with_the_svd_of_the_mean_full_update_then_averages_H():
     assert torch.allclose(B @ H @ A, torch.diag(torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64)) @ E)
     # the bases go out once, to every client of the federation; then only H per sampled client
     bases_bytes = (3 * 2 + 2 * 4) * 8
-    assert method.downlink_bytes(new, 3) == 3 * 2 * 2 * 8 + 6 * bases_bytes
+    assert method.downlink_bytes(new, [0, 1, 2]) == 3 * 2 * 2 * 8 + 6 * bases_bytes
 
     H1, H2 = rand(2, 2, seed=1), rand(2, 2, seed=2)
     newer = method.aggregate(new, [update(0, core=H1), update(1, core=H2)], 2)
     assert torch.allclose(newer["query/core"], (H1 + H2) / 2) and torch.equal(newer["query/bases_B"], B)
     assert torch.allclose(B @ newer["query/core"] @ A, (B @ H1 @ A + B @ H2 @ A) / 2)  # exact
-    assert method.downlink_bytes(newer, 3) == 3 * 2 * 2 * 8
+    assert method.downlink_bytes(newer, [0, 1, 2]) == 3 * 2 * 2 * 8
 
 
 def test_full_ft_trains_everything_but_the_embeddings():

@@ -24,7 +24,7 @@ Choices the paper leaves open:
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -91,11 +91,11 @@ class FedSB(FederatedMethod):
         new_state[BASES_UNSENT] = torch.tensor([1 if warmup else 0], dtype=torch.uint8)
         return new_state
 
-    def downlink_bytes(self, state: State, num_clients: int) -> int:
+    def downlink_bytes(self, state: State, clients: Sequence[int]) -> int:
         bases = {k: v for k, v in state.items() if k.endswith(("/bases_B", "/bases_A"))}
         per_client = {k: v for k, v in state.items() if k not in bases and k != BASES_UNSENT}
         once = state_bytes(bases) * self.config.federation.num_clients if int(state.get(BASES_UNSENT, [0])[0]) else 0
-        return state_bytes(per_client) * num_clients + once
+        return state_bytes(per_client) * len(clients) + once
 
     # ----------------------------------------------------------------- client
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:

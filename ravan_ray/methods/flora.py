@@ -25,7 +25,7 @@ Choices the paper leaves open:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -61,9 +61,9 @@ class FLoRA(LoRAMethod):
             new_state[f"{layer}/stack_A"], new_state[f"{layer}/stack_B"] = stack_A, stack_B
         return new_state
 
-    def downlink_bytes(self, state: State, num_clients: int) -> int:
+    def downlink_bytes(self, state: State, clients: Sequence[int]) -> int:
         sent = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX) or k.endswith(STACK_SUFFIXES)}
-        return state_bytes(sent) * num_clients
+        return state_bytes(sent) * len(clients)
 
     # ----------------------------------------------------------------- client
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:

@@ -121,9 +121,11 @@ def test_fedex_folds_the_residual_mean_BA_minus_mean_B_mean_A_into_the_base_weig
     new = method.aggregate(state, [update(0, lora_B=B1, lora_A=A1), update(1, lora_B=B2, lora_A=A2)], 1)
     mean_B, mean_A, mean_BA = (B1 + B2) / 2, (A1 + A2) / 2, (B1 @ A1 + B2 @ A2) / 2
     assert torch.allclose(new["query/lora_B"], mean_B) and torch.allclose(new["query/lora_A"], mean_A)
+    s = method.lora_scale(2)
+    assert s == 2.0  # FedEx-LoRA's code: lora_alpha = 2 r
     residual = new["query/base_weight"] - state["query/base_weight"]
-    assert torch.allclose(residual, mean_BA - mean_B @ mean_A)
-    assert torch.allclose(new["query/base_weight"] + mean_B @ mean_A, state["query/base_weight"] + mean_BA)
+    assert torch.allclose(residual, s * (mean_BA - mean_B @ mean_A))
+    assert torch.allclose(new["query/base_weight"] + s * mean_B @ mean_A, state["query/base_weight"] + s * mean_BA)
     # the updated weights are broadcast, so they are downlink
     assert method.downlink_bytes(new, [0, 1, 2]) == 3 * (3 * 4 + 3 * 2 + 2 * 4) * 8
 
@@ -160,11 +162,11 @@ def test_a_heterogeneous_rank_client_truncates_the_global_to_its_rank_and_upload
     meta = method.begin_training(model, ClientTask(0, 1, 0.5, 0), no_batch_loss)  # r_c = round(0.5 * 2) = 1
     layer = model.query
     assert meta["rank"] == {"query": 1}
-    assert torch.allclose(layer.delta_weight(), state["query/lora_B"][:, :1] @ state["query/lora_A"][:1])
+    assert torch.allclose(layer.delta_weight(), layer.scale * state["query/lora_B"][:, :1] @ state["query/lora_A"][:1])
     tensors, _ = method.upload(model, ClientTask(0, 1, 0.5, 0), meta)
     assert tensors["query/lora_B"].shape == (3, 1) and tensors["query/lora_A"].shape == (1, 4)
     method.load_state(model, state, None)  # the next client in this process starts from the full rank again
-    assert torch.allclose(layer.delta_weight(), state["query/lora_B"] @ state["query/lora_A"])
+    assert torch.allclose(layer.delta_weight(), method.lora_scale(2) * state["query/lora_B"] @ state["query/lora_A"])
 
 
 def test_flexlora_averages_full_products_and_redistributes_their_best_low_rank_truncation():
@@ -175,15 +177,17 @@ def test_flexlora_averages_full_products_and_redistributes_their_best_low_rank_t
     B2 = torch.tensor([[0.0, 0.0], [2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # rank 2: 2 e2 e2^T + e3 e3^T
     A2 = E[1:3]
     new = method.aggregate(state, [update(0, lora_B=B1, lora_A=A1), update(1, lora_B=B2, lora_A=A2)], 1)
-    mean = torch.diag(torch.tensor([1.5, 1.0, 0.5], dtype=torch.float64)) @ E
+    s = method.lora_scale(1)
+    assert s == method.lora_scale(2) == 2.0  # alpha = 2 r_c: every client's scale is 2
+    mean = s * torch.diag(torch.tensor([1.5, 1.0, 0.5], dtype=torch.float64)) @ E  # of the clients' s B_c A_c
     assert torch.allclose(new[EVAL_PREFIX + "query/delta"], mean)  # the global model: W0 + the exact mean
-    rank2 = torch.diag(torch.tensor([1.5, 1.0, 0.0], dtype=torch.float64)) @ E
-    assert torch.allclose(new["query/lora_B"] @ new["query/lora_A"], rank2)  # broadcast: rank r_max = 2
+    rank2 = s * torch.diag(torch.tensor([1.5, 1.0, 0.0], dtype=torch.float64)) @ E
+    assert torch.allclose(new["query/lora_B"] @ new["query/lora_A"], rank2)  # broadcast: rank r_max = 2 of dW
     assert method.downlink_bytes(new, [0, 1, 2]) == 3 * (3 * 2 + 2 * 4) * 8  # eval/ is not sent
 
     method.load_state(model, {k: v for k, v in new.items() if not k.startswith(EVAL_PREFIX)}, None)
     method.begin_training(model, ClientTask(0, 2, 0.5, 0), no_batch_loss)  # a rank-1 client
-    assert torch.allclose(model.query.delta_weight(), 1.5 * torch.outer(E[0, :3], E[0]))
+    assert torch.allclose(model.query.delta_weight(), s * 1.5 * torch.outer(E[0, :3], E[0]))  # dW's rank-1 part
     pretrained = model.query.base.weight.detach().clone()
     method.load_state(model, new, None)  # the server's global model
     assert torch.allclose(model.query.base.weight - pretrained, mean)
@@ -238,9 +242,10 @@ def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():
     expected = sum(w * B @ A for w, (B, A, _) in zip(p, clients))
     assert new["query/stack_B"].shape == (3, 6) and new["query/stack_A"].shape == (6, 4)
     assert torch.allclose(new["query/stack_B"] @ new["query/stack_A"], expected)
-    assert torch.allclose(new["query/base_weight"], state["query/base_weight"] + expected)
-    # the broadcast is the stacks (growing with the clients per round), not the merged weights
-    assert method.downlink_bytes(new, [0, 1, 2]) == 3 * (3 * 6 + 6 * 4) * 8
+    assert torch.allclose(new["query/base_weight"], state["query/base_weight"] + method.lora_scale(2) * expected)
+    # the broadcast is the stacks (growing with the clients per round), or the merged weights when those are
+    # smaller, as here: 3 clients' rank-2 stacks on a 3 x 4 matrix hold 42 numbers, W 12
+    assert method.downlink_bytes(new, [0, 1, 2]) == 3 * min(3 * 6 + 6 * 4, 3 * 4) * 8
 
 
 def test_flora_clients_start_each_round_from_a_fresh_lora():

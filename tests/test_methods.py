@@ -8,6 +8,7 @@ aggregated ΔW of an exact method equals the weighted mean of the clients' ΔW.
 from __future__ import annotations
 
 import inspect
+import math
 
 import numpy as np
 import pytest
@@ -279,28 +280,6 @@ def test_fedsa_shares_A_and_keeps_B_on_the_client():
     assert torch.allclose(model.query.lora_B.detach(), (B1 + B2) / 2)
 
 
-def test_fed_sb_warms_up_with_the_svd_of_the_mean_full_update_then_averages_H():
-    method, model = toy("fed_sb", "method.lora_rank=1")  # N = 7: r = floor(sqrt 7) = 2
-    state = method.initial_state(model)
-    E = torch.eye(3, 4, dtype=torch.float64)
-    d1 = torch.diag(torch.tensor([4.0, 1.0, 2.0], dtype=torch.float64)) @ E
-    d2 = torch.diag(torch.tensor([2.0, 3.0, 0.0], dtype=torch.float64)) @ E
-    new = method.aggregate(state, [update(0, delta=d1), update(1, delta=d2)], 1)  # mean = diag(3, 2, 1)
-    B, A, H = new["query/bases_B"], new["query/bases_A"], new["query/core"]
-    assert B.shape == (3, 2) and A.shape == (2, 4) and H.shape == (2, 2)
-    assert torch.allclose(B.T @ B, torch.eye(2, dtype=B.dtype)) and torch.allclose(A @ A.T, torch.eye(2, dtype=A.dtype))
-    assert torch.allclose(B @ H @ A, torch.diag(torch.tensor([3.0, 2.0, 0.0], dtype=torch.float64)) @ E)
-    # the bases go out once, to every client of the federation; then only H per sampled client
-    bases_bytes = (3 * 2 + 2 * 4) * 8
-    assert method.downlink_bytes(new, [0, 1, 2]) == 3 * 2 * 2 * 8 + 6 * bases_bytes
-
-    H1, H2 = rand(2, 2, seed=1), rand(2, 2, seed=2)
-    newer = method.aggregate(new, [update(0, core=H1), update(1, core=H2)], 2)
-    assert torch.allclose(newer["query/core"], (H1 + H2) / 2) and torch.equal(newer["query/bases_B"], B)
-    assert torch.allclose(B @ newer["query/core"] @ A, (B @ H1 @ A + B @ H2 @ A) / 2)  # exact
-    assert method.downlink_bytes(newer, [0, 1, 2]) == 3 * 2 * 2 * 8
-
-
 def test_full_ft_trains_everything_but_the_embeddings():
     host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), 3)
     trained = set(host.method.mutable_parameters(host.model))
@@ -327,6 +306,8 @@ def aggregation_error(host: ModelHost, old_state, new_state, updates) -> tuple[f
     reference = {name: torch.zeros_like(delta) for name, delta in aggregated.items()}
     for u, w in zip(updates, method.client_weights(updates)):
         view, client_state = method.client_view(old_state, u)
+        if view is None:  # nothing trained (Fed-SB's estimation round): no client update to compare with
+            return math.nan, 0.0
         for name, delta in host.layer_deltas(view, client_state).items():
             reference[name] += float(w) * delta
     error = sum(float(torch.linalg.matrix_norm(aggregated[n] - reference[n])) for n in aggregated)
@@ -351,10 +332,10 @@ def federate(name: str, rounds: int, levels=(1.0, 1.0, 1.0), *overrides: str):
 @pytest.mark.parametrize("name", ["full_ft", "fedex_lora", "ffa_lora", "fed_sb", "flora", "ravan"])
 def test_exact_methods_aggregate_to_the_weighted_mean_of_the_clients_updates(name):
     for round_index, error, scale, _ in federate(name, 2, (1.0, 1.0, 1.0), "method.aggregation_weights=num_samples"):
-        assert scale > 1e-4  # the clients really moved the weights
         if name == "fed_sb" and round_index == 1:
-            assert error > 1e-3 * scale  # the warm-up keeps only the rank-r part of the mean full update
+            assert math.isnan(error)  # the estimation round: nobody trained, there is no mean to compare with
             continue
+        assert scale > 1e-4  # the clients really moved the weights
         assert error <= 1e-5 * scale, (round_index, error, scale)
 
 

@@ -25,6 +25,7 @@ METHODS = (
     "flora",
     "fedsa_lora",
     "full_ft",
+    "fedsvd",
 )
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
 

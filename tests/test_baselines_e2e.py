@@ -25,7 +25,7 @@ from ravan_ray.models import load_model
 E2E_OVERRIDES = [*TINY_OVERRIDES, "resources.pool_size=1", "federation.eval_every=2"]
 HETEROGENEOUS = ("hetlora", "flexlora")  # their main run uses a bell-shaped compute mix
 # flexlora: the global model is exact; fed_sb: from round 2 (round 1 estimates its bases, nobody trains)
-EXACT = ("ravan", "full_ft", "fedex_lora", "ffa_lora", "flora", "flexlora")
+EXACT = ("ravan", "full_ft", "fedex_lora", "ffa_lora", "flora", "flexlora", "fedsvd")
 FLOAT32 = 4
 
 
@@ -105,6 +105,7 @@ def expected_bytes(method: str, r: Run, round_index: int) -> tuple[set[int], int
         "fedit": lambda c: lora(ranks.get), "fedex_lora": lambda c: lora(ranks.get), "flora": lambda c: lora(ranks.get),
         "hetlora": lambda c: lora(level_rank(c)), "flexlora": lambda c: lora(level_rank(c)),
         "ffa_lora": lambda c: FLOAT32 * sum(ranks[n] * d_out for n, (d_out, _) in shapes.items()),
+        "fedsvd": lambda c: FLOAT32 * sum(ranks[n] * d_out for n, (d_out, _) in shapes.items()),
         "fedsa_lora": lambda c: FLOAT32 * sum(ranks[n] * d_in for n, (_, d_in) in shapes.items()),
         "fed_sb": lambda c: weights if round_index == 1 else FLOAT32 * sum(ranks[n] ** 2 for n in shapes),
         "ravan": lambda c: FLOAT32 * sum(heads_for_level(r.levels[c], r.resolved["heads"]) * ranks[n] ** 2
@@ -130,7 +131,7 @@ def expected_bytes(method: str, r: Run, round_index: int) -> tuple[set[int], int
                        for c in sampled)
     elif method == "fedex_lora":  # the factors, and the updated weights once they differ from the pretrained ones
         downlink = m * (lora(ranks.get) + (weights if round_index > 1 else 0) + head)
-    elif method in ("hetlora", "flexlora"):  # the r_max factors to everyone
+    elif method in ("hetlora", "flexlora", "fedsvd"):  # the r_max factors (FedSVD: A and B) to everyone
         downlink = m * (lora(ranks.get) + head)
     elif method == "ravan":
         downlink = m * (FLOAT32 * sum(r.resolved["heads"] * ranks[n] ** 2 for n in shapes) + head)

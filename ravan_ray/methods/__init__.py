@@ -18,6 +18,7 @@ REGISTRY: dict[str, str] = {
     "flexlora": "ravan_ray.methods.flexlora:FlexLoRA",
     "flora": "ravan_ray.methods.flora:FLoRA",
     "fedsa_lora": "ravan_ray.methods.fedsa_lora:FedSALoRA",
+    "fedsvd": "ravan_ray.methods.fedsvd:FedSVD",
 }
 
 

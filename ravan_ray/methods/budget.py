@@ -6,13 +6,14 @@ trains in one adapted d_out x d_in matrix is (at most) N numbers:
 
     fedit, fedex_lora, flora, fedsa_lora   r = floor(N / (d_in + d_out))       (B and A train: r_L)
     hetlora, flexlora                      r_max = floor(N / (d_in + d_out))   (clients: r_c <= r_max)
-    ffa_lora                               r = floor(N / d_out)                (only B trains: 2 r_L when
-                                                                                d_in = d_out)
+    ffa_lora, fedsvd                       r = floor(N / d_out)                (only B trains: 2 r_L when
+                                                                                d_in = d_out; FedSVD's A is
+                                                                                set by the server's SVD)
     fed_sb                                 r = floor(sqrt(N))                  (only the r x r core trains)
     ravan                                  r = floor(sqrt(N / h)) per head     (h cores of r x r)
     full_ft                                no budget: the update is full rank, min(d_in, d_out)
 
-SVD-based methods (fed_sb, flexlora) cannot have more singular directions than min(d_in, d_out), so
+SVD-based methods (fed_sb, flexlora, fedsvd) cannot have more singular directions than min(d_in, d_out), so
 their rank is capped there. FedSA-LoRA trains B as well, only keeps it local, so it gets the LoRA rank.
 """
 
@@ -24,7 +25,8 @@ from typing import Any
 from ravan_ray.adapters import budget_from_lora_rank, rank_from_budget
 
 LORA_RANK_METHODS = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora")
-SVD_METHODS = ("fed_sb", "flexlora")
+B_ONLY_METHODS = ("ffa_lora", "fedsvd")
+SVD_METHODS = ("fed_sb", "flexlora", "fedsvd")
 
 
 def per_matrix_budget(method_config, d_in: int, d_out: int) -> int:
@@ -45,7 +47,7 @@ def method_rank(method_config, d_in: int, d_out: int) -> int:
         return rank_from_budget(budget, method_config.heads)
     if name == "fed_sb":
         rank = math.isqrt(budget)
-    elif name == "ffa_lora":
+    elif name in B_ONLY_METHODS:
         rank = budget // d_out
     elif name in LORA_RANK_METHODS:
         rank = budget // (d_in + d_out)

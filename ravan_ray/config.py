@@ -26,6 +26,7 @@ METHODS = (
     "fedsa_lora",
     "full_ft",
     "fedsvd",
+    "rolora",
 )
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
 

@@ -25,7 +25,7 @@ from ravan_ray.models import load_model
 E2E_OVERRIDES = [*TINY_OVERRIDES, "resources.pool_size=1", "federation.eval_every=2"]
 HETEROGENEOUS = ("hetlora", "flexlora")  # their main run uses a bell-shaped compute mix
 # flexlora: the global model is exact; fed_sb: from round 2 (round 1 estimates its bases, nobody trains)
-EXACT = ("ravan", "full_ft", "fedex_lora", "ffa_lora", "flora", "flexlora", "fedsvd")
+EXACT = ("ravan", "full_ft", "fedex_lora", "ffa_lora", "flora", "flexlora", "fedsvd", "rolora")
 FLOAT32 = 4
 
 
@@ -106,6 +106,8 @@ def expected_bytes(method: str, r: Run, round_index: int) -> tuple[set[int], int
         "hetlora": lambda c: lora(level_rank(c)), "flexlora": lambda c: lora(level_rank(c)),
         "ffa_lora": lambda c: FLOAT32 * sum(ranks[n] * d_out for n, (d_out, _) in shapes.items()),
         "fedsvd": lambda c: FLOAT32 * sum(ranks[n] * d_out for n, (d_out, _) in shapes.items()),
+        "rolora": lambda c: FLOAT32 * sum(ranks[n] * (d_out if round_index % 2 == 1 else d_in)
+                                          for n, (d_out, d_in) in shapes.items()),
         "fedsa_lora": lambda c: FLOAT32 * sum(ranks[n] * d_in for n, (_, d_in) in shapes.items()),
         "fed_sb": lambda c: weights if round_index == 1 else FLOAT32 * sum(ranks[n] ** 2 for n in shapes),
         "ravan": lambda c: FLOAT32 * sum(heads_for_level(r.levels[c], r.resolved["heads"]) * ranks[n] ** 2
@@ -124,6 +126,16 @@ def expected_bytes(method: str, r: Run, round_index: int) -> tuple[set[int], int
             missed = sum(len(r.sampled(t)) * lora(ranks.get) for t in range(r.synced(c, round_index) + 1, round_index))
             return min(missed, weights) if missed else 0
         downlink = sum(head + catch_up(c) for c in sampled)
+    elif method == "rolora":  # round 1: the head; then the factor trained last round, or both after two missed
+        def factors(c: int) -> int:
+            missed = round_index - 1 - r.synced(c, round_index)
+            if missed <= 0:
+                return 0
+            if missed >= 2:
+                return lora(ranks.get)
+            return FLOAT32 * sum(ranks[n] * (d_out if (round_index - 1) % 2 == 1 else d_in)
+                                 for n, (d_out, d_in) in shapes.items())
+        downlink = sum(head + factors(c) for c in sampled)
     elif method == "fed_sb":  # round 1: the head; then R, and the bases to each client that lacks them
         bases = FLOAT32 * sum(ranks[n] * (d_out + d_in) for n, (d_out, d_in) in shapes.items())
         core = 0 if round_index == 1 else FLOAT32 * sum(ranks[n] ** 2 for n in shapes)

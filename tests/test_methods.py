@@ -85,7 +85,7 @@ def test_budget_matching_gives_every_method_at_most_N_trainable_numbers_per_matr
     def rank(name):
         return method_rank(config.model_copy(update={"name": name}), d, d)
 
-    lora_rank_methods = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora")
+    lora_rank_methods = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora", "rolora")
     assert {m: rank(m) for m in lora_rank_methods} == dict.fromkeys(lora_rank_methods, 8)
     assert rank("ffa_lora") == rank("fedsvd") == 16  # only B trains: 2 r_L
     assert rank("fed_sb") == 78 == int(np.sqrt(N))
@@ -329,7 +329,7 @@ def federate(name: str, rounds: int, levels=(1.0, 1.0, 1.0), *overrides: str):
         state = new_state
 
 
-@pytest.mark.parametrize("name", ["full_ft", "fedex_lora", "ffa_lora", "fed_sb", "flora", "ravan", "fedsvd"])
+@pytest.mark.parametrize("name", ["full_ft", "fedex_lora", "ffa_lora", "fed_sb", "flora", "ravan", "fedsvd", "rolora"])
 def test_exact_methods_aggregate_to_the_weighted_mean_of_the_clients_updates(name):
     for round_index, error, scale, _ in federate(name, 2, (1.0, 1.0, 1.0), "method.aggregation_weights=num_samples"):
         if name == "fed_sb" and round_index == 1:

@@ -19,6 +19,7 @@ REGISTRY: dict[str, str] = {
     "flora": "ravan_ray.methods.flora:FLoRA",
     "fedsa_lora": "ravan_ray.methods.fedsa_lora:FedSALoRA",
     "fedsvd": "ravan_ray.methods.fedsvd:FedSVD",
+    "rolora": "ravan_ray.methods.rolora:RoLoRA",
 }
 
 

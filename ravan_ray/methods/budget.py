@@ -4,7 +4,8 @@ N is ``method.budget`` when given, else the size of a rank-r_L LoRA, N = r_L (d_
 (PAPER.md section 1). Each method turns N into the rank of its own factors, so that what one client
 trains in one adapted d_out x d_in matrix is (at most) N numbers:
 
-    fedit, fedex_lora, flora, fedsa_lora   r = floor(N / (d_in + d_out))       (B and A train: r_L)
+    fedit, fedex_lora, flora, fedsa_lora,  r = floor(N / (d_in + d_out))       (B and A train: r_L; RoLoRA
+    rolora                                                                      trains one of them a round)
     hetlora, flexlora                      r_max = floor(N / (d_in + d_out))   (clients: r_c <= r_max)
     ffa_lora, fedsvd                       r = floor(N / d_out)                (only B trains: 2 r_L when
                                                                                 d_in = d_out; FedSVD's A is
@@ -24,7 +25,7 @@ from typing import Any
 
 from ravan_ray.adapters import budget_from_lora_rank, rank_from_budget
 
-LORA_RANK_METHODS = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora")
+LORA_RANK_METHODS = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora", "rolora")
 B_ONLY_METHODS = ("ffa_lora", "fedsvd")
 SVD_METHODS = ("fed_sb", "flexlora", "fedsvd")
 

@@ -27,6 +27,7 @@ METHODS = (
     "full_ft",
     "fedsvd",
     "rolora",
+    "fed_plora",
 )
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
 

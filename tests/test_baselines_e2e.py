@@ -23,7 +23,7 @@ from ravan_ray.methods.base import HEAD_PREFIX
 from ravan_ray.models import load_model
 
 E2E_OVERRIDES = [*TINY_OVERRIDES, "resources.pool_size=1", "federation.eval_every=2"]
-HETEROGENEOUS = ("hetlora", "flexlora")  # their main run uses a bell-shaped compute mix
+HETEROGENEOUS = ("hetlora", "flexlora", "fed_plora")  # their main run uses a bell-shaped compute mix
 # flexlora: the global model is exact; fed_sb: from round 2 (round 1 estimates its bases, nobody trains)
 EXACT = ("ravan", "full_ft", "fedex_lora", "ffa_lora", "flora", "flexlora", "fedsvd", "rolora")
 FLOAT32 = 4
@@ -104,6 +104,7 @@ def expected_bytes(method: str, r: Run, round_index: int) -> tuple[set[int], int
     per_client_up = {  # bytes one client uploads, besides the head
         "fedit": lambda c: lora(ranks.get), "fedex_lora": lambda c: lora(ranks.get), "flora": lambda c: lora(ranks.get),
         "hetlora": lambda c: lora(level_rank(c)), "flexlora": lambda c: lora(level_rank(c)),
+        "fed_plora": lambda c: lora(level_rank(c)),
         "ffa_lora": lambda c: FLOAT32 * sum(ranks[n] * d_out for n, (d_out, _) in shapes.items()),
         "fedsvd": lambda c: FLOAT32 * sum(ranks[n] * d_out for n, (d_out, _) in shapes.items()),
         "rolora": lambda c: FLOAT32 * sum(ranks[n] * (d_out if round_index % 2 == 1 else d_in)
@@ -143,7 +144,7 @@ def expected_bytes(method: str, r: Run, round_index: int) -> tuple[set[int], int
                        for c in sampled)
     elif method == "fedex_lora":  # the factors, and the updated weights once they differ from the pretrained ones
         downlink = m * (lora(ranks.get) + (weights if round_index > 1 else 0) + head)
-    elif method in ("hetlora", "flexlora", "fedsvd"):  # the r_max factors (FedSVD: A and B) to everyone
+    elif method in ("hetlora", "flexlora", "fed_plora", "fedsvd"):  # the r_max factors (FedSVD: A and B) to everyone
         downlink = m * (lora(ranks.get) + head)
     elif method == "ravan":
         downlink = m * (FLOAT32 * sum(r.resolved["heads"] * ranks[n] ** 2 for n in shapes) + head)
@@ -187,14 +188,15 @@ def test_exact_methods_have_zero_aggregation_error(run, method):
         assert math.isnan(r.metrics.loc[1, "agg_error"])
 
 
-@pytest.mark.parametrize("method", ["fedit", "hetlora", "fedsa_lora"])
+@pytest.mark.parametrize("method", ["fedit", "hetlora", "fedsa_lora", "fed_plora"])
 def test_inexact_methods_have_a_clearly_nonzero_aggregation_error(run, method):
     r = main_run(run, method)
     assert (r.metrics["agg_error"] > 5e-5).all(), r.metrics["agg_error"].tolist()
 
 
 @pytest.mark.parametrize("method, distribution", [("hetlora", "skewed_right"), ("flexlora", "skewed_right"),
-                                                  ("ravan", "bell"), ("ravan", "skewed_right")])
+                                                  ("ravan", "bell"), ("ravan", "skewed_right"),
+                                                  ("fed_plora", "uniform"), ("fed_plora", "skewed_right")])
 def test_heterogeneous_compute_runs_end_to_end(run, method, distribution):
     r = run(method, distribution)
     assert r.code == 0 and list(r.metrics.index) == [1, 2]

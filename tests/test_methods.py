@@ -85,7 +85,7 @@ def test_budget_matching_gives_every_method_at_most_N_trainable_numbers_per_matr
     def rank(name):
         return method_rank(config.model_copy(update={"name": name}), d, d)
 
-    lora_rank_methods = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora", "rolora")
+    lora_rank_methods = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora", "rolora", "fed_plora")
     assert {m: rank(m) for m in lora_rank_methods} == dict.fromkeys(lora_rank_methods, 8)
     assert rank("ffa_lora") == rank("fedsvd") == 16  # only B trains: 2 r_L
     assert rank("fed_sb") == 78 == int(np.sqrt(N))
@@ -339,8 +339,9 @@ def test_exact_methods_aggregate_to_the_weighted_mean_of_the_clients_updates(nam
         assert error <= 1e-5 * scale, (round_index, error, scale)
 
 
-def test_fedit_with_differing_clients_is_clearly_inexact():
-    for _, error, scale, _ in federate("fedit", 2):
+@pytest.mark.parametrize("name", ["fedit", "fed_plora"])
+def test_fedit_and_fed_plora_with_differing_clients_are_clearly_inexact(name):
+    for _, error, scale, _ in federate(name, 2):
         assert error > 1e-3 * scale
 
 

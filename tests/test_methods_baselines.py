@@ -178,7 +178,7 @@ def test_hetlora_sparsity_weights_per_layer_or_over_the_whole_model():
 # ------------------------------------------------------------------------------------------------ lora_alpha
 @pytest.mark.parametrize("name, default_scale", [("fedit", 1.0), ("fedex_lora", 2.0), ("ffa_lora", 2.0), ("flora", 2.0),
                                                  ("fedsa_lora", 2.0), ("hetlora", 2.0), ("flexlora", 2.0),
-                                                 ("fedsvd", 1.0), ("rolora", 1.0)])
+                                                 ("fedsvd", 1.0), ("rolora", 1.0), ("fed_plora", 1.0)])
 def test_lora_scale_is_alpha_over_r_and_defaults_to_the_original_codes_alpha(name, default_scale):
     method, model = toy(name, "method.lora_rank=2")
     assert model.query.scale == default_scale and method.lora_scale(2) == default_scale

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "fedsa_lora": "ravan_ray.methods.fedsa_lora:FedSALoRA",
     "fedsvd": "ravan_ray.methods.fedsvd:FedSVD",
     "rolora": "ravan_ray.methods.rolora:RoLoRA",
+    "fed_plora": "ravan_ray.methods.fed_plora:FedPLoRA",
 }
 
 

@@ -6,7 +6,7 @@ trains in one adapted d_out x d_in matrix is (at most) N numbers:
 
     fedit, fedex_lora, flora, fedsa_lora,  r = floor(N / (d_in + d_out))       (B and A train: r_L; RoLoRA
     rolora                                                                      trains one of them a round)
-    hetlora, flexlora                      r_max = floor(N / (d_in + d_out))   (clients: r_c <= r_max)
+    hetlora, flexlora, fed_plora           r_max = floor(N / (d_in + d_out))   (clients: r_c <= r_max)
     ffa_lora, fedsvd                       r = floor(N / d_out)                (only B trains: 2 r_L when
                                                                                 d_in = d_out; FedSVD's A is
                                                                                 set by the server's SVD)
@@ -25,7 +25,7 @@ from typing import Any
 
 from ravan_ray.adapters import budget_from_lora_rank, rank_from_budget
 
-LORA_RANK_METHODS = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora", "rolora")
+LORA_RANK_METHODS = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora", "rolora", "fed_plora")
 B_ONLY_METHODS = ("ffa_lora", "fedsvd")
 SVD_METHODS = ("fed_sb", "flexlora", "fedsvd")
 

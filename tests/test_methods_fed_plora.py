@@ -133,3 +133,20 @@ def test_folding_the_unselected_modules_leaves_the_layers_function_unchanged(d_o
     mask = torch.zeros(rank, dtype=torch.float64)
     mask[list(selected)] = 1
     assert torch.allclose(fold(W, B, A, folded, scale) + scale * (B * mask) @ A, W + scale * B @ A, atol=1e-10)
+
+
+def test_with_every_client_at_full_rank_nothing_is_folded_and_the_aggregate_is_fedits():
+    method, model = toy()  # R = 4
+    method.load_state(model, method.initial_state(model), None)
+    pretrained = model.query.base.weight.detach().clone()
+    meta = method.begin_training(model, ClientTask(0, 1, 1.0, 0), no_batch_loss)
+    assert meta["modules"]["query"] == [0, 1, 2, 3] and torch.equal(model.query.base.weight, pretrained)
+
+    fedit = build_method(load_config(None, ["method.name=fedit", "method.lora_rank=4", "model.target_modules=[query]",
+                                            "federation.num_clients=6"]))
+    state = method.initial_state(model)
+    updates = [ClientUpdate(c, {"query/lora_B": rand(5, 4, seed=c), "query/lora_A": rand(4, 6, seed=10 + c)},
+                            10, 0.0, meta={"modules": {"query": [0, 1, 2, 3]}}) for c in range(3)]
+    ours, theirs = method.aggregate(state, updates, 1), fedit.aggregate(state, updates, 1)
+    assert torch.allclose(ours["query/lora_B"], theirs["query/lora_B"])
+    assert torch.allclose(ours["query/lora_A"], theirs["query/lora_A"])

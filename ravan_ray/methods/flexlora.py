@@ -2,13 +2,13 @@
 Language Models under Heterogeneous Tasks and Client Resources", NeurIPS 2024).
 
 Clients train LoRAs of their own rank r_c (``HeterogeneousRankLoRA``: the first r_c ranks of the global
-factors, the rest masked). The server forms every client's full-size update B_c A_c, averages them,
+factors, the rest masked). The server forms every client's full-size update, the product scaled as the
+client applied it, averages them,
 
-    dW = sum_c w_c B_c A_c,
+    dW = sum_c w_c (alpha / r_c) B_c A_c,
 
-(each B_c A_c with the client's scale alpha / r_c, i.e. the update the client made) and takes its SVD
-dW = U S V^T. A client of rank r_c restarts from the best rank-r_c approximation of dW: A = V^T[:r_c] and
-B = U[:, :r_c] S[:r_c] / (alpha / r_c), so that its scaled LoRA starts exactly at that truncation.
+and takes its SVD dW = U S V^T. A client of rank r_c restarts from the best rank-r_c approximation of dW:
+A = V^T[:r_c] and B = U[:, :r_c] S[:r_c] / (alpha / r_c), so that its scaled LoRA starts exactly there.
 
 Choices the paper leaves open, and how dW relates to the base weights:
 - the global model is W0 + dW with the full-size dW (FlexLoRA's "full-size LoRA weight" merged into the

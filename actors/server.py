@@ -49,9 +49,10 @@ class ParameterServer:
     def resolved(self) -> dict[str, Any]:
         return self.method.resolved()
 
-    def broadcast(self, num_clients: int) -> tuple[State, int]:
-        """The state to send this round and the downlink bytes it costs for ``num_clients`` clients."""
-        return self.state, self.method.downlink_bytes(self.state, num_clients)
+    def broadcast(self, clients: list[int]) -> tuple[State, int]:
+        """The state to send this round and the downlink bytes it costs for these sampled clients (a method may
+        charge a client that missed rounds more than one that took part in the last)."""
+        return self.state, self.method.downlink_bytes(self.state, clients)
 
     def aggregate(self, round_index: int, *updates: ClientUpdate) -> dict[str, Any]:
         """Aggregate this round's uploads; returns the round's server-side metrics."""

@@ -7,10 +7,11 @@ session, skipping runs that already finished, then writes the report (``ravan-ra
         --batch-size 32 --max-length 128 --max-test 0          # the paper's schedule
 
 Sets:
-  table2_noniid / table2_iid  ravan, fedit, fedex_lora, ffa_lora, fed_sb, full_ft (Dirichlet 0.3 / IID)
+  table2_noniid / table2_iid  ravan, fedit, fedex_lora, ffa_lora, fed_sb, full_ft, and the other rules the
+                              platform has: flora, fedsvd, rolora, fed_plora (Dirichlet 0.3 / IID)
   table5                      ravan with method.scaling=constant (trainable s is table2_noniid's ravan)
   table4                      ravan with init gram_schmidt, constant, shared_subspace (normal: table2_noniid)
-  fig3                        compute mixes uniform / bell / skewed_right x hetlora, flexlora,
+  fig3                        compute mixes uniform / bell / skewed_right x hetlora, flexlora, fed_plora,
                               ravan (random, weight, gradient scoring)
   fig4                        ravan with 1, 4, 8, 16 heads at the same budget
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ravan_ray.config import load_config  # noqa: E402
 
-TABLE2 = ["ravan", "fedit", "fedex_lora", "ffa_lora", "fed_sb", "full_ft"]
+TABLE2 = ["ravan", "fedit", "fedex_lora", "ffa_lora", "fed_sb", "full_ft", "flora", "fedsvd", "rolora", "fed_plora"]
 
 
 def experiment_set(name: str, args) -> dict[str, list[str]]:
@@ -51,7 +52,7 @@ def experiment_set(name: str, args) -> dict[str, list[str]]:
     if name == "fig3":
         runs = {}
         for dist in ("uniform", "bell", "skewed_right"):
-            for m in ("hetlora", "flexlora"):
+            for m in ("hetlora", "flexlora", "fed_plora"):
                 runs[f"{dist}_{m}"] = method(m) + [f"compute.distribution={dist}"]
             for scoring in ("random", "weight", "gradient"):
                 runs[f"{dist}_ravan_{scoring}"] = method("ravan") + [f"compute.distribution={dist}",

@@ -458,11 +458,16 @@ class LoRALinear(_MergeableAdapter):
     def d_out(self) -> int:
         return self._d_out
 
-    def set_rank_mask(self, active_rank: int) -> None:
-        """Use only the first ``active_rank`` ranks (1 <= active_rank <= rank)."""
-        if not 1 <= active_rank <= self._rank:
-            raise ValueError(f"active_rank must be in [1, {self._rank}], got {active_rank}")
-        self.rank_mask.copy_(torch.arange(self._rank, device=self.rank_mask.device) < active_rank)
+    def set_rank_mask(self, active: int | Sequence[int] | Tensor) -> None:
+        """Use only some ranks: the first ``active`` ones for an int (1 <= active <= rank, HetLoRA-style), or the
+        given rank indices / a bool mask of shape (rank,) (Fed-PLoRA's selected one-rank modules)."""
+        if isinstance(active, int):
+            if not 1 <= active <= self._rank:
+                raise ValueError(f"active rank must be in [1, {self._rank}], got {active}")
+            mask = torch.arange(self._rank) < active
+        else:
+            mask = _index_mask(active, self._rank, "rank")
+        self.rank_mask.copy_(mask.to(self.rank_mask.device))
 
     def _masked_B(self) -> Tensor:
         # Zeroing B's columns removes the masked ranks from the output and, through the product,

@@ -25,6 +25,9 @@ METHODS = (
     "flora",
     "fedsa_lora",
     "full_ft",
+    "fedsvd",
+    "rolora",
+    "fed_plora",
 )
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
 # One file each under ravan_ray/tasks/ (what is learned, independent of how it is federated).
@@ -138,6 +141,24 @@ class MethodConfig(_Section):
     scaling: Literal["trainable", "constant"] = "trainable"
     scoring: Literal["random", "weight", "gradient"] = "random"
     aggregation_weights: Literal["uniform", "num_samples"] = "uniform"
+    # LoRA scaling with PEFT's meaning: the update is (lora_alpha / r) B A. None: the value the method's original
+    # code uses (each method file says which); rank-heterogeneous methods divide by each client's own rank.
+    lora_alpha: Optional[float] = Field(None, gt=0)
+    # HetLoRA's rank self-pruning: decay factor gamma (a client may prune its last r - floor(gamma r) ranks;
+    # 1 turns pruning off) and the weight lambda of the penalty on those ranks in the local objective.
+    hetlora_gamma: float = Field(0.99, gt=0, le=1)
+    hetlora_lambda: float = Field(0.01, ge=0)
+    # HetLoRA's sparsity weights from the norm of each client's update per adapted layer, or over the whole model.
+    hetlora_norm: Literal["layer", "model"] = "layer"
+    # FedSA-LoRA: keep the task head on the client like B (its GLUE configs), or share and average it.
+    fedsa_local_head: bool = True
+
+    @field_validator("lora_alpha", "hetlora_lambda")
+    @classmethod
+    def _finite_method_number(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
 
 
 class OptimizerConfig(_Section):

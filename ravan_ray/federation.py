@@ -262,7 +262,7 @@ def play_round(config: RunConfig, run_dir: Path, round_index: int, server, fleet
     Returns (metrics row, client outcome, checkpoint path or None); updates ``client_state_refs``."""
     fed = config.federation
     sampled = sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round)
-    state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(len(sampled))
+    state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(sampled)
     downlink_bytes = ray.get(downlink_ref)  # also: the server is alive before clients depend on it
     tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]
     outcome = run_clients(fleet, tasks, state_ref, client_state_refs, fed)

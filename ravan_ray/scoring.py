@@ -4,16 +4,19 @@
 - ``weight``:   ||s_i H_i||_F of the broadcast cores (s_i is 1 at the start of a round). Ties, e.g. all
                 heads at zero in round one, go to the lower head index, so every client then picks the
                 same heads: the weakness of this score the paper reports.
-- ``gradient``: ||dL/dH_i||_F on one local mini-batch, one backward pass for all layers at once.
+- ``gradient``: ||dL/dH_i||_F on one local mini-batch, one backward pass for all layers at once, with the
+                model in eval mode (dropout off) for that pass, so the score is a deterministic function of the
+                cores and the batch rather than of one dropout draw (which would add noise to the ranking).
 
 The same number of heads K_c is chosen in every adapted layer; each layer picks its own top-K_c.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import torch
+from torch import nn
 
 from ravan_ray.adapters import RavanLinear
 
@@ -25,8 +28,10 @@ def head_scores(
     layers: Mapping[str, RavanLinear],
     generator: torch.Generator,
     batch_loss: Callable[[], torch.Tensor],
+    model: Optional[nn.Module] = None,
 ) -> dict[str, torch.Tensor]:
-    """One score per head for every adapted layer: {layer name: tensor of shape (heads,)}."""
+    """One score per head for every adapted layer: {layer name: tensor of shape (heads,)}. ``model`` (the module
+    ``batch_loss`` runs) is put in eval mode for the gradient pass and restored afterwards."""
     if kind == "random":
         return {name: torch.rand(layer.heads, generator=generator) for name, layer in layers.items()}
     if kind == "weight":
@@ -35,18 +40,26 @@ def head_scores(
             for name, layer in layers.items()
         }
     if kind == "gradient":
-        return _gradient_scores(layers, batch_loss)
+        return _gradient_scores(layers, batch_loss, model)
     raise ValueError(f"unknown scoring '{kind}' (allowed: {', '.join(SCORES)})")
 
 
-def _gradient_scores(layers: Mapping[str, RavanLinear], batch_loss: Callable[[], torch.Tensor]) -> dict[str, torch.Tensor]:
+def _gradient_scores(layers: Mapping[str, RavanLinear], batch_loss: Callable[[], torch.Tensor],
+                     model: Optional[nn.Module]) -> dict[str, torch.Tensor]:
     cores = [layer.cores for layer in layers.values()]
     previous = [c.requires_grad for c in cores]
     masks = [layer.head_mask.clone() for layer in layers.values()]
     for layer, core in zip(layers.values(), cores):
         layer.set_head_mask(torch.ones(layer.heads, dtype=torch.bool))  # score every head, not last round's
         core.requires_grad_(True)
-    grads = torch.autograd.grad(batch_loss(), cores, allow_unused=True)
+    training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+    try:
+        grads = torch.autograd.grad(batch_loss(), cores, allow_unused=True)
+    finally:
+        if model is not None:
+            model.train(training)
     for layer, core, was, mask in zip(layers.values(), cores, previous, masks):
         core.requires_grad_(was)
         layer.set_head_mask(mask)

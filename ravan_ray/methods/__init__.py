@@ -17,6 +17,9 @@ REGISTRY: dict[str, str] = {
     "flexlora": "ravan_ray.methods.flexlora:FlexLoRA",
     "flora": "ravan_ray.methods.flora:FLoRA",
     "fedsa_lora": "ravan_ray.methods.fedsa_lora:FedSALoRA",
+    "fedsvd": "ravan_ray.methods.fedsvd:FedSVD",
+    "rolora": "ravan_ray.methods.rolora:RoLoRA",
+    "fed_plora": "ravan_ray.methods.fed_plora:FedPLoRA",
 }
 
 

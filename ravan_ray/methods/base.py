@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from ravan_ray.config import RunConfig
 State = dict[str, torch.Tensor]
 HEAD_PREFIX = "head/"
 EVAL_PREFIX = "eval/"
+#: server bookkeeping for methods whose downlink depends on what a client already holds: per client, the last round
+#: whose aggregated state it received (0: only the initial state, which every process builds from the seed).
+SYNCED_KEY = EVAL_PREFIX + "synced_round"
 
 
 @dataclass(frozen=True)
@@ -120,10 +123,12 @@ class FederatedMethod(ABC):
         sent = {k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}
         return {**sent, **update.tensors}, update.client_state
 
-    def downlink_bytes(self, state: State, num_clients: int) -> int:
-        """Bytes the server sends this round: the broadcast state to every sampled client."""
+    def downlink_bytes(self, state: State, clients: Sequence[int]) -> int:
+        """Bytes the server sends this round to the sampled ``clients``: by default the broadcast state to each.
+        Methods whose clients keep what they received (FLoRA's merged stacks, Fed-SB's bases) override this and
+        charge each client what it lacks, using :func:`synced_round`."""
         sent = {k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}
-        return state_bytes(sent) * num_clients
+        return state_bytes(sent) * len(clients)
 
     # ----------------------------------------------------------------- client side
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
@@ -184,3 +189,24 @@ class FederatedMethod(ABC):
     def aggregate_head(self, updates: list[ClientUpdate], weights: np.ndarray) -> State:
         keys = [k for k in updates[0].tensors if k.startswith(HEAD_PREFIX)]
         return {k: weighted_mean([u.tensors[k] for u in updates], weights) for k in keys}
+
+
+# ----------------------------------------------------------------------------------------------------------- sync
+def initial_sync(num_clients: int) -> torch.Tensor:
+    """Every client holds round 0's state (the pretrained model and the seeded adapter initialisation)."""
+    return torch.zeros(num_clients, dtype=torch.int64)
+
+
+def synced_round(state: State, client: int) -> int:
+    """The last round whose aggregated state ``client`` received (0: the initial state only)."""
+    synced = state.get(SYNCED_KEY)
+    return 0 if synced is None else int(synced[client])
+
+
+def mark_synced(state: State, updates: list[ClientUpdate], round_index: int) -> torch.Tensor:
+    """The sync vector after ``round_index``: its clients received the state of round ``round_index - 1``. A client
+    that dropped out of the round is not marked, so it is charged again when next sampled."""
+    synced = state[SYNCED_KEY].clone()
+    for update in updates:
+        synced[update.client_id] = max(int(synced[update.client_id]), round_index - 1)
+    return synced

@@ -4,17 +4,19 @@ N is ``method.budget`` when given, else the size of a rank-r_L LoRA, N = r_L (d_
 (PAPER.md section 1). Each method turns N into the rank of its own factors, so that what one client
 trains in one adapted d_out x d_in matrix is (at most) N numbers:
 
-    fedit, fedex_lora, flora, fedsa_lora   r = floor(N / (d_in + d_out))       (B and A train: r_L)
-    hetlora, flexlora                      r_max = floor(N / (d_in + d_out))   (clients: r_c <= r_max)
-    ffa_lora                               r = floor(N / d_out)                (only B trains: 2 r_L when
-                                                                                d_in = d_out)
+    fedit, fedex_lora, flora, fedsa_lora,  r = floor(N / (d_in + d_out))       (B and A train: r_L; RoLoRA
+    rolora                                                                      trains one of them a round)
+    hetlora, flexlora, fed_plora           r_max = floor(N / (d_in + d_out))   (clients: r_c <= r_max)
+    ffa_lora, fedsvd                       r = floor(N / d_out)                (only B trains: 2 r_L when
+                                                                                d_in = d_out; FedSVD's A is
+                                                                                set by the server's SVD)
     fed_sb                                 r = floor(sqrt(N))                  (only the r x r core trains)
     ravan                                  r = floor(sqrt(N / h)) per head     (h cores of r x r)
     full_ft                                no budget: the update is full rank, min(d_in, d_out)
 
 No method's rank may exceed min(d_in, d_out): the update is full rank there, and more rank only costs
-memory (SVD-based methods, fed_sb and flexlora, cannot even have more singular directions). A budget
-that asks for more is refused with the largest one that makes sense (:func:`check_rank_fits`).
+memory (SVD-based methods, fed_sb, flexlora and fedsvd, cannot even have more singular directions). A
+budget that asks for more is refused with the largest one that makes sense (:func:`check_rank_fits`).
 FedSA-LoRA trains B as well, only keeps it local, so it gets the LoRA rank.
 """
 
@@ -25,7 +27,8 @@ from typing import Any
 
 from ravan_ray.adapters import budget_from_lora_rank, rank_from_budget
 
-LORA_RANK_METHODS = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora")
+LORA_RANK_METHODS = ("fedit", "fedex_lora", "flora", "fedsa_lora", "hetlora", "flexlora", "rolora", "fed_plora")
+B_ONLY_METHODS = ("ffa_lora", "fedsvd")
 
 
 def per_matrix_budget(method_config, d_in: int, d_out: int) -> int:
@@ -48,7 +51,7 @@ def method_rank(method_config, d_in: int, d_out: int) -> int:
         return rank
     if name == "fed_sb":
         rank = math.isqrt(budget)
-    elif name == "ffa_lora":
+    elif name in B_ONLY_METHODS:
         rank = budget // d_out
     elif name in LORA_RANK_METHODS:
         rank = budget // (d_in + d_out)
@@ -80,7 +83,7 @@ def check_rank_fits(method_config, rank: int, budget: int, d_in: int, d_out: int
             f"{given} gives ravan's {heads} heads rank {rank} on a {d_out} x {d_in} matrix, more than {d}: use "
             f"method.budget <= {heads * d * d} (heads of rank {d}); the heads' total rank already reaches {d} at "
             f"sqrt(N h) = d, N = {saturation} (method.lora_rank ~ {max(1, saturation // (d_in + d_out))})")
-    largest = {"ffa_lora": d * d_out, "fed_sb": d * d}.get(name, d * (d_in + d_out))
+    largest = d * d if name == "fed_sb" else d * d_out if name in B_ONLY_METHODS else d * (d_in + d_out)
     raise ValueError(
         f"{given} (N = {budget} per matrix) gives {name} rank {rank} on a {d_out} x {d_in} matrix, more than {d}, "
         f"where the update is already full rank: use method.budget <= {largest} "

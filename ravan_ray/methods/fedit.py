@@ -7,8 +7,9 @@ mean(B_c) mean(A_c) != mean(B_c A_c), the global update is not the mean of the c
 the inexact baseline (``agg_error`` > 0 as soon as two clients differ).
 
 Choices the paper leaves open: the rank comes from the shared budget (r = r_L, ``methods/budget.py``);
-no alpha / r scaling (``methods/lora.py``); client weights follow ``method.aggregation_weights``
-(uniform by default; FedIT's FedAvg weights by data size, which is ``num_samples``).
+scaling alpha / r with alpha = r by default (scale 1), as FedIT's code (FederatedGPT-Shepherd ``main.py``:
+``lora_r=16, lora_alpha=16``); client weights follow ``method.aggregation_weights`` (uniform by default;
+FedIT's FedAvg weights by data size, which is ``num_samples``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ravan_ray.methods.lora import LoRAMethod
 class FedIT(LoRAMethod):
     name = "fedit"
     exact = False
+    alpha_per_rank = 1.0
 
     def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
         return self.average_factors(state, updates, self.client_weights(updates))

@@ -8,8 +8,10 @@ mean(B_c) A = mean(B_c A): the aggregation is exact.
 Choices the paper leaves open:
 - budget: only B (d_out x r) trains, so r = floor(N / d_out), which is 2 r_L for the square query /
   value projections (``methods/budget.py``);
-- A ~ N(0, 1/d_in) and no alpha / r scaling (``methods/lora.py``); the paper's larger fixed scaling
-  factor is not used, so one learning rate serves every method;
+- A ~ N(0, 1/d_in) (``methods/lora.py``); scaling alpha / r with alpha = 2 r by default (scale 2): FFA-LoRA's
+  own scripts were not available here, and the FederatedScope GLUE config that carries its switch
+  (``federate.freeze_A`` in FedSA-LoRA's repository) uses ``r: 8, lora_alpha: 16``. The paper reports FFA-LoRA
+  insensitive to alpha (the scale only rescales the effective learning rate of B);
 - client weights follow ``method.aggregation_weights`` (uniform by default).
 """
 
@@ -24,6 +26,7 @@ class FFALoRA(LoRAMethod):
     exact = True
     shared_factors = ("lora_B",)
     trained_factors = ("lora_B",)
+    alpha_per_rank = 2.0
 
     def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
         return self.average_factors(state, updates, self.client_weights(updates))

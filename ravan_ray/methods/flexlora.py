@@ -2,12 +2,13 @@
 Language Models under Heterogeneous Tasks and Client Resources", NeurIPS 2024).
 
 Clients train LoRAs of their own rank r_c (``HeterogeneousRankLoRA``: the first r_c ranks of the global
-factors, the rest masked). The server forms every client's full-size update B_c A_c, averages them,
+factors, the rest masked). The server forms every client's full-size update, the product scaled as the
+client applied it, averages them,
 
-    dW = sum_c w_c B_c A_c,
+    dW = sum_c w_c (alpha / r_c) B_c A_c,
 
-and takes its SVD dW = U S V^T. A client of rank r_c restarts from the best rank-r_c approximation,
-B = U[:, :r_c] S[:r_c], A = V^T[:r_c].
+and takes its SVD dW = U S V^T. A client of rank r_c restarts from the best rank-r_c approximation of dW:
+A = V^T[:r_c] and B = U[:, :r_c] S[:r_c] / (alpha / r_c), so that its scaled LoRA starts exactly there.
 
 Choices the paper leaves open, and how dW relates to the base weights:
 - the global model is W0 + dW with the full-size dW (FlexLoRA's "full-size LoRA weight" merged into the
@@ -21,17 +22,21 @@ Choices the paper leaves open, and how dW relates to the base weights:
 - the weights w_c follow ``method.aggregation_weights`` (uniform by default, as for every other method
   here; FlexLoRA weighs by data size, which is ``num_samples``);
 - r_max = r_L from the shared budget (at most min(d_in, d_out)), r_c = ``budgets.rank_for_level``;
+- scaling alpha / r_c per client with alpha = 2 r_c by default (scale 2 for every client), as FLoRA's public
+  code builds its heterogeneous-rank clients (``lora_alpha=2*local_ranks[client_id]``); FlexLoRA's own
+  FederatedScope branch was not available here. The broadcast factors are those of dW itself (unscaled) and
+  each client divides its B by its own scale, which keeps the redistribution exact for any ``lora_alpha``;
 - the first round starts from the standard LoRA initialisation (B = 0, A Gaussian); SVDs are in float64.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
-from ravan_ray.methods.base import EVAL_PREFIX, ClientUpdate, State
+from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State
 from ravan_ray.methods.lora import HeterogeneousRankLoRA, factor_key
 
 
@@ -66,20 +71,31 @@ class FlexLoRA(HeterogeneousRankLoRA):
     name = "flexlora"
     changes_base_weights = True  # merges updates into W
     exact = False
+    alpha_per_rank = 2.0
 
     def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
         weights = self.client_weights(updates)
         new_state = {**state, **self.aggregate_head(updates, weights)}
         for layer, rank in self.ranks.items():
             b_key, a_key = factor_key(layer, "lora_B"), factor_key(layer, "lora_A")
-            B_cat = torch.cat([float(w) * u.tensors[b_key].double() for u, w in zip(updates, weights)], dim=1)
+            B_cat = torch.cat([float(w) * self.lora_scale(self.uploaded_rank(u, layer)) * u.tensors[b_key].double()
+                               for u, w in zip(updates, weights)], dim=1)
             A_cat = torch.cat([u.tensors[a_key].double() for u in updates], dim=0)
-            delta = B_cat @ A_cat  # sum_c w_c B_c A_c
+            delta = B_cat @ A_cat  # sum_c w_c (alpha / r_c) B_c A_c
             B, A = truncated_factors(B_cat, A_cat, rank)
             dtype = state[b_key].dtype
             new_state[b_key], new_state[a_key] = B.to(dtype), A.to(dtype)
             new_state[delta_key(layer)] = delta.to(dtype)
         return new_state
+
+    def begin_training(self, model: nn.Module, task: ClientTask, batch_loss: Callable[[], torch.Tensor]) -> dict:
+        """Truncate to r_c (``HeterogeneousRankLoRA``), then divide B by the client's scale: its LoRA then starts at
+        the rank-r_c truncation of dW."""
+        meta = super().begin_training(model, task, batch_loss)
+        with torch.no_grad():
+            for layer in self.adapted_modules(model).values():
+                layer.lora_B.div_(layer.scale)
+        return meta
 
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
         """A client loads the r_max factors; the global model (only the server holds ``eval/`` keys) is

@@ -6,65 +6,89 @@ weights. The server stacks the client modules along the rank axis with the clien
 
     B_stack = [p_1 B_1, ..., p_m B_m]  (d_out x sum_c r_c),   A_stack = [A_1; ...; A_m]  (sum_c r_c x d_in),
 
-so B_stack A_stack = sum_c p_c B_c A_c exactly, and merges the product into the weight of every adapted
-layer. The broadcast is the stacked modules, whose size grows with the number of clients per round; every
-client merges them into its copy of the model.
+so B_stack A_stack = sum_c p_c B_c A_c exactly, and merges s B_stack A_stack (s = alpha / r) into the weight of
+every adapted layer. The broadcast is the stacked modules, whose size grows with the number of clients per
+round; every client merges them into its copy of the model.
+
+Downlink and clients that missed rounds: a client holds the global weights of the last round whose stacks it
+merged. A sampled client that took part in the previous round needs that round's stacks; one that has been
+absent for k rounds (or was never sampled) needs the stacks of every round it missed, or instead the merged
+weights of the adapted layers, whichever is smaller (the server sends the cheaper). The server keeps, under
+``eval/`` (bookkeeping, never sent), the round each client last synchronised to and the byte size of every
+round's stacks, and charges each sampled client its own catch-up plus the task head.
 
 Choices the paper leaves open:
 - the fresh A of a client is drawn per (run seed, round, client) with the scale of ``methods/lora.py``
   (N(0, 1/d_in)), like a fresh PEFT initialisation; homogeneous rank r = r_L from the shared budget;
+- scaling alpha / r with alpha = 2 r by default (scale 2), as FLoRA's code (``main.py``: ``lora_r=8,
+  lora_alpha=16``; heterogeneous clients ``lora_alpha=2*local_ranks[client_id]``; the stacked module
+  ``r = lora_r * num_clients, lora_alpha = lora_alpha * num_clients``, the same scale);
 - p_c follows ``method.aggregation_weights`` (uniform by default; FLoRA's data-size weights are
-  ``num_samples``);
-- state: the merged weights (``{layer}/base_weight``, what a client's model holds) and the last round's
-  stacks (``{layer}/stack_A``, ``{layer}/stack_B``). Downlink counts the stacks and the task head for each
-  sampled client, not the merged weights: a client is assumed to have merged every earlier broadcast
-  (FLoRA's setting, where every client takes part in every round). A client that missed rounds would also
-  need the stacks it missed; that catch-up is not counted. Round 1 sends only the task head.
+  ``num_samples``); FLoRA's code puts p_c on A, here it is on B: the product is the same;
+- state: the merged weights (``{layer}/base_weight``, what a client's model holds) and the last round's stacks
+  (``{layer}/stack_A``, ``{layer}/stack_B``). Round 1 sends only the task head.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from ravan_ray.methods.base import HEAD_PREFIX, ClientTask, ClientUpdate, State, state_bytes
+from ravan_ray.methods.base import (EVAL_PREFIX, HEAD_PREFIX, SYNCED_KEY, ClientTask, ClientUpdate, State,
+                                    initial_sync, mark_synced, state_bytes, synced_round)
 from ravan_ray.methods.fedex_lora import base_key
-from ravan_ray.methods.lora import LORA_SCALE, LoRAMethod, factor_key
+from ravan_ray.methods.lora import LoRAMethod, factor_key
 
 FRESH_A_STREAM = 4  # ClientTask.generator stream for the fresh A (0-3 are used by the training loop)
 STACK_SUFFIXES = ("/stack_A", "/stack_B")
+STACK_BYTES = EVAL_PREFIX + "flora/stack_bytes"  # entry t: the bytes of round t's stacks (entry 0: none)
+
+
+def catch_up_bytes(stack_bytes: torch.Tensor, synced: int, merged_bytes: int) -> int:
+    """What a client that holds the weights of round ``synced`` needs to reach the newest round: the stacks of
+    the rounds it missed, or the merged weights when those are smaller."""
+    missed = int(stack_bytes[synced + 1:].sum())
+    return min(missed, merged_bytes) if missed else 0
 
 
 class FLoRA(LoRAMethod):
     name = "flora"
     changes_base_weights = True  # merges updates into W
     exact = True
+    alpha_per_rank = 2.0
 
     def initial_state(self, model: nn.Module) -> State:
         state = self.head_state(model)
         for name, layer in self.adapted_modules(model).items():
             state[base_key(name)] = layer.base.weight.detach().clone()
+        state[SYNCED_KEY] = initial_sync(self.config.federation.num_clients)
+        state[STACK_BYTES] = torch.zeros(1, dtype=torch.int64)
         return state
 
     def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
         weights = self.client_weights(updates)
         new_state = {**state, **self.aggregate_head(updates, weights)}
-        for layer in self.ranks:
+        round_bytes = 0
+        for layer, rank in self.ranks.items():
             stack_B = torch.cat([float(w) * u.tensors[factor_key(layer, "lora_B")] for u, w in zip(updates, weights)], dim=1)
             stack_A = torch.cat([u.tensors[factor_key(layer, "lora_A")] for u in updates], dim=0)
             merged = sum(float(w) * (u.tensors[factor_key(layer, "lora_B")].double() @ u.tensors[factor_key(layer, "lora_A")].double())
                          for u, w in zip(updates, weights))
             old = state[base_key(layer)]
-            new_state[base_key(layer)] = (old.double() + LORA_SCALE * merged).to(old.dtype)
+            new_state[base_key(layer)] = (old.double() + self.lora_scale(rank) * merged).to(old.dtype)
             new_state[f"{layer}/stack_A"], new_state[f"{layer}/stack_B"] = stack_A, stack_B
+            round_bytes += state_bytes({"A": stack_A, "B": stack_B})
+        new_state[STACK_BYTES] = torch.cat([state[STACK_BYTES], torch.tensor([round_bytes], dtype=torch.int64)])
+        new_state[SYNCED_KEY] = mark_synced(state, updates, round_index)
         return new_state
 
-    def downlink_bytes(self, state: State, num_clients: int) -> int:
-        sent = {k: v for k, v in state.items() if k.startswith(HEAD_PREFIX) or k.endswith(STACK_SUFFIXES)}
-        return state_bytes(sent) * num_clients
+    def downlink_bytes(self, state: State, clients: Sequence[int]) -> int:
+        head = state_bytes({k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)})
+        merged = state_bytes({k: v for k, v in state.items() if k.endswith("/base_weight")})
+        return sum(head + catch_up_bytes(state[STACK_BYTES], synced_round(state, c), merged) for c in clients)
 
     # ----------------------------------------------------------------- client
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:

@@ -1,44 +1,138 @@
-"""HetLoRA: heterogeneous LoRA ranks (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of
-On-Device Foundation Models", EMNLP 2024).
+"""HetLoRA: heterogeneous LoRA ranks (Cho et al., "Heterogeneous LoRA for Federated Fine-tuning of On-Device
+Foundation Models", EMNLP 2024, arXiv 2401.06432).
 
-The global LoRA has rank r_max; a client at budget level l_c keeps its first r_c = round(l_c r_max) ranks
-(the rest masked and zeroed), trains them and uploads B[:, :r_c], A[:r_c] (``HeterogeneousRankLoRA``).
-The server zero-pads every upload back to r_max and averages the padded factors with HetLoRA's
-sparsity weights: client c weighs in proportion to the Frobenius norm of its update, ||B_c A_c||_F.
-The next round each client truncates the new global to its own rank again. Averaging factors is not
-averaging products, and the padding and the norm weights move the result further from the plain mean:
-inexact (``agg_error`` measures the distance to the mean with ``method.aggregation_weights``).
+The paper's three steps, per round:
+
+1. distribution via truncation: the global LoRA has rank r_max; a client of rank r_c keeps its first r_c ranks
+   (the rest masked and zeroed: ``HeterogeneousRankLoRA``);
+2. local training with rank self-pruning: the local objective adds lambda ||B_T|| ||A_T|| on the client's last
+   ranks T = [floor(gamma r_c), r_c) (gamma < 1 the decay factor); after local training, if that norm product
+   is smaller than it was at the start of the round (the truncated global's), the client prunes those ranks:
+   r_c <- floor(gamma r_c), and uploads only B[:, :r_c], A[:r_c]. The pruned rank is the client's from then on
+   (it stays in the client state; a client never grows back);
+3. sparsity-weighted aggregation: the server zero-pads every upload back to r_max and averages the padded
+   factors with weights p_c proportional to the Frobenius norm of the client's update s_c B_c A_c.
+
+The next round each client truncates the new global to its own rank again. Averaging factors is not averaging
+products, and the padding and the norm weights move the result further from the plain mean: inexact
+(``agg_error`` measures the distance to the mean with ``method.aggregation_weights``).
 
 Choices the paper leaves open:
-- r_max = r_L, the LoRA rank of the shared budget; r_c = ``budgets.rank_for_level`` (at least 1);
-- the sparsity weights are computed per adapted layer (each layer's factors are averaged with the norms
-  of that layer's client updates); with ``aggregation_weights: num_samples`` they are multiplied by the
-  data sizes before normalising; if every update of a layer is zero the layer falls back to the plain
-  client weights;
-- HetLoRA's rank self-pruning (a client lowering its rank during training when its last ranks carry
-  little norm) is omitted: a client's rank is fixed by its budget level;
-- the server broadcasts the r_max factors and every client truncates them (downlink r_max-sized);
-- no alpha / r scaling (``methods/lora.py``).
+- r_max = r_L, the LoRA rank of the shared budget; r_c = ``budgets.rank_for_level`` (at least 1), lowered by
+  the client's own pruning;
+- hyper-parameters: ``method.hetlora_gamma`` (decay factor, 0.99 by default: one rank of 8 at a time;
+  1 turns pruning off) and ``method.hetlora_lambda`` (penalty weight, 0.01 by default; this value is this
+  project's choice, 0 keeps the norm rule but drops the penalty). The penalty is added to the loss the
+  clients minimise (and report as train_loss) through a forward hook on the model during local training;
+- pruning and the norm rule act per adapted layer (the paper states them for one weight matrix); a client of
+  rank 1 in a layer cannot prune further there;
+- the sparsity weights: ``method.hetlora_norm: layer`` (default) computes p_c per adapted layer from that
+  layer's updates, the paper's single-matrix formula applied to each matrix; ``model`` uses one weight per
+  client from the norm of its whole update (all adapted layers together), for every layer. With
+  ``aggregation_weights: num_samples`` the norms are multiplied by the data sizes before normalising; if every
+  norm is zero the layer falls back to the plain client weights;
+- scaling alpha / r_c per client with alpha = 2 r_c by default (scale 2, equal for all clients), as the
+  zero-padding heterogeneous-rank baseline in FLoRA's public code builds its clients
+  (``lora_alpha=2*local_ranks[client_id]``); no HetLoRA code is public. The global model uses alpha / r_max;
+- the server broadcasts the r_max factors and every client truncates them (downlink r_max-sized).
 """
 
 from __future__ import annotations
 
+import math
+from typing import Callable, Optional
+
 import numpy as np
 import torch
+from torch import nn
 
-from ravan_ray.methods.base import ClientUpdate, State, weighted_mean
+from ravan_ray.methods.base import ClientTask, ClientUpdate, State, weighted_mean
 from ravan_ray.methods.lora import HeterogeneousRankLoRA, factor_key
+
+
+def rank_key(layer: str) -> str:
+    return f"{layer}/rank"
+
+
+def tail_start(rank: int, gamma: float) -> int:
+    """The first of the ranks a client may prune: floor(gamma r), at least 1 (a LoRA keeps one rank)."""
+    return max(1, math.floor(gamma * rank))
+
+
+def tail_norm(layer: nn.Module, start: int, stop: int) -> torch.Tensor:
+    """||B[:, start:stop]||_F ||A[start:stop]||_F, differentiable."""
+    return torch.linalg.matrix_norm(layer.lora_B[:, start:stop]) * torch.linalg.matrix_norm(layer.lora_A[start:stop])
 
 
 class HetLoRA(HeterogeneousRankLoRA):
     name = "hetlora"
     exact = False
+    alpha_per_rank = 2.0
 
+    def __init__(self, config):
+        super().__init__(config)
+        self._pruned: dict[str, int] = {}  # the client's ranks after its earlier pruning (its client state)
+        self._tails: dict[str, tuple[int, int, float]] = {}  # layer -> (start, stop, tail norm at the start)
+        self._penalty: Optional[torch.utils.hooks.RemovableHandle] = None
+
+    def client_rank(self, level: float, layer: str) -> int:
+        rank = super().client_rank(level, layer)
+        return min(rank, self._pruned.get(layer, rank))
+
+    # ----------------------------------------------------------------- client
+    def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
+        self._remove_penalty()  # a task interrupted in this process may have left it
+        self._pruned = {} if client_state is None else {
+            layer: int(client_state[rank_key(layer)]) for layer in self.ranks if rank_key(layer) in client_state}
+        super().load_state(model, state, client_state)
+
+    def begin_training(self, model: nn.Module, task: ClientTask, batch_loss: Callable[[], torch.Tensor]) -> dict:
+        meta = super().begin_training(model, task, batch_loss)
+        layers = self.adapted_modules(model)
+        self._tails = {}
+        for name, layer in layers.items():
+            rank = meta["rank"][name]
+            start = tail_start(rank, self.config.method.hetlora_gamma)
+            if start < rank:
+                self._tails[name] = (start, rank, float(tail_norm(layer, start, rank).detach()))
+        lam = self.config.method.hetlora_lambda
+        if lam > 0 and self._tails:
+            def add_penalty(module, args, output):
+                if getattr(output, "loss", None) is not None:
+                    penalty = sum(tail_norm(layers[n], start, stop) for n, (start, stop, _) in self._tails.items())
+                    output["loss"] = output.loss + lam * penalty
+                return output
+
+            self._penalty = model.register_forward_hook(add_penalty)
+        return meta
+
+    def upload(self, model: nn.Module, task: ClientTask, meta: dict) -> tuple[State, Optional[State]]:
+        """Prune where the norm rule says so, then upload the (possibly pruned) first ranks."""
+        self._remove_penalty()
+        layers = self.adapted_modules(model)
+        pruned = {}
+        for name, (start, stop, before) in self._tails.items():
+            after = float(tail_norm(layers[name], start, stop).detach())
+            pruned[name] = after < before
+            if pruned[name]:
+                meta["rank"][name] = start
+        meta["pruned"] = pruned
+        tensors, _ = super().upload(model, task, meta)
+        ranks = {rank_key(name): torch.tensor(rank, dtype=torch.int64) for name, rank in meta["rank"].items()}
+        return tensors, ranks
+
+    def _remove_penalty(self) -> None:
+        if self._penalty is not None:
+            self._penalty.remove()
+            self._penalty = None
+
+    # ----------------------------------------------------------------- server
     def sparsity_weights(self, updates: list[ClientUpdate], layer: str, client_weights: np.ndarray) -> np.ndarray:
-        """p_c proportional to ||B_c A_c||_F (times the data-size weight when configured), summing to 1."""
-        norms = np.array([float(torch.linalg.matrix_norm(
-            u.tensors[factor_key(layer, "lora_B")].double() @ u.tensors[factor_key(layer, "lora_A")].double()))
-            for u in updates])
+        """p_c proportional to ||s_c B_c A_c||_F of this layer, or of the whole update with ``hetlora_norm: model``
+        (times the data-size weight when configured), summing to 1."""
+        scope = self.ranks if self.config.method.hetlora_norm == "model" else [layer]
+        norms = np.array([math.sqrt(sum(float(torch.linalg.matrix_norm(self.client_delta(u, name))) ** 2
+                                        for name in scope)) for u in updates])
         if self.config.method.aggregation_weights == "num_samples":
             norms = norms * client_weights
         if norms.sum() <= 0:

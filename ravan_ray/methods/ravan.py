@@ -103,7 +103,7 @@ class Ravan(FederatedMethod):
         super().begin_training(model, task, batch_loss)
         layers = self.adapted_modules(model)
         k = heads_for_level(task.level, self.config.method.heads)
-        scores = head_scores(self.config.method.scoring, layers, task.generator(stream=1), batch_loss)
+        scores = head_scores(self.config.method.scoring, layers, task.generator(stream=1), batch_loss, model)
         selected = top_k(scores, k)
         for name, layer in layers.items():
             layer.set_head_mask(selected[name])

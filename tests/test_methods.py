@@ -147,10 +147,10 @@ def test_fedex_folds_the_residual_mean_BA_minus_mean_B_mean_A_into_the_base_weig
 
 
 def test_ffa_lora_keeps_A_frozen_and_out_of_the_state_and_averages_B():
-    method, model = toy("ffa_lora")
+    method, model = toy("ffa_lora", "method.budget=8")
     state = method.initial_state(model)
-    assert set(state) == {"query/lora_B"} and state["query/lora_B"].shape == (3, 4)  # r = floor(14 / 3) = 4
-    B1, B2 = rand(3, 4, seed=1), rand(3, 4, seed=2)
+    assert set(state) == {"query/lora_B"} and state["query/lora_B"].shape == (3, 2)  # r = floor(8 / 3) = 2
+    B1, B2 = rand(3, 2, seed=1), rand(3, 2, seed=2)
     new = method.aggregate(state, [update(0, lora_B=B1), update(1, lora_B=B2)], 1)
     assert torch.allclose(new["query/lora_B"], (B1 + B2) / 2)
     A = model.query.lora_A.detach()

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.cli import main
 from ravan_ray.config import load_config
 from ravan_ray.methods import build_method
@@ -130,7 +130,7 @@ def test_hetlora_never_prunes_with_gamma_one_or_from_a_zero_start():
 
 
 def test_hetlora_adds_lambda_times_the_last_ranks_norm_product_to_the_clients_loss():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=hetlora", "method.hetlora_lambda=0.5"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=hetlora", "method.hetlora_lambda=0.5"]), TINY_INFO)
     method, model = host.method, host.model
     state = host.initial_state()
     state.update({k: rand(*v.shape, seed=i).float() for i, (k, v) in enumerate(state.items()) if "lora_B" in k})
@@ -149,7 +149,7 @@ def test_hetlora_adds_lambda_times_the_last_ranks_norm_product_to_the_clients_lo
 def test_hetlora_pruning_lowers_a_clients_rank_after_local_training_when_the_penalty_shrinks_its_last_rank():
     config = load_config(None, [*TINY_OVERRIDES, "method.name=hetlora", "method.hetlora_lambda=50",
                                 "federation.local_steps=3"])
-    host = ModelHost(config, 3)
+    host = ModelHost(config, TINY_INFO)
     state = host.initial_state()
     state.update({k: rand(*v.shape, seed=i).float() * 0.1 for i, (k, v) in enumerate(state.items()) if "lora_B" in k})
     update = host.train_client(ClientTask(0, 2, 1.0, 0), state, None, local_data(0))

@@ -9,12 +9,17 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask, ClientUpdate
 from ravan_ray.methods.fed_plora import fold
-from ravan_ray.training import ModelHost, effective_weight
+from ravan_ray.training import ModelHost
+
+
+def applied_weight(layer) -> torch.Tensor:
+    """The weight an adapted layer applies: its base plus the adapter's update."""
+    return layer.base.weight + layer.delta_weight().to(layer.base.weight.dtype)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -63,24 +68,24 @@ def no_batch_loss():
 
 
 def test_select_n_fold_starts_a_low_rank_client_from_exactly_the_global_model():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fed_plora"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fed_plora"]), TINY_INFO)
     state = trained_state(host)
     host.load(state)
-    global_weights = {name: effective_weight(layer).detach().clone() for name, layer in host.adapted.items()}
+    global_weights = {name: applied_weight(layer).detach().clone() for name, layer in host.adapted.items()}
     meta = host.method.begin_training(host.model, ClientTask(1, 2, 0.25, 0), no_batch_loss)  # r_i = 2 of R = 8
     for name, layer in host.adapted.items():
         assert len(meta["modules"][name]) == 2
-        assert torch.allclose(effective_weight(layer), global_weights[name], atol=1e-6)  # no initialisation noise
+        assert torch.allclose(applied_weight(layer), global_weights[name], atol=1e-6)  # no initialisation noise
     # HetLoRA's truncation, by contrast, starts the same client from the global model minus its last 6 ranks
-    het = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=hetlora"]), 3)
+    het = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=hetlora"]), TINY_INFO)
     het.load(state)
     het.method.begin_training(het.model, ClientTask(1, 2, 0.25, 0), no_batch_loss)
-    assert any(not torch.allclose(effective_weight(layer), global_weights[name], atol=1e-4)
+    assert any(not torch.allclose(applied_weight(layer), global_weights[name], atol=1e-4)
                for name, layer in het.adapted.items())
 
 
 def test_a_client_trains_and_uploads_only_its_selected_modules():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fed_plora"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fed_plora"]), TINY_INFO)
     state = trained_state(host)
     update = host.train_client(ClientTask(1, 2, 0.5, 0), state, None, local_data(1))  # r_i = 4
     for name, layer in host.adapted.items():

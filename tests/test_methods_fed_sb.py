@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask, ClientUpdate
@@ -49,7 +49,7 @@ def local_data(seed: int, n: int = 16) -> dict[str, np.ndarray]:
 
 
 def test_round_one_makes_no_weight_step_and_uploads_the_sum_of_its_local_batch_gradients():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fed_sb", "federation.local_steps=3"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fed_sb", "federation.local_steps=3"]), TINY_INFO)
     state, task, data = host.initial_state(), ClientTask(2, 1, 1.0, 0), local_data(2)
     update = host.train_client(task, state, None, data)
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask, ClientUpdate
@@ -63,7 +63,7 @@ def test_the_server_refactorises_the_mean_update_so_A_is_orthonormal_and_the_pro
 
 
 def test_clients_train_and_upload_only_B_against_the_broadcast_A():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fedsvd"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=fedsvd"]), TINY_INFO)
     state = host.initial_state()
     rng = np.random.default_rng(0)
     data = {"input_ids": rng.integers(1000, 3000, (16, 12)), "attention_mask": np.ones((16, 12), dtype=np.int64),

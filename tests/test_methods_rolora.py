@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask, ClientUpdate
@@ -51,7 +51,7 @@ def local_data(seed: int, n: int = 16) -> dict[str, np.ndarray]:
 
 
 def test_clients_train_and_upload_B_in_odd_rounds_and_A_in_even_rounds():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=rolora"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=rolora"]), TINY_INFO)
     state = host.initial_state()
     state.update({k: rand(*v.shape, seed=1).float() * 0.1 for k, v in state.items() if k.endswith("/lora_B")})
     for round_index, trained, frozen in ((1, "lora_B", "lora_A"), (2, "lora_A", "lora_B"), (3, "lora_B", "lora_A")):
@@ -63,7 +63,7 @@ def test_clients_train_and_upload_B_in_odd_rounds_and_A_in_even_rounds():
 
 
 def test_an_A_round_from_B_zero_would_not_move_A_which_is_why_B_goes_first():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=rolora"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=rolora"]), TINY_INFO)
     state = host.initial_state()  # B = 0
     update = host.train_client(ClientTask(0, 2, 1.0, 0), state, None, local_data(0))
     for name in host.adapted:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
 from ravan_ray.scoring import head_scores
 from ravan_ray.training import ModelHost
@@ -22,7 +22,7 @@ def local_data(seed: int, n: int = 16) -> dict[str, np.ndarray]:
 
 
 def test_gradient_head_scores_run_with_dropout_off_and_are_deterministic():
-    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=ravan", "method.scoring=gradient"]), 3)
+    host = ModelHost(load_config(None, [*TINY_OVERRIDES, "method.name=ravan", "method.scoring=gradient"]), TINY_INFO)
     state = host.initial_state()
     state.update({k: rand(*v.shape, seed=i).float() * 0.1
                   for i, (k, v) in enumerate(state.items()) if k.endswith("/cores")})

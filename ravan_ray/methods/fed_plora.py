@@ -49,6 +49,7 @@ def fold(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, modules: list[i
 class FedPLoRA(RankLevels, LoRAMethod):
     name = "fed_plora"
     exact = False
+    changes_base_weights = True  # Select-N-Fold folds the unselected modules into W
     alpha_per_rank = 1.0
 
     def resolved(self) -> dict:

@@ -31,9 +31,9 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ravan_ray.config import load_config  # noqa: E402
+from ravan_ray.methods import REGISTRY  # noqa: E402
 
-METHODS = ["ravan", "fedit", "fedex_lora", "ffa_lora", "fed_sb", "hetlora", "flexlora", "flora", "fedsa_lora",
-           "full_ft"]
+METHODS = list(REGISTRY)  # every method behind the protocol
 
 
 def machine() -> str:

@@ -21,13 +21,13 @@ import pandas as pd
 ROUND_COLUMNS = ["round", "wall_s", "round_s", "train_loss"]
 FEDERATION_COLUMNS = [
     "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
-    "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s",
+    "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s", "eval_s",
 ]
 DEFAULT_TASK_METRICS = {"test_accuracy": "max", "test_loss": "min"}
 COUNT_COLUMNS = {"round", "uplink_bytes", "downlink_bytes", "clients", "failed_clients", "dropped_clients",
                  "rejected_uploads", "server_restarts"}
 # Columns that measure time: they differ between otherwise identical runs.
-TIMING_COLUMNS = ("wall_s", "round_s", "agg_s")
+TIMING_COLUMNS = ("wall_s", "round_s", "agg_s", "eval_s")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -43,17 +43,14 @@ class ParameterServer:
         self.threads = max(1, int(round(max(res.server_cpus, res.cpus_per_client))))
         torch.set_num_threads(self.threads)
         self.host = ModelHost(self.config, task_info, frozen)
-        self.overlap = self.config.federation.overlap_evaluation
-        if self.overlap:
-            # Evaluated while the clients train, so it takes the server's own threads, not theirs.
-            self.eval_host, self.eval_threads = ModelHost(self.config, task_info, frozen), self.threads
-        else:
-            # Evaluated between rounds, while the client actors wait: their CPUs are free then, so evaluation
-            # uses them all (a function of the config, so the numbers do not depend on the machine, short of
-            # a machine with fewer cores than the config reserves).
-            clients = self.config.federation.clients_per_round if res.actor_mode == "per_client" else self.config.pool_size
-            self.eval_host = self.host
-            self.eval_threads = max(1, min(int(round(clients * res.cpus_per_client + res.server_cpus)), os.cpu_count() or 1))
+        # Evaluation alone (between rounds, or the last round's, with nothing left to overlap): the client
+        # actors wait, so it takes their threads too (a function of the config, so the numbers do not depend
+        # on the machine, short of one with fewer cores than the config reserves). Overlapped with training:
+        # the server's own threads, on a second copy of the model, so that it never sees the diagnostics' loads.
+        clients = self.config.federation.clients_per_round if res.actor_mode == "per_client" else self.config.pool_size
+        self.alone_threads = max(1, min(int(round(clients * res.cpus_per_client + res.server_cpus)), os.cpu_count() or 1))
+        overlap = self.config.federation.overlap_evaluation
+        self.eval_host = ModelHost(self.config, task_info, frozen) if overlap else self.host
         self.method = self.host.method
         self.test_data = test_data
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()
@@ -111,12 +108,13 @@ class ParameterServer:
         return {"agg_error": error, "effective_rank": float(np.mean(ranks)) if ranks else math.nan}
 
     @ray.method(concurrency_group="evaluation")
-    def evaluate(self, round_index: int) -> dict[str, float]:
-        """The test metrics of round ``round_index``'s global model (held since its aggregation)."""
+    def evaluate(self, round_index: int, alone: bool) -> dict[str, float]:
+        """The test metrics of round ``round_index``'s global model (held since its aggregation); ``alone``:
+        nothing else runs meanwhile, so every client thread is free for it."""
         started = time.perf_counter()
         state = self.held[round_index]
         # The thread count is per thread (OpenMP): set it on this one, for this evaluation.
-        torch.set_num_threads(self.eval_threads)
+        torch.set_num_threads(self.alone_threads if alone else self.threads)
         try:
             metrics = self.eval_host.evaluate(state, self.test_data, self.config.federation.eval_batch_size)
         finally:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from systems import md_table  # the other benchmarks' markdown table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from systems import md_table  # noqa: E402  (the other benchmarks' markdown table)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +49,7 @@ WORKLOAD = {
 
 
 def run_ravan(label: str, checkout: Path, extra: list[str], out: Path) -> dict:
-    run_dir = out / "runs" / label.replace(" ", "_").replace(",", "")
+    run_dir = (out / "runs" / label.replace(" ", "_").replace(",", "")).resolve()
     overrides = [f"{k}={v}" for k, v in WORKLOAD.items()] + extra
     env = {**os.environ, "PYTHONPATH": str(checkout.resolve()), "TQDM_DISABLE": "1"}
     command = [sys.executable, "-m", "ravan_ray.cli", "run", "--output", str(run_dir), "--quiet",
@@ -59,7 +60,17 @@ def run_ravan(label: str, checkout: Path, extra: list[str], out: Path) -> dict:
     metrics = pd.read_csv(run_dir / "metrics.csv")
     return {"engine": f"ravan-ray ({label})", "wall_s": wall, **round_times(metrics["wall_s"].tolist()),
             "final_test_accuracy": metrics["test_accuracy"].dropna().iloc[-1],
-            "run_wall_s": float(metrics["wall_s"].iloc[-1])}
+            "run_wall_s": float(metrics["wall_s"].iloc[-1]), "run_dir": str(run_dir)}
+
+
+def same_metrics(run_dirs: list[str]) -> list[bool]:
+    """Whether each run's metrics.csv equals the first's in every column both have but the clock ones
+    (the determinism guarantee: scheduling changes the times, never the numbers)."""
+    from ravan_ray.results import TIMING_COLUMNS
+
+    frames = [pd.read_csv(Path(d) / "metrics.csv") for d in run_dirs]
+    common = [c for c in frames[0].columns if c not in TIMING_COLUMNS and all(c in f.columns for f in frames)]
+    return [frames[0][common].equals(f[common]) for f in frames]
 
 
 def run_flower(python: str, out: Path) -> dict:
@@ -134,6 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(run_flower(args.flower, out))
         print(rows[-1], flush=True)
     table = pd.DataFrame(rows)
+    ravan = table["run_dir"].notna() if "run_dir" in table else pd.Series(False, index=table.index)
+    table.loc[ravan, "metrics_as_first"] = same_metrics(list(table.loc[ravan, "run_dir"]))
+    table = table.drop(columns=["run_dir"])
     table["steady_vs_bound"] = table["steady_s_per_round"] / bound["bound_s_per_round"]
     table.to_csv(out / "peer.csv", index=False)
     (out / "bound.json").write_text(json.dumps(bound, indent=2))

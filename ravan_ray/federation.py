@@ -298,7 +298,8 @@ def play_round(config: RunConfig, round_index: int, server, fleet: ClientFleet, 
            "round_s": time.perf_counter() - started}  # training and aggregation; evaluation is not in it
     evaluation = None
     if round_index % fed.eval_every == 0 or round_index == fed.rounds:
-        evaluation = server.evaluate.remote(round_index)
+        # The last round's evaluation has no next round to overlap: it runs alone, on every thread.
+        evaluation = server.evaluate.remote(round_index, not fed.overlap_evaluation or round_index == fed.rounds)
     client_state_refs.update(outcome.client_state_refs)
     return PlayedRound(row, outcome, evaluation, dict(client_state_refs))
 

@@ -22,6 +22,7 @@ from ravan_ray.checkpoints import save_checkpoint
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods.base import ClientUpdate, State, state_bytes
 from ravan_ray.models import FrozenWeights
+from ravan_ray.results import validation_name
 from ravan_ray.training import ModelHost
 
 
@@ -32,7 +33,8 @@ def is_finite_update(update: ClientUpdate) -> bool:
 @ray.remote
 class ParameterServer:
     def __init__(self, config: dict[str, Any], task_info: dict[str, Any], test_data: dict[str, Any],
-                 initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None):
+                 initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None,
+                 validation_data: Optional[dict[str, Any]] = None):
         self.config: RunConfig = from_dict(config)
         res = self.config.resources
         torch.set_num_threads(max(1, int(round(max(res.server_cpus, res.cpus_per_client)))))
@@ -44,6 +46,7 @@ class ParameterServer:
         self.eval_threads = max(1, min(int(round(clients * res.cpus_per_client + res.server_cpus)), os.cpu_count() or 1))
         self.method = self.host.method
         self.test_data = test_data
+        self.validation_data = validation_data
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()
 
     def resolved(self) -> dict[str, Any]:
@@ -97,7 +100,11 @@ class ParameterServer:
         threads = torch.get_num_threads()
         torch.set_num_threads(self.eval_threads)
         try:
-            metrics = self.host.evaluate(self.state, self.test_data, self.config.federation.eval_batch_size)
+            batch_size = self.config.federation.eval_batch_size
+            metrics = self.host.evaluate(self.state, self.test_data, batch_size)
+            if self.validation_data is not None:  # the same evaluation, on the held-out training rows
+                validation = self.host.evaluate(self.state, self.validation_data, batch_size)
+                metrics.update({validation_name(name): value for name, value in validation.items()})
         finally:
             torch.set_num_threads(threads)
         return_freed_memory()

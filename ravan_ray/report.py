@@ -402,14 +402,19 @@ def paired_difference(frame: pd.DataFrame, first: dict[str, Any], second: dict[s
 
 
 def selection_markdown(runs: pd.DataFrame, rounds: pd.DataFrame, candidates: pd.DataFrame, selected: pd.DataFrame,
-                       tuned: list[str], keys: list[str], score: str, select_on: str) -> list[str]:
-    """The paper-style table (rows: methods, or the first other differing key; columns: the remaining
-    settings; cells: test mean ± std (n seeds) at the chosen tuned values, the best per column in bold), the
-    paired interval of the top two per column, and every candidate configuration."""
+                       tuned: list[str], keys: list[str], score: str, select_on: str,
+                       rows: Sequence[str] = ()) -> list[str]:
+    """The paper-style table (rows: ``rows``, by default the method, or the first other differing key;
+    columns: the remaining settings; cells: test mean ± std (n seeds) at the chosen tuned values, the best
+    per column in bold), the paired interval of the top two per column, and every candidate configuration."""
     percent = in_percent(score, runs)
     scale = 100.0 if percent else 1.0
     settings = [k for k in keys if k not in tuned]
-    row_keys = ["method.name"] if "method.name" in settings else settings[:1]
+    unknown = [k for k in rows if k not in settings]
+    if unknown:
+        raise ReportError(f"--rows {unknown[0]}: not a key that differs between these runs "
+                          f"(those are: {', '.join(settings) or 'none'})")
+    row_keys = list(rows) or (["method.name"] if "method.name" in settings else settings[:1])
     col_keys = [k for k in settings if k not in row_keys]
     higher = not lower_is_better(score)
     val = validation_name(score)
@@ -485,13 +490,13 @@ def selection_markdown(runs: pd.DataFrame, rounds: pd.DataFrame, candidates: pd.
     lines += ["### Every candidate (the chosen ones marked)", ""]
     header = [_short(k) for k in settings + tuned] + ["n", "seeds", f"{select_on} {metric_label(val, percent)}",
                                                      metric_label(score, percent), "chosen"]
-    rows = []
+    listed = []
     for _, row in candidates.iterrows():
         n = int(row["n"])
-        rows.append([_display(row[k]) for k in settings + tuned] + [
+        listed.append([_display(row[k]) for k in settings + tuned] + [
             n, row["seeds"], _cell(row["selection_mean"], math.nan, 1, percent).replace(" (1)", ""),
             _cell(row["test_mean"], row["test_std"], n, percent), "✓" if row["chosen"] else ""])
-    lines += [markdown_table(header, rows), ""]
+    lines += [markdown_table(header, listed), ""]
     return lines
 
 
@@ -677,7 +682,7 @@ def plot_run(run_dir: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------ report
 def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequence[str] = (),
-                 select_on: str = "final") -> Path:
+                 select_on: str = "final", rows: Sequence[str] = ()) -> Path:
     """Find the runs under ``dirs``, write report.md, report.csv, runs.csv and PNGs; returns report.md.
     ``select``: config keys tuned on the validation split (e.g. optimizer.lr): report.md then opens with the
     selected table (:func:`select_configurations`), and candidates.csv / selected.csv hold its numbers."""
@@ -700,7 +705,8 @@ def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequen
         candidates, selected = select_configurations(runs, rounds, list(select), keys, score, select_on)
         candidates.to_csv(output / "candidates.csv", index=False)
         selected.to_csv(output / "selected.csv", index=False)
-        selection_lines = selection_markdown(runs, rounds, candidates, selected, list(select), keys, score, select_on)
+        selection_lines = selection_markdown(runs, rounds, candidates, selected, list(select), keys, score, select_on,
+                                             rows)
 
     runs.to_csv(output / "runs.csv", index=False)
     summary.to_csv(output / "report.csv", index=False)

@@ -19,6 +19,13 @@ every other metric its task writes is a column of "All configurations" too. When
 with different primary metrics, the score columns are named ``score`` and each configuration's task says
 which metric it is.
 
+Selection (``--select KEY``, e.g. ``optimizer.lr``): the runs need a validation split (``val_*`` metrics,
+``data.validation_fraction``). For every configuration of the other differing keys, the tuned value with
+the best mean over seeds of the validation twin of the score is chosen (:func:`choose` is only given
+validation numbers), and that configuration's test score is reported (mean ± std, n seeds), the paper's
+protocol; ``selected.csv`` and ``candidates.csv`` hold the numbers. The top two per column are compared
+per seed with a Student-t interval (scipy.stats.t) on the mean paired difference.
+
 For the heads plot, N is the per-matrix trainable budget and d the adapted matrices' dimension, read from
 the run's ``resolved.method`` record (``budget_per_matrix``, ``layer_shapes``) when the driver wrote them
 there, else N from the config (``method.budget``, or r_L (d_in + d_out) for ``method.lora_rank``) and d

@@ -436,6 +436,15 @@ def selection_markdown(runs: pd.DataFrame, rounds: pd.DataFrame, candidates: pd.
     cols_seen = _sort_values(list({tuple(r) for r in _text(selected[col_keys]).itertuples(index=False)})) \
         if col_keys else [()]
 
+    def at_edge(row: pd.Series, key: str) -> bool:
+        """Whether the chosen numeric value of ``key`` is the end of the values tried for this setting."""
+        tried = candidates
+        for other in settings:
+            tried = tried[_text(tried[other]) == _display(row[other])]
+        values = pd.to_numeric(tried[key], errors="coerce").dropna().unique()
+        value = pd.to_numeric(pd.Series([row[key]]), errors="coerce").iloc[0]
+        return len(values) >= 3 and not math.isnan(value) and value in (values.min(), values.max())
+
     def lookup(row_value, col_value):
         match = selected
         for key, value in zip(row_keys + col_keys, row_value + col_value):
@@ -462,10 +471,14 @@ def selection_markdown(runs: pd.DataFrame, rounds: pd.DataFrame, candidates: pd.
             cell = _cell(found["test_mean"], found["test_std"], int(found["n"]), percent)
             if best.get(col_value) == row_value:
                 cell = f"**{cell}**"
-            chosen = ", ".join(f"{_short(k)} {_display(found[k])}" for k in tuned)
+            chosen = ", ".join(f"{_short(k)} {_display(found[k])}" + (" (edge)" if at_edge(found, k) else "")
+                               for k in tuned)
             line.append(f"{cell} [{chosen}]")
         table.append(line)
     lines += [markdown_table(header, table), ""]
+    if any(at_edge(row, k) for _, row in selected.iterrows() for k in tuned):
+        lines += ["(edge): the chosen value is the smallest or largest of three or more tried; the best may lie "
+                  "outside the grid, so widen it before trusting that row.", ""]
 
     per_run = runs.merge(selection_scores(runs, rounds, score, select_on), on="run")
     notes = []

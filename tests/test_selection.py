@@ -113,3 +113,13 @@ def test_select_without_validation_metrics_or_with_an_unknown_key_is_one_line_ex
     assert "--select optimizer.lrr: not a config key" in capsys.readouterr().err
     with pytest.raises(ReportError):
         write_report([tmp_path / "tuned"], tmp_path / "out", select=["optimizer.lr"], select_on="middle")
+
+
+def test_a_choice_at_the_end_of_the_grid_is_flagged_as_an_edge(tmp_path):
+    for method, best in (("ravan", 0.01), ("fedit", 0.003)):  # ravan's best is the largest lr tried
+        for lr in (0.001, 0.003, 0.01):
+            write_run(tmp_path / "runs" / f"{method}-{lr}", method=method, lr=lr, seed=0,
+                      val=[0.7 if lr == best else 0.5], test=[0.6])
+    text = write_report([tmp_path / "runs"], tmp_path / "out", select=["optimizer.lr"]).read_text()
+    assert "[lr 0.01 (edge)]" in text and "[lr 0.003]" in text
+    assert "the best may lie outside the grid" in text

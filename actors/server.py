@@ -27,6 +27,7 @@ from ravan_ray.checkpoints import save_checkpoint
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods.base import ClientUpdate, State, state_bytes
 from ravan_ray.models import FrozenWeights
+from ravan_ray.results import validation_name
 from ravan_ray.training import ModelHost
 
 
@@ -37,7 +38,8 @@ def is_finite_update(update: ClientUpdate) -> bool:
 @ray.remote(concurrency_groups={"evaluation": 1})
 class ParameterServer:
     def __init__(self, config: dict[str, Any], task_info: dict[str, Any], test_data: dict[str, Any],
-                 initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None):
+                 initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None,
+                 validation_data: Optional[dict[str, Any]] = None):
         self.config: RunConfig = from_dict(config)
         res = self.config.resources
         self.threads = max(1, int(round(max(res.server_cpus, res.cpus_per_client))))
@@ -53,6 +55,7 @@ class ParameterServer:
         self.eval_host = ModelHost(self.config, task_info, frozen) if overlap else self.host
         self.method = self.host.method
         self.test_data = test_data
+        self.validation_data = validation_data
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()
         # round -> its aggregated state, until the driver has evaluated and checkpointed it (release()).
         # Methods return a new state from aggregate() and never change an old one, so keeping the object is enough.
@@ -116,7 +119,11 @@ class ParameterServer:
         # The thread count is per thread (OpenMP): set it on this one, for this evaluation.
         torch.set_num_threads(self.alone_threads if alone else self.threads)
         try:
-            metrics = self.eval_host.evaluate(state, self.test_data, self.config.federation.eval_batch_size)
+            batch_size = self.config.federation.eval_batch_size
+            metrics = self.eval_host.evaluate(state, self.test_data, batch_size)
+            if self.validation_data is not None:  # the same evaluation, on the held-out training rows
+                validation = self.eval_host.evaluate(state, self.validation_data, batch_size)
+                metrics.update({validation_name(name): value for name, value in validation.items()})
         finally:
             torch.set_num_threads(self.threads)
         return_freed_memory()

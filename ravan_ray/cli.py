@@ -65,7 +65,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ravan_ray.sweep import load_sweep_spec, run_sweep, trial_bundles
 
     if args.dry_run:
-        spec = load_sweep_spec(args.tune_config)  # every key and search-space value is checked here
+        spec = load_sweep_spec(args.tune_config, tuple(args.set or ()))  # every key and value is checked here
         for config in spec.candidates:
             check_paths(config)
         widest = max(spec.candidates, key=lambda c: len(trial_bundles(c, spec.driver_cpus)))
@@ -78,7 +78,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"task {base.model.task} on {base.model.name}, ranked by {spec.metric}; a trial reserves "
               + ", ".join(f"{v:g} {k}" for k, v in sorted(need.items())))
         return 0
-    results_dir = run_sweep(args.tune_config, address=args.address, output=args.output)
+    results_dir = run_sweep(args.tune_config, address=args.address, output=args.output, overrides=tuple(args.set or ()))
     print(f"sweep results: {results_dir}")
     return 0
 
@@ -88,7 +88,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.output:
         require_directory(Path(args.output), "--output")
-    out = write_report([Path(d) for d in args.dirs], Path(args.output) if args.output else None)
+    out = write_report([Path(d) for d in args.dirs], Path(args.output) if args.output else None,
+                       select=tuple(args.select or ()), select_on=args.select_on, rows=tuple(args.rows or ()))
     print(f"report written to {out}")
     return 0
 
@@ -205,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("tune_config")
     sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     sweep.add_argument("--output", help="sweep directory (default: from the tune config)")
+    sweep.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                       help="override a key of the tune config's base run config (repeatable), e.g. data.path=DIR")
     sweep.add_argument("--dry-run", action="store_true",
                        help="check every key and search-space value offline, load no model or data, start no Ray")
     sweep.set_defaults(func=cmd_sweep)
@@ -212,6 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables and plots from run and sweep directories")
     report.add_argument("dirs", nargs="+")
     report.add_argument("--output", help="report directory (default: DIR/report for one DIR, ./report otherwise)")
+    report.add_argument("--select", action="append", metavar="KEY",
+                        help="a config key tuned on the validation split (repeatable), e.g. optimizer.lr: per "
+                             "configuration of the other keys, report the value with the best validation metric")
+    report.add_argument("--select-on", choices=["final", "best"], default="final",
+                        help="rank by the final round's validation metric (default), or by the best round's and "
+                             "report the test metric of that round")
+    report.add_argument("--rows", action="append", metavar="KEY",
+                        help="with --select: the keys that form the selected table's rows (repeatable; default "
+                             "method.name), e.g. --rows method.name --rows method.scoring")
     report.set_defaults(func=cmd_report)
 
     tiny = sub.add_parser("tiny", help="write tiny models (config only) and small datasets for every task, to try "

@@ -112,7 +112,18 @@ class DataConfig(_Section):
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_train_samples: Optional[int] = Field(None, ge=1)
     max_test_samples: Optional[int] = Field(None, ge=1)
+    # A validation split for model selection (learning rates, ...), held out from the training rows before
+    # they are partitioned over clients (seeded by the run seed), or a split of the source given by name.
+    # 0 (default): no validation split, so runs without one are exactly as before.
+    validation_fraction: float = Field(0.0, ge=0, lt=1)
+    validation_split: Optional[str] = None
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+
+    @model_validator(mode="after")
+    def _one_validation_source(self) -> "DataConfig":
+        if self.validation_fraction > 0 and self.validation_split is not None:
+            raise ValueError("set either data.validation_fraction or data.validation_split, not both")
+        return self
 
 
 class FederationConfig(_Section):

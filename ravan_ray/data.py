@@ -53,6 +53,10 @@ class TextClassificationData:
     label_names: list[str]
     train_pairs: list[str] | None = None  # the second text of each pair (sentence-pair tasks)
     test_pairs: list[str] | None = None
+    # The validation split's, where the run holds one out (data.validation_fraction / validation_split).
+    validation_texts: list[str] | None = None
+    validation_labels: np.ndarray | None = None
+    validation_pairs: list[str] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -233,26 +237,42 @@ class Splits:
     # Names of the integer class ids of ``data.label_field``, where the source gives them (a
     # ``label_names.json`` beside local files, a ``ClassLabel`` feature on the hub or in an image folder).
     label_names: list[str] | None = None
+    # Rows for model selection (data.validation_fraction / data.validation_split); None without one.
+    validation: Any = None
 
-    def require(self, fields: dict[str, str | None], splits: tuple[str, ...] = ("train", "test")) -> None:
-        """One line naming the first field (by its config key) that a split lacks."""
+    @property
+    def evaluation_splits(self) -> tuple[str, ...]:
+        """The splits a task prepares for evaluation: test, and validation where there is one."""
+        return ("test",) if self.validation is None else ("test", "validation")
+
+    def split(self, name: str) -> Any:
+        return {"train": self.train, "test": self.test, "validation": self.validation}[name]
+
+    def require(self, fields: dict[str, str | None], splits: tuple[str, ...] | None = None) -> None:
+        """One line naming the first field (by its config key) that a split lacks (default: every split)."""
         for role, field in fields.items():
-            for split_name in splits:
-                split = self.train if split_name == "train" else self.test
+            for split_name in splits or ("train", *self.evaluation_splits):
+                split = self.split(split_name)
                 if field is not None and field not in split.column_names:
                     raise DataError(f"data.{role} '{field}' is not a column of {self.where} ({split_name} split); "
                                     f"available columns: {split.column_names}")
 
     def column(self, split: str, field: str) -> list:
-        ds = self.train if split == "train" else self.test
-        return list(ds[field])  # (not ds.data: after a select() that is still the whole table)
+        return list(self.split(split)[field])  # (not ds.data: after a select() that is still the whole table)
 
 
 def load_splits(data_config: Any, seed: int, label_field: str | None = None) -> Splits:
     """Load the dataset ``data_config`` names (module docstring lists the sources) as train and test
     splits. ``test_fraction`` is split off (seeded shuffle) only when the source has no test split;
     ``max_*_samples`` take a seeded subsample of a split. ``label_field``: a column that, where a source
-    ships an unlabelled test split (GLUE's test, all -1), makes that split be passed over."""
+    ships an unlabelled test split (GLUE's test, all -1), makes that split be passed over.
+
+    Validation: ``validation_split`` names a split of the source (a hub split, or a file stem beside
+    train.* in a local folder); ``validation_fraction`` holds that share of the training rows out instead,
+    after ``max_train_samples`` subsampling and before anything is partitioned over clients, with its own
+    stream of the run seed (so the test split and the subsample do not move). A plain random draw, not
+    stratified: that is what a practitioner holding out part of the clients' pooled data would do, and a
+    Dirichlet-skewed federation gives no better-defined stratum."""
     d = data_config
     if d.path is not None:
         splits = _load_local(Path(d.path), d, seed)
@@ -273,7 +293,43 @@ def load_splits(data_config: Any, seed: int, label_field: str | None = None) -> 
     rng = np.random.default_rng([seed, 1])  # its own stream, so subsampling does not shift the split
     splits.train = _subsample(splits.train, d.max_train_samples, rng)
     splits.test = _subsample(splits.test, d.max_test_samples, rng)
+    if d.validation_split is not None:
+        splits.validation = _named_split(d, d.validation_split, splits.where)
+    elif d.validation_fraction > 0:
+        splits.train, splits.validation = _hold_out(splits.train, d.validation_fraction, seed, splits.where)
+    if splits.validation is not None and splits.validation.num_rows == 0:
+        raise DataError(f"the validation split of {splits.where} has no rows")
     return splits
+
+
+def _hold_out(train: Any, fraction: float, seed: int, where: str) -> tuple[Any, Any]:
+    """(the training rows that stay, the validation rows): ``fraction`` of the rows, at least one."""
+    n = train.num_rows
+    if n < 2:
+        raise DataError(f"{where} has only {n} training row; need at least 2 to hold out a validation split")
+    n_val = min(max(int(round(n * fraction)), 1), n - 1)
+    order = np.random.default_rng([seed, 2]).permutation(n)  # stream 2: not the test split's, nor the subsample's
+    return train.select(np.sort(order[n_val:])), train.select(np.sort(order[:n_val]))
+
+
+def _named_split(d: Any, name: str, where: str) -> Any:
+    """``data.validation_split``: a split of a hub dataset, or NAME.csv/.jsonl/... in a local folder."""
+    if d.path is not None:
+        path = Path(d.path)
+        found = _find_split_file(path, name) if path.is_dir() and not is_image_folder(path) else None
+        if found is None:
+            raise DataError(f"data.validation_split '{name}': no {name}.csv/.jsonl/.json/.parquet in {path}")
+        return _read_file(found)
+    if d.name == "synthetic" or d.name in BUILTIN_DATASETS:
+        raise DataError(f"data.validation_split '{name}': {where} has only train and test; "
+                        f"use data.validation_fraction instead")
+    import datasets
+
+    with _offline_from_env():
+        all_splits = datasets.load_dataset(d.name, d.subset) if d.subset else datasets.load_dataset(d.name)
+    if name not in all_splits:
+        raise DataError(f"data.validation_split '{name}' is not a split of {where}; splits: {list(all_splits)}")
+    return all_splits[name]
 
 
 def _synthetic_splits(seed: int) -> Splits:

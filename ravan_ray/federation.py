@@ -43,7 +43,8 @@ from ravan_ray.models import export_weights
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
 from ravan_ray.report import plot_run
-from ravan_ray.results import read_metrics, read_table, summarize, write_metrics, write_summary, write_table
+from ravan_ray.results import (read_metrics, read_table, summarize, with_validation, write_metrics, write_summary,
+                               write_table)
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any], Optional[str]], None]
@@ -57,6 +58,7 @@ class SetupError(ValueError):
 class FederatedData:
     train: dict[str, np.ndarray]  # the task's row-aligned training arrays
     test: dict[str, Any]
+    validation: Optional[dict[str, Any]]  # held out before partitioning, prepared as test is; None without one
     partitions: list[np.ndarray]  # the training rows of each client
     task_info: dict[str, Any]  # what every process needs to build the task's model
     histogram: pd.DataFrame
@@ -90,7 +92,7 @@ def prepare_data(config: RunConfig) -> FederatedData:
         row_owner = owner[data.train_examples]
         by_client = np.argsort(row_owner, kind="stable")  # stable: each client's rows stay in ascending order
         parts = np.split(by_client, np.cumsum(np.bincount(row_owner, minlength=len(parts)))[:-1])
-    return FederatedData(data.train, data.test, parts, data.info, histogram, kind)
+    return FederatedData(data.train, data.test, data.validation, parts, data.info, histogram, kind)
 
 
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
@@ -182,6 +184,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     data = prepare_data(config)
     resolved = preflight(config, data.task_info)
     metric_columns = task_class(config.model.task).metrics
+    if data.validation is not None:
+        metric_columns = with_validation(metric_columns)
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml", extra={"method": resolved, "task": data.task_info,
@@ -196,6 +200,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     with ray_runtime(config):
         task_info = data.task_info
         test_ref = ray.put(data.test)
+        validation_ref = None if data.validation is None else ray.put(data.validation)
         actor_prefix = f"ravan-{uuid.uuid4().hex[:8]}"
         in_trial = ray.util.get_current_placement_group() is not None
         frozen_ref = publish_frozen_weights(config, task_info)
@@ -203,7 +208,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                             cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"),
                             frozen_ref=frozen_ref)
         check_resources(config, fleet)
-        server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server", frozen_ref)
+        server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server", frozen_ref, validation_ref)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         wall_offset = rows[-1]["wall_s"] if rows else 0.0
         run_started = time.perf_counter()
@@ -255,7 +260,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                     client_log = [entry for entry in client_log if entry["round"] < round_index]
                     client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
                     server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server-{server_restarts}",
-                                          frozen_ref)
+                                          frozen_ref, validation_ref)
                     progress.n = round_index - 1
         finally:
             progress.close()
@@ -328,10 +333,11 @@ def publish_frozen_weights(config: RunConfig, task_info: dict[str, Any]):
     return ray.put(export_weights(build_task(config, task_info).load_model()))
 
 
-def start_server(config: RunConfig, task_info: dict[str, Any], test_ref, state, name: str, frozen_ref=None):
+def start_server(config: RunConfig, task_info: dict[str, Any], test_ref, state, name: str, frozen_ref=None,
+                 validation_ref=None):
     res = config.resources
     server = ParameterServer.options(num_cpus=res.server_cpus, num_gpus=res.server_gpus, name=name) \
-        .remote(config.to_dict(), task_info, test_ref, state, frozen_ref)
+        .remote(config.to_dict(), task_info, test_ref, state, frozen_ref, validation_ref)
     return started(server, "the parameter server")
 
 

@@ -30,6 +30,19 @@ COUNT_COLUMNS = {"round", "uplink_bytes", "downlink_bytes", "clients", "failed_c
 TIMING_COLUMNS = ("wall_s", "round_s", "agg_s", "eval_s")
 
 
+VALIDATION_PREFIX = "val_"
+
+
+def validation_name(metric: str) -> str:
+    """The validation split's column of a task metric: test_accuracy -> val_accuracy."""
+    return VALIDATION_PREFIX + metric.removeprefix("test_")
+
+
+def with_validation(task_metrics: dict[str, str]) -> dict[str, str]:
+    """The task's metrics followed by their validation twins (same direction: higher or lower is better)."""
+    return {**task_metrics, **{validation_name(m): direction for m, direction in task_metrics.items()}}
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -88,12 +101,16 @@ def read_table(path: str | Path, before_round: int) -> list[dict[str, Any]]:
 def summarize(config: Any, rows: list[dict[str, Any]], wall_s: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """summary.json: the task's metrics (final = last evaluated round, best = best evaluated round by the
     metric's own direction: highest accuracy, lowest loss), traffic, time and fault counts. ``metric``
-    names the task's primary metric, by which reports and sweeps rank runs."""
+    names the task's primary metric, by which reports and sweeps rank runs. A run with a validation split
+    has ``final_val_*`` / ``best_val_*`` beside them (the val_* columns of metrics.csv)."""
     from ravan_ray.tasks import task_class
 
     task = task_class(config.model.task)
     summary: dict[str, Any] = {"method": config.method.name, "task": task.name, "metric": task.primary_metric}
-    for name, direction in task.metrics.items():
+    metrics = task.metrics
+    if any(not _missing(r.get(validation_name(task.primary_metric))) for r in rows):
+        metrics = with_validation(task.metrics)
+    for name, direction in metrics.items():
         values = [r[name] for r in rows if not _missing(r.get(name))]
         summary[f"final_{name}"] = values[-1] if values else None
         summary[f"best_{name}"] = (max(values) if direction == "max" else min(values)) if values else None

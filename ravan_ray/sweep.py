@@ -57,7 +57,8 @@ from typing import Any, Callable, Optional
 
 import yaml
 
-from ravan_ray.config import ConfigError, RunConfig, from_dict, read_yaml
+from ravan_ray.config import ConfigError, RunConfig, apply_override, from_dict, parse_override, read_yaml
+from ravan_ray.results import validation_name
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +80,10 @@ TRAFFIC_COLUMNS = ["rounds", "total_uplink_bytes", "total_downlink_bytes", "wall
 
 
 def summary_columns(metric: str) -> list[str]:
-    """results.csv's columns from each trial's summary.json: its task's primary metric, final and best."""
-    return [f"final_{metric}", f"best_{metric}", *TRAFFIC_COLUMNS]
+    """results.csv's columns from each trial's summary.json: its task's primary metric, final and best, and
+    its validation twin (empty for trials without a validation split)."""
+    val = validation_name(metric)
+    return [f"final_{metric}", f"best_{metric}", f"final_{val}", f"best_{val}", *TRAFFIC_COLUMNS]
 
 
 class SweepError(ConfigError):
@@ -99,8 +102,9 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\
 class SweepSpec:
     """A validated tune config."""
 
-    def __init__(self, values: dict[str, Any], source: Optional[Path] = None):
+    def __init__(self, values: dict[str, Any], source: Optional[Path] = None, overrides: tuple[str, ...] = ()):
         self.source = source
+        self.overrides = tuple(overrides)  # --set KEY=VALUE on the base (a data path, a model directory)
         self.raw = values
         unknown = sorted(set(values) - TOP_LEVEL_KEYS)
         if unknown:
@@ -135,9 +139,11 @@ class SweepSpec:
             base = read_yaml(path)
             base.pop("resolved", None)  # a run's config.yaml can serve as a base
         else:
-            base = values.get("base") or {}
+            base = copy.deepcopy(values.get("base") or {})
         if not isinstance(base, dict):
             raise SweepError(f"base must be a mapping of run config keys, got {type(base).__name__}")
+        for text in self.overrides:
+            apply_override(base, *parse_override(text))
         try:
             from_dict(base)
         except ConfigError as error:
@@ -218,12 +224,15 @@ class SweepSpec:
     # -- Tune objects
     def scheduler(self):
         """ASHA on each round's primary metric of the task (test accuracy for classification; rounds without
-        an evaluation do not count), or None (FIFO)."""
+        an evaluation do not count), or None (FIFO). When every trial holds out a validation split, ASHA stops
+        trials on the validation metric instead: a sweep that selects must never look at test."""
         if not self.asha:
             return None
         from ray.tune.schedulers import ASHAScheduler
 
-        return ASHAScheduler(time_attr="round", metric=self.metric, mode=self.mode, **self.asha)
+        held_out = all(c.data.validation_fraction > 0 or c.data.validation_split is not None for c in self.candidates)
+        metric = validation_name(self.metric) if held_out else self.metric
+        return ASHAScheduler(time_attr="round", metric=metric, mode=self.mode, **self.asha)
 
     def param_space(self) -> dict[str, Any]:
         from ray import tune
@@ -328,8 +337,8 @@ def read_tune_config(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def load_sweep_spec(path: str | Path) -> SweepSpec:
-    return SweepSpec(read_tune_config(path), Path(path))
+def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepSpec:
+    return SweepSpec(read_tune_config(path), Path(path), overrides)
 
 
 # ------------------------------------------------------------------------------ trial configs and resources
@@ -537,12 +546,13 @@ def sweep_dir(spec: SweepSpec, output: Optional[str | Path]) -> Path:
 
 
 def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
-              output: Optional[str | Path] = None) -> Path:
-    """Run (or resume) the sweep described by a tune config; returns the path of its results.csv."""
+              output: Optional[str | Path] = None, overrides: tuple[str, ...] = ()) -> Path:
+    """Run (or resume) the sweep described by a tune config (``overrides``: --set KEY=VALUE on its base);
+    returns the path of its results.csv."""
     import ray
     from ray import tune
 
-    spec = load_sweep_spec(tune_config_path)
+    spec = load_sweep_spec(tune_config_path, overrides)
     out = sweep_dir(spec, output)
     saved = out / SAVED_TUNE_CONFIG
     restoring = saved.is_file()

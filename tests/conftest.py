@@ -27,6 +27,16 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny model directories and datasets of ``ravan-ray tiny``, written once per session."""
+    from ravan_ray.cli import main
+
+    out = tmp_path_factory.mktemp("tiny")
+    assert main(["tiny", str(out)]) == 0
+    return out
+
+
 TINY_OVERRIDES = [
     "model.name=tiny-bert",
     "data.name=synthetic",

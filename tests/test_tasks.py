@@ -24,14 +24,6 @@ COMMON = ["data.partition.min_size=2", "federation.num_clients=4", "federation.c
           "resources.cpus_per_client=0.5", "resources.pool_size=2", "optimizer.lr=0.01", "data.partition.kind=iid"]
 
 
-@pytest.fixture(scope="session")
-def tiny(tmp_path_factory):
-    """The tiny model directories and datasets of ``ravan-ray tiny``, written once per session."""
-    out = tmp_path_factory.mktemp("tiny")
-    assert main(["tiny", str(out)]) == 0
-    return out
-
-
 def task_overrides(tiny, task: str) -> list[str]:
     m, d = tiny / "models", tiny / "data"
     return {

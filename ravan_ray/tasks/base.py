@@ -50,6 +50,8 @@ class TaskData:
     # The example each training row comes from, where one example makes several rows (a long QA context
     # cut into windows): the partition then splits examples, so an example's rows stay with one client.
     train_examples: Optional[np.ndarray] = None
+    # The validation split, prepared exactly as ``test`` is (evaluate reads it the same way); None without one.
+    validation: Optional[dict[str, Any]] = None
 
     @property
     def num_examples(self) -> int:
@@ -224,15 +226,18 @@ class ClassificationTask(Task):
         return {"num_labels": len(names), "id2label": dict(enumerate(names)),
                 "label2id": {name: i for i, name in enumerate(names)}}
 
-    def class_labels(self, splits: Splits) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(train ids, test ids, names) of ``data.label_field``, encoded over both splits together."""
+    def class_labels(self, splits: Splits) -> tuple[dict[str, np.ndarray], list[str]]:
+        """({split: class ids}, names) of ``data.label_field`` for train, test and validation (where there is
+        one), encoded over all of them together."""
         field_name = self.config.data.label_field
-        train_raw, test_raw = splits.column("train", field_name), splits.column("test", field_name)
-        ids, names = encode_labels(train_raw + test_raw, field_name, splits.where, splits.label_names)
+        names_in_order = ("train", *splits.evaluation_splits)
+        raw = {split: splits.column(split, field_name) for split in names_in_order}
+        ids, names = encode_labels(sum(raw.values(), []), field_name, splits.where, splits.label_names)
         if len(np.unique(ids)) < 2:
             raise DataError(f"{splits.where} has fewer than 2 classes in '{field_name}'; classification needs at least 2")
         self.info["label_names"] = names
-        return ids[:len(train_raw)], ids[len(train_raw):], names
+        ends = np.cumsum([len(raw[s]) for s in names_in_order])
+        return dict(zip(names_in_order, np.split(ids, ends[:-1]))), names
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:

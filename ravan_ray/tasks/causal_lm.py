@@ -67,21 +67,29 @@ class CausalLM(Task):
         splits.require({"prompt_field": d.prompt_field, "response_field": d.response_field, "input_field": input_field})
         tokenizer = self.tokenizer()
         encoded = {}
-        for split in ("train", "test"):
+        for split in ("train", *splits.evaluation_splits):
             prompts = self.prompts(splits, split, input_field, tokenizer)
             responses = as_texts(splits.column(split, d.response_field))
             encoded[split] = self.encode(prompts, responses, tokenizer, splits.where, split)
-        (train, train_keep, _), (test, test_keep, response_lengths) = encoded["train"], encoded["test"]
-        prompt_lengths = test.pop("prompt_length")
+        train, train_keep, _ = encoded["train"]
         del train["prompt_length"]
         if self.config.data.max_new_tokens != 0:
-            test.update(self.generation_arrays(test, prompt_lengths, response_lengths, tokenizer))
-            references = as_texts(splits.column("test", d.response_field))
-            test["references"] = object_array([references[i].strip() for i in test_keep])
+            # Generation length from the test split's references alone, so a validation split changes nothing in test.
+            wanted = self.config.data.max_new_tokens
+            self.info["max_new_tokens"] = int(wanted if wanted is not None else max(encoded["test"][2]))
+        prepared = {}
+        for split in splits.evaluation_splits:
+            arrays, keep, _ = encoded[split]
+            prompt_lengths = arrays.pop("prompt_length")
+            if self.config.data.max_new_tokens != 0:
+                arrays.update(self.generation_arrays(arrays, prompt_lengths, tokenizer))
+                references = as_texts(splits.column(split, d.response_field))
+                arrays["references"] = object_array([references[i].strip() for i in keep])
+            prepared[split] = arrays
         labels, names = self.partition_labels(splits)
         if labels is not None:
             labels = labels[train_keep]
-        return TaskData(train, test, self.info, labels, names)
+        return TaskData(train, prepared["test"], self.info, labels, names, validation=prepared.get("validation"))
 
     def input_field(self, splits: Splits) -> Optional[str]:
         """``data.input_field`` where the data has it; an explicitly set one must exist (require() says so)."""
@@ -160,16 +168,14 @@ class CausalLM(Task):
         arrays = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "prompt_length": prompt_length}
         return arrays, keep, [len(response_ids[i]) for i in keep]
 
-    def generation_arrays(self, test: Arrays, lengths: np.ndarray, response_lengths: list[int], tokenizer) -> Arrays:
-        """Left-padded prompts for greedy generation; records how many tokens to generate."""
+    def generation_arrays(self, test: Arrays, lengths: np.ndarray, tokenizer) -> Arrays:
+        """Left-padded prompts for greedy generation."""
         width = int(lengths.max())
         prompt_ids = np.full((len(lengths), width), tokenizer.pad_token_id, dtype=np.int64)
         prompt_mask = np.zeros((len(lengths), width), dtype=np.int64)
         for row, length in enumerate(lengths):
             prompt_ids[row, width - length:] = test["input_ids"][row, :length]
             prompt_mask[row, width - length:] = 1
-        wanted = self.config.data.max_new_tokens
-        self.info["max_new_tokens"] = int(wanted if wanted is not None else max(response_lengths))
         return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask}
 
     # ----------------------------------------------------------------- every process

@@ -35,12 +35,13 @@ class ImageClassification(ClassificationTask):
         d = self.config.data
         splits = self.load_splits(label_field=d.label_field)
         splits.require({"image_field": d.image_field, "label_field": d.label_field})
-        train_labels, test_labels, names = self.class_labels(splits)
+        class_ids, names = self.class_labels(splits)
         size = self.input_size()
-        train = {"pixels": decode_images(splits.train, d.image_field, size, splits.where), "labels": train_labels}
-        test = {"pixels": decode_images(splits.test, d.image_field, size, splits.where), "labels": test_labels}
-        labels, partition_names = self.partition_labels(splits, (train_labels, names))
-        return TaskData(train, test, self.info, labels, partition_names)
+        prepared = {split: {"pixels": decode_images(splits.split(split), d.image_field, size, splits.where),
+                            "labels": class_ids[split]} for split in ("train", *splits.evaluation_splits)}
+        labels, partition_names = self.partition_labels(splits, (class_ids["train"], names))
+        return TaskData(prepared["train"], prepared["test"], self.info, labels, partition_names,
+                        validation=prepared.get("validation"))
 
     @property
     def processor(self):

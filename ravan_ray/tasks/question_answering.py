@@ -56,14 +56,18 @@ class QuestionAnswering(Task):
                         "answers_field": d.answers_field})
         tokenizer = self.tokenizer()
         train, train_examples = self.windows(splits, "train", tokenizer)
-        test, test_examples = self.windows(splits, "test", tokenizer)
-        test["example"] = test_examples
-        test["contexts"] = object_array(as_texts(splits.column("test", d.context_field)))
-        test["answers"] = object_array([[text for text, _ in answer_spans(a, splits.where)]
-                                        for a in splits.column("test", d.answers_field)])
+        prepared = {}
+        for split in splits.evaluation_splits:
+            arrays, examples = self.windows(splits, split, tokenizer)
+            arrays["example"] = examples
+            arrays["contexts"] = object_array(as_texts(splits.column(split, d.context_field)))
+            arrays["answers"] = object_array([[text for text, _ in answer_spans(a, splits.where)]
+                                              for a in splits.column(split, d.answers_field)])
+            prepared[split] = arrays
         del train["offsets"]
         labels, names = self.partition_labels(splits)
-        return TaskData(train, test, self.info, labels, names, train_examples=train_examples)
+        return TaskData(train, prepared["test"], self.info, labels, names, train_examples=train_examples,
+                        validation=prepared.get("validation"))
 
     def tokenizer(self):
         tokenizer = load_tokenizer(self.config.model.name)

@@ -41,23 +41,28 @@ class Seq2Seq(Task):
         d = self.config.data
         splits = self.load_splits(label_field=d.target_field)
         splits.require({"source_field": d.source_field, "target_field": d.target_field})
-        train_raw, test_raw = splits.column("train", d.target_field), splits.column("test", d.target_field)
+        split_names = ("train", *splits.evaluation_splits)
+        raw = {split: splits.column(split, d.target_field) for split in split_names}
         own_labels = None
-        if all(v is not None and is_class_id(v) for v in train_raw + test_raw):
-            ids, names = encode_labels(train_raw + test_raw, d.target_field, splits.where, splits.label_names)
-            train_targets, test_targets = [names[i] for i in ids[:len(train_raw)]], [names[i] for i in ids[len(train_raw):]]
-            own_labels = (ids[:len(train_raw)], names)
+        if all(v is not None and is_class_id(v) for v in sum(raw.values(), [])):
+            ids, names = encode_labels(sum(raw.values(), []), d.target_field, splits.where, splits.label_names)
+            per_split = dict(zip(split_names, np.split(ids, np.cumsum([len(raw[s]) for s in split_names])[:-1])))
+            targets = {split: [names[i] for i in per_split[split]] for split in split_names}
+            own_labels = (per_split["train"], names)
         else:
-            train_targets, test_targets = as_texts(train_raw), as_texts(test_raw)
+            targets = {split: as_texts(raw[split]) for split in split_names}
         tokenizer = self.tokenizer()
-        train = self.encode(as_texts(splits.column("train", d.source_field)), train_targets, tokenizer)
-        test = self.encode(as_texts(splits.column("test", d.source_field)), test_targets, tokenizer)
+        prepared = {split: self.encode(as_texts(splits.column(split, d.source_field)), targets[split], tokenizer)
+                    for split in split_names}
         if d.max_new_tokens != 0:
-            test["references"] = object_array([t.strip() for t in test_targets])
-            longest = int((test["labels"] != IGNORE).sum(axis=1).max())
+            for split in splits.evaluation_splits:
+                prepared[split]["references"] = object_array([t.strip() for t in targets[split]])
+            # Generation length from the test split alone, so a validation split changes nothing in test.
+            longest = int((prepared["test"]["labels"] != IGNORE).sum(axis=1).max())
             self.info["max_new_tokens"] = int(d.max_new_tokens if d.max_new_tokens is not None else longest)
         labels, names = self.partition_labels(splits, own_labels)
-        return TaskData(train, test, self.info, labels, names)
+        return TaskData(prepared["train"], prepared["test"], self.info, labels, names,
+                        validation=prepared.get("validation"))
 
     def tokenizer(self):
         tokenizer = load_tokenizer(self.config.model.name)

@@ -34,22 +34,30 @@ class TextClassification(ClassificationTask):
         tokenizer = self.tokenizer()
         train = {**tokenize(data.train_texts, tokenizer, d.max_length, data.train_pairs), "labels": data.train_labels}
         test = {**tokenize(data.test_texts, tokenizer, d.max_length, data.test_pairs), "labels": data.test_labels}
+        validation = None if data.validation_texts is None else {
+            **tokenize(data.validation_texts, tokenizer, d.max_length, data.validation_pairs),
+            "labels": data.validation_labels}
         labels, names = self.partition_labels(self.splits, (data.train_labels, data.label_names))
-        return TaskData(train, test, self.info, labels, names)
+        return TaskData(train, test, self.info, labels, names, validation=validation)
 
     def load_texts(self) -> TextClassificationData:
         """The texts (and pairs) and class ids of both splits."""
         d = self.config.data
         self.splits = self.load_splits(label_field=d.label_field)
         self.splits.require({"text_field": d.text_field, "text_pair_field": d.text_pair_field, "label_field": d.label_field})
-        train_labels, test_labels, names = self.class_labels(self.splits)
+        labels, names = self.class_labels(self.splits)
+
+        def texts(split: str):
+            return as_texts(self.splits.column(split, d.text_field))
 
         def pairs(split: str):
             return as_texts(self.splits.column(split, d.text_pair_field)) if d.text_pair_field else None
 
-        return TextClassificationData(as_texts(self.splits.column("train", d.text_field)), train_labels,
-                                      as_texts(self.splits.column("test", d.text_field)), test_labels, names,
-                                      pairs("train"), pairs("test"))
+        has_validation = self.splits.validation is not None
+        return TextClassificationData(texts("train"), labels["train"], texts("test"), labels["test"], names,
+                                      pairs("train"), pairs("test"),
+                                      texts("validation") if has_validation else None, labels.get("validation"),
+                                      pairs("validation") if has_validation else None)
 
     def tokenizer(self):
         tokenizer = load_tokenizer(self.config.model.name)

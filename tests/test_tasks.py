@@ -88,7 +88,7 @@ def test_a_task_resumes_bit_identically(ray_session, tiny, tmp_path):
     """Resume after round 1 gives the metrics of an uninterrupted run (causal_lm: generation included)."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     assert cli_run(tiny, "causal_lm", full, "federation.rounds=2") == 0
-    assert cli_run(tiny, "causal_lm", cut, "federation.rounds=2") == 0
+    shutil.copytree(full, cut)  # the same run, interrupted after round 1's checkpoint
     shutil.rmtree(cut / "checkpoints" / "round_00002")
     assert main(["resume", str(cut)]) == 0
     a, b = (pd.read_csv(d / "metrics.csv").drop(columns=list(TIMING_COLUMNS)) for d in (full, cut))

@@ -32,6 +32,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set or ())
     check_paths(config)
+    if config.privacy.mode != "none":
+        from ravan_ray.methods import build_method
+
+        build_method(config).check_privacy()
     if args.dry_run:
         print(f"config OK (no model or data loaded): task {config.model.task}, model {config.model.name}, "
               f"data {config.data.path or config.data.name}, method {config.method.name}, "

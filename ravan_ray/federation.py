@@ -36,6 +36,7 @@ from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
 from ravan_ray.methods.base import ClientTask
 from ravan_ray.models import export_weights
+from ravan_ray.privacy import PrivacyBudget, plan_budget
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
 from ravan_ray.report import plot_run
@@ -92,6 +93,27 @@ def prepare_data(config: RunConfig) -> FederatedData:
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
     rng = np.random.default_rng([seed, round_index, 0x5A4D])
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def client_rounds(config: RunConfig) -> list[list[int]]:
+    """The rounds each client is sampled in (the seeded draw of :func:`sample_clients`), for the accountant."""
+    fed = config.federation
+    rounds: list[list[int]] = [[] for _ in range(fed.num_clients)]
+    for round_index in range(1, fed.rounds + 1):
+        for client in sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round):
+            rounds[client].append(round_index)
+    return rounds
+
+
+def with_noise_multiplier(config: RunConfig, budget: Optional[PrivacyBudget]) -> RunConfig:
+    """The config the actors run: with ``privacy.target_epsilon`` replaced by the noise multiplier computed for it
+    (config.yaml keeps the target; a resumed run computes the same multiplier again)."""
+    if budget is None or config.privacy.target_epsilon is None:
+        return config
+    resolved = config.model_copy(deep=True)
+    resolved.privacy = resolved.privacy.model_copy(update={"target_epsilon": None,
+                                                            "noise_multiplier": budget.noise_multiplier})
+    return resolved
 
 
 @contextmanager
@@ -177,6 +199,10 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     fed = config.federation
     data = prepare_data(config)
     resolved = preflight(config, data.task_info)
+    budget = plan_budget(config, [len(p) for p in data.partitions], client_rounds(config))
+    if budget is not None:
+        resolved["privacy"] = {"noise_multiplier": budget.noise_multiplier, "delta": budget.delta,
+                               "epsilon_after_all_rounds": budget.epsilon(fed.rounds)}
     metric_columns = task_class(config.model.task).metrics
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -186,6 +212,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     pd.DataFrame({"client": range(fed.num_clients), "level": levels,
                   "heads": [heads_for_level(lv, config.method.heads) for lv in levels],
                   "samples": [len(p) for p in data.partitions]}).to_csv(run_dir / "client_budgets.csv", index=False)
+    config = with_noise_multiplier(config, budget)  # what the actors run: the noise multiplier, given or calibrated
     first_round, state, client_states, rows = restore(run_dir) if resume else (1, None, {}, [])
     client_log = read_table(run_dir / "clients.csv", before_round=first_round)
 
@@ -230,6 +257,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                     progress.n = round_index - 1
                     continue
 
+                if budget is not None:
+                    row["epsilon"] = budget.epsilon(round_index)
                 row["round_s"] = time.perf_counter() - round_started
                 row["wall_s"] = wall_offset + time.perf_counter() - run_started
                 row["server_restarts"] = server_restarts

@@ -66,6 +66,7 @@ def tail_norm(layer: nn.Module, start: int, stop: int) -> torch.Tensor:
 
 class HetLoRA(HeterogeneousRankLoRA):
     name = "hetlora"
+    client_privacy_unsupported = ("its aggregation weights come from each client's own update norm, not from the sum of the uploads")
     exact = False
     alpha_per_rank = 2.0
 

@@ -214,9 +214,11 @@ def privatize_updates(method, config: RunConfig, state: dict[str, torch.Tensor],
     Returns (the uploads the method aggregates, {clip_fraction, clip_norm, next_clip_norm})."""
     privacy = config.privacy
     generator = noise_generator(config.seed, round_index)
-    deltas, clipped = [], []
+    deltas, clipped, norms = [], [], []
     for update in updates:
-        delta, was_clipped = clip(method.privacy_delta(state, update), clip_norm)
+        delta = method.privacy_delta(state, update)
+        norms.append(global_norm(delta))
+        delta, was_clipped = clip(delta, clip_norm)
         deltas.append(delta)
         clipped.append(was_clipped)
     std = update_noise_multiplier(config, noise_multiplier) * clip_norm
@@ -232,7 +234,10 @@ def privatize_updates(method, config: RunConfig, state: dict[str, torch.Tensor],
             unclipped += float(torch.randn((), generator=generator, dtype=torch.float64)) * clipped_count_stddev(config)
         fraction = unclipped / len(updates)
         next_clip = clip_norm * math.exp(-privacy.clip_learning_rate * (fraction - privacy.target_unclipped_quantile))
-    return private, {"clip_fraction": float(np.mean(clipped)), "clip_norm": clip_norm, "next_clip_norm": next_clip}
+    # update_norm: the median norm before clipping, a simulation diagnostic for choosing clip_norm (a deployment
+    # would not publish it: it is not noised)
+    return private, {"clip_fraction": float(np.mean(clipped)), "clip_norm": clip_norm, "next_clip_norm": next_clip,
+                     "update_norm": float(np.median(norms))}
 
 
 # ------------------------------------------------------------------------------------------------ sample level

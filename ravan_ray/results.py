@@ -23,8 +23,9 @@ FEDERATION_COLUMNS = [
     "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
     "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s",
     # differential privacy (empty without it): epsilon spent so far at privacy.delta, the share of clients (client
-    # mode) or examples (sample mode) whose norm exceeded the clip norm this round, and that clip norm
-    "epsilon", "clip_fraction", "clip_norm",
+    # mode) or examples (sample mode) whose norm exceeded the clip norm this round, that clip norm, and (client mode)
+    # the median norm of the clients' updates before clipping: a diagnostic for choosing the clip norm, not noised
+    "epsilon", "clip_fraction", "clip_norm", "update_norm",
 ]
 DEFAULT_TASK_METRICS = {"test_accuracy": "max", "test_loss": "min"}
 COUNT_COLUMNS = {"round", "uplink_bytes", "downlink_bytes", "clients", "failed_clients", "dropped_clients",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -183,15 +184,18 @@ class ModelHost:
         dp = DPSGD(self.model, optimizer, float(privacy.noise_multiplier), float(privacy.clip_norm), len(batches[0]),
                    task.generator(stream=4), after_noise=lambda: self.method.after_private_noise(self.model))
         losses = []
-        try:
-            for batch in batches:
-                dp.zero_grad()
-                loss = self._loss(data, batch)
-                loss.backward()
-                dp.step()
-                losses.append(loss.detach())
-        finally:
-            dp.close()
+        with warnings.catch_warnings():
+            # Opacus' backward hooks on a model whose inputs need no gradient (a frozen base): expected, harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            try:
+                for batch in batches:
+                    dp.zero_grad()
+                    loss = self._loss(data, batch)
+                    loss.backward()
+                    dp.step()
+                    losses.append(loss.detach())
+            finally:
+                dp.close()
         return losses, dp.clip_fraction
 
     @staticmethod

@@ -15,8 +15,9 @@ fraction of unclipped clients; the count gets noise sigma_b and the update noise
 the accountant accounts z.
 
 **Sample level** (``privacy.mode: sample``): DP-SGD (Abadi et al. 2016) in local training through Opacus'
-``GradSampleModule`` (per-example gradients; the adapter layers, which Opacus has no rule for, go through its
-functorch fallback) and ``DPOptimizer`` (per-example clipping to C, noise z C on the sum).
+``GradSampleModule`` (per-example gradients; the adapter layers, which Opacus has no rule for and whose constant
+buffers its functorch fallback refuses, get a registered rule that is that fallback with the buffers passed in:
+:func:`adapter_grad_sample`) and ``DPOptimizer`` (per-example clipping to C, noise z C on the sum).
 
 **Accounting**: Google's ``dp-accounting`` RDP accountant on the Poisson-subsampled Gaussian mechanism, composed
 once per round (client level, q = clients_per_round / num_clients) or once per local step (sample level,
@@ -39,7 +40,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from ravan_ray.config import ConfigError, PrivacyConfig, RunConfig
+from ravan_ray.config import ConfigError, RunConfig
 
 #: the server's current clip norm under adaptive clipping: kept in the global state (checkpointed, never broadcast)
 CLIP_NORM_KEY = "eval/privacy_clip_norm"
@@ -49,8 +50,6 @@ NOISE_STREAM = 0xD1FF  # the (seed, round, NOISE_STREAM) generator of the server
 # ------------------------------------------------------------------------------------------------ accountant
 def epsilon_for(q: float, noise_multiplier: float, steps: int, delta: float) -> float:
     """epsilon after ``steps`` compositions of the Poisson-subsampled Gaussian mechanism (rate q, noise z)."""
-    import dp_accounting
-
     if steps <= 0:
         return 0.0
     if noise_multiplier <= 0:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import TINY_OVERRIDES, tiny_model
-from ravan_ray.cli import main
+from ravan_ray.cli import format_summary, main
 from ravan_ray.config import load_config
 from ravan_ray.federation import run_federation
 from ravan_ray.methods import build_method
@@ -213,6 +213,7 @@ def test_sample_level_run_reports_epsilon_per_round_and_the_final_epsilon(ray_se
     assert metrics["epsilon"].is_monotonic_increasing and summary["epsilon"] == pytest.approx(5, rel=1e-3)
     assert summary["delta"] == 1e-5 and summary["noise_multiplier"] > 0
     assert metrics["clip_fraction"].between(0, 1).all() and metrics["test_accuracy"].notna().all()
+    assert "sample level, epsilon 5 at delta 1e-05" in format_summary(summary, tmp_path)  # the run's last words
 
 
 # ----------------------------------------------------------------------------------------------- bad input

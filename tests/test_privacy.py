@@ -231,6 +231,8 @@ def test_sample_level_run_reports_epsilon_per_round_and_the_final_epsilon(ray_se
       "method.scoring=gradient"], "scoring=gradient"),
     (["privacy.mode=client", "privacy.noise_multiplier=1", "privacy.target_epsilon=1", "privacy.clip_norm=1"],
      "exactly one"),
+    (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.clip_norm=1", "method.name=hetlora"],
+     "hetlora_lambda=0"),
 ])
 def test_bad_privacy_settings_exit_2_with_one_line(overrides, words, tmp_path, capsys):
     args = [arg for o in overrides for arg in ("--set", o)]

@@ -80,18 +80,40 @@ class ClientFleet:
         self.actors: dict[int, Any] = {}
         self.generation = 0  # part of the actor name, so a replacement never collides with a dying actor
         self.size = config.federation.num_clients if self.per_client else self._pool_size(cluster_cpus)
+        self.actor_cpus = self._actor_cpus(cluster_cpus)
 
     def _pool_size(self, cluster_cpus: Optional[float]) -> int:
-        """resources.pool_size, or as many actors as the CPUs allow, up to clients_per_round."""
+        """resources.pool_size, or enough actors that no core idles while the round's clients train.
+
+        With ``fit`` actors on the cores, m clients run in waves of ``fit`` and a last wave of ``m % fit``
+        leaves cores idle (3 clients on 2 cores: the third trains alone). Single-threaded CPU actors can
+        share the cores instead (the OS time-slices whole processes, and each keeps its one torch thread,
+        so the numbers do not change), so the pool grows to the smallest size whose last wave still fills
+        the cores: 3 actors for 3 clients on 2 cores. Multi-threaded or GPU actors keep one per share."""
         res = self.config.resources
         if res.pool_size is not None or cluster_cpus is None:
             return self.config.pool_size
-        fit = int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9)
-        return max(1, min(self.config.federation.clients_per_round, fit))
+        per_round = self.config.federation.clients_per_round
+        fit = max(1, int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9))
+        if fit >= per_round or not self._can_share_cores():
+            return min(per_round, fit)
+        return next(size for size in range(fit, per_round + 1) if per_round % size == 0 or per_round % size >= fit)
+
+    def _can_share_cores(self) -> bool:
+        res = self.config.resources
+        return res.gpus_per_client == 0 and int(round(res.cpus_per_client)) <= 1
+
+    def _actor_cpus(self, cluster_cpus: Optional[float]) -> float:
+        """The CPUs each actor reserves: its share, or, in a pool grown to share the cores, the cores divided."""
+        res = self.config.resources
+        if self.per_client or res.pool_size is not None or cluster_cpus is None:
+            return res.cpus_per_client
+        fit = max(1, int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9))
+        return min(res.cpus_per_client, fit * res.cpus_per_client / self.size)
 
     def resources_needed(self) -> dict[str, float]:
         res = self.config.resources
-        return {"CPU": self.size * res.cpus_per_client, "GPU": self.size * res.gpus_per_client}
+        return {"CPU": self.size * self.actor_cpus, "GPU": self.size * res.gpus_per_client}
 
     def slot(self, client_id: int, position: int) -> int:
         return client_id if self.per_client else position % self.size
@@ -102,7 +124,7 @@ class ClientFleet:
             self.generation += 1
             name = f"{self.name_prefix}-client-{slot}-{self.generation}" if self.name_prefix else None
             self.actors[slot] = ClientActor.options(
-                num_cpus=res.cpus_per_client, num_gpus=res.gpus_per_client, name=name
+                num_cpus=self.actor_cpus, num_gpus=res.gpus_per_client, name=name
             ).remote(self.config.to_dict(), self.task_info, self.train_ref, self.partitions_ref, self.frozen_ref)
         return self.actors[slot]
 

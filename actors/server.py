@@ -3,6 +3,11 @@
 It hosts one copy of the model (``ModelHost``) for three things the method protocol cannot do on tensors
 alone: the agg_error and effective_rank diagnostics (they need the full per-layer ΔW, and for Ravan the
 frozen bases, which it regenerates from the seed like every client) and evaluating the global model.
+
+Evaluation runs on a thread of its own (the ``evaluation`` concurrency group), so that with
+``federation.overlap_evaluation`` the driver can evaluate round r's model while the clients already train
+round r+1: the round's aggregated state is kept (``held``) until the driver has its metrics and checkpoint,
+and that overlapped evaluation uses a second copy of the model, so it never sees the diagnostics' loads.
 """
 
 from __future__ import annotations
@@ -30,22 +35,32 @@ def is_finite_update(update: ClientUpdate) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in update.tensors.values() if t.is_floating_point())
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"evaluation": 1})
 class ParameterServer:
     def __init__(self, config: dict[str, Any], task_info: dict[str, Any], test_data: dict[str, Any],
                  initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None):
         self.config: RunConfig = from_dict(config)
         res = self.config.resources
-        torch.set_num_threads(max(1, int(round(max(res.server_cpus, res.cpus_per_client)))))
+        self.threads = max(1, int(round(max(res.server_cpus, res.cpus_per_client))))
+        torch.set_num_threads(self.threads)
         self.host = ModelHost(self.config, task_info, frozen)
-        # The server evaluates between rounds, while the client actors wait: their CPUs are free then, so
-        # evaluation uses them all (a function of the config alone, so the numbers do not depend on the
-        # machine, short of a machine with fewer cores than the config reserves).
-        clients = self.config.federation.clients_per_round if res.actor_mode == "per_client" else self.config.pool_size
-        self.eval_threads = max(1, min(int(round(clients * res.cpus_per_client + res.server_cpus)), os.cpu_count() or 1))
+        self.overlap = self.config.federation.overlap_evaluation
+        if self.overlap:
+            # Evaluated while the clients train, so it takes the server's own threads, not theirs.
+            self.eval_host, self.eval_threads = ModelHost(self.config, task_info, frozen), self.threads
+        else:
+            # Evaluated between rounds, while the client actors wait: their CPUs are free then, so evaluation
+            # uses them all (a function of the config, so the numbers do not depend on the machine, short of
+            # a machine with fewer cores than the config reserves).
+            clients = self.config.federation.clients_per_round if res.actor_mode == "per_client" else self.config.pool_size
+            self.eval_host = self.host
+            self.eval_threads = max(1, min(int(round(clients * res.cpus_per_client + res.server_cpus)), os.cpu_count() or 1))
         self.method = self.host.method
         self.test_data = test_data
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()
+        # round -> its aggregated state, until the driver has evaluated and checkpointed it (release()).
+        # Methods return a new state from aggregate() and never change an old one, so keeping the object is enough.
+        self.held: dict[int, State] = {}
 
     def resolved(self) -> dict[str, Any]:
         return self.method.resolved()
@@ -56,7 +71,8 @@ class ParameterServer:
         return self.state, self.method.downlink_bytes(self.state, clients)
 
     def aggregate(self, round_index: int, *updates: ClientUpdate) -> dict[str, Any]:
-        """Aggregate this round's uploads; returns the round's server-side metrics."""
+        """Aggregate this round's uploads; returns the round's server-side metrics. The new state is held as
+        round ``round_index``'s until :meth:`release`."""
         started = time.perf_counter()
         accepted = [u for u in updates if is_finite_update(u)]
         rejected = [u.client_id for u in updates if not is_finite_update(u)]
@@ -82,6 +98,7 @@ class ParameterServer:
             metrics.update(self._diagnostics(old_state, accepted))
         else:
             metrics["agg_s"] = time.perf_counter() - started
+        self.held[round_index] = self.state
         return metrics
 
     def _privatize(self, round_index: int, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, Any]]:
@@ -110,20 +127,30 @@ class ParameterServer:
         ranks = [effective_rank(delta) for delta in aggregated.values()]
         return {"agg_error": error, "effective_rank": float(np.mean(ranks)) if ranks else math.nan}
 
-    def evaluate(self) -> dict[str, float]:
-        threads = torch.get_num_threads()
+    @ray.method(concurrency_group="evaluation")
+    def evaluate(self, round_index: int) -> dict[str, float]:
+        """The test metrics of round ``round_index``'s global model (held since its aggregation)."""
+        started = time.perf_counter()
+        state = self.held[round_index]
+        # The thread count is per thread (OpenMP): set it on this one, for this evaluation.
         torch.set_num_threads(self.eval_threads)
         try:
-            metrics = self.host.evaluate(self.state, self.test_data, self.config.federation.eval_batch_size)
+            metrics = self.eval_host.evaluate(state, self.test_data, self.config.federation.eval_batch_size)
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(self.threads)
         return_freed_memory()
-        return metrics
+        return {**metrics, "eval_s": time.perf_counter() - started}
 
     def checkpoint(self, run_dir: str, round_index: int, meta: dict[str, Any], keep: int, client_ids: list[int],
                    *client_states: Optional[State]) -> str:
+        """Save round ``round_index``'s held state with these client states."""
         states = {cid: cs for cid, cs in zip(client_ids, client_states) if cs}
-        return str(save_checkpoint(run_dir, round_index, self.state, states, meta, keep=keep))
+        return str(save_checkpoint(run_dir, round_index, self.held[round_index], states, meta, keep=keep))
+
+    def release(self, round_index: int) -> None:
+        """The driver is done with this round (and every earlier one): stop holding their states."""
+        for done in [r for r in self.held if r <= round_index]:
+            del self.held[done]
 
     def ping(self) -> bool:
         return True

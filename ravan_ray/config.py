@@ -123,6 +123,10 @@ class FederationConfig(_Section):
     batch_size: int = Field(32, ge=1)
     eval_every: int = Field(2, ge=1)
     eval_batch_size: int = Field(256, ge=1)
+    # Evaluate round r's global model while the clients train round r+1 (on the server's own threads and a
+    # second copy of the model) instead of between the two rounds with every core. The metrics are the
+    # same either way; a round's metrics.csv row is written once its evaluation is in.
+    overlap_evaluation: bool = True
     # Straggler handling: uploads that arrive after this many seconds are dropped and counted.
     round_timeout_s: Optional[float] = Field(None, gt=0)
     # What to do when a client actor dies mid-round: drop it from the round, or run it again once.

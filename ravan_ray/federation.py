@@ -4,8 +4,11 @@
         -> server.broadcast(): the global state, put once in the object store, its ref sent to each client
     client actors: load state -> select heads / rank -> S local steps -> upload
     server: aggregate (sorted by client id, so arrival order never matters) -> diagnostics
-    driver: every eval_every rounds the server evaluates the global model -> one metrics.csv row
-            every checkpoint_every rounds the server writes a checkpoint (safetensors + JSON)
+    driver: every eval_every rounds the server evaluates the global model (on its own thread, while the
+            clients already train the next round: overlap_evaluation) -> one metrics.csv row per round,
+            written in order once the round's evaluation is in
+            every checkpoint_every rounds the server writes a checkpoint (safetensors + JSON) of a round
+            whose row is written, so a resumed run never lacks a row
 
 Nothing here knows which method runs. All randomness derives from (seed, round, client id), so a run
 resumed from a checkpoint, or run with another actor mode, produces the same numbers.
@@ -19,6 +22,7 @@ import re
 import sys
 import time
 import uuid
+from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,13 +239,39 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         primary = task_class(config.model.task).primary_metric
         shown = [(_short_name(primary), primary)]  # the progress line's score
         progress = tqdm(total=fed.rounds, initial=first_round - 1, desc=config.method.name, unit="round", disable=None)
+        # Played rounds whose rows wait for their evaluation (at most the last one or two with overlap).
+        unfinished: deque[PlayedRound] = deque()
         round_index = first_round
         try:
-            while round_index <= fed.rounds:
-                round_started = time.perf_counter()
+            while round_index <= fed.rounds or unfinished:
                 try:
-                    row, outcome, checkpoint_path = play_round(config, run_dir, round_index, server, fleet, levels,
-                                                               client_state_refs)
+                    if round_index <= fed.rounds:
+                        unfinished.append(play_round(config, round_index, server, fleet, levels, client_state_refs))
+                        round_index += 1
+                    # Finish rounds in order; wait for one only when no round is left to overlap it with.
+                    while unfinished and (unfinished[0].evaluated() or round_index > fed.rounds
+                                          or not fed.overlap_evaluation):
+                        played = unfinished.popleft()
+                        checkpoint_path = finish_round(config, run_dir, played, server)
+                        row = played.row
+                        if budget is not None:
+                            row["epsilon"] = budget.epsilon(row["round"])
+                        row["wall_s"] = wall_offset + time.perf_counter() - run_started
+                        row["server_restarts"] = server_restarts
+                        rows.append(row)
+                        client_log.extend(played.outcome.log)
+                        write_metrics(run_dir / "metrics.csv", rows, metric_columns)
+                        write_table(run_dir / "clients.csv", client_log)
+                        write_summary(run_dir / "summary.json", summarize(config, rows, row["wall_s"]))
+                        progress.update(1)
+                        progress.set_postfix(loss=f"{row['train_loss']:.3f}",
+                                             **{short: _fmt(row.get(m)) for short, m in shown})
+                        if progress.disable and not os.environ.get("TQDM_DISABLE"):  # no terminal (a Ray job, CI)
+                            scores = " ".join(f"{short} {_fmt(row.get(m))}" for short, m in shown)
+                            print(f"{config.method.name} round {row['round']}/{fed.rounds} loss {row['train_loss']:.3f} "
+                                  f"{scores} ({row['round_s']:.1f} s)", file=sys.stderr, flush=True)
+                        if on_round is not None:
+                            on_round(row, checkpoint_path)
                 except ray.exceptions.RayActorError:
                     # The parameter server died: bring it back from the last checkpoint and redo the rounds
                     # since; every round is a function of (state, seed, round), so they come out the same.
@@ -249,33 +279,13 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                     if server_restarts > fed.max_server_restarts:
                         raise
                     log.warning("parameter server lost in round %d; restoring from the last checkpoint", round_index)
+                    unfinished.clear()
                     round_index, state, client_states, rows = restore(run_dir, rows)
                     client_log = [entry for entry in client_log if entry["round"] < round_index]
                     client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
                     server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server-{server_restarts}",
                                           frozen_ref)
                     progress.n = round_index - 1
-                    continue
-
-                if budget is not None:
-                    row["epsilon"] = budget.epsilon(round_index)
-                row["round_s"] = time.perf_counter() - round_started
-                row["wall_s"] = wall_offset + time.perf_counter() - run_started
-                row["server_restarts"] = server_restarts
-                rows.append(row)
-                client_log.extend(outcome.log)
-                write_metrics(run_dir / "metrics.csv", rows, metric_columns)
-                write_table(run_dir / "clients.csv", client_log)
-                write_summary(run_dir / "summary.json", summarize(config, rows, row["wall_s"]))
-                progress.update(1)
-                progress.set_postfix(loss=f"{row['train_loss']:.3f}", **{short: _fmt(row.get(m)) for short, m in shown})
-                if progress.disable and not os.environ.get("TQDM_DISABLE"):  # no terminal (a Ray job, CI): one line
-                    scores = " ".join(f"{short} {_fmt(row.get(m))}" for short, m in shown)
-                    print(f"{config.method.name} round {round_index}/{fed.rounds} loss {row['train_loss']:.3f} "
-                          f"{scores} ({row['round_s']:.1f} s)", file=sys.stderr, flush=True)
-                if on_round is not None:
-                    on_round(row, checkpoint_path)
-                round_index += 1
         finally:
             progress.close()
             fleet.shutdown()
@@ -285,11 +295,25 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     return summarize(config, rows, rows[-1]["wall_s"] if rows else 0.0)
 
 
-def play_round(config: RunConfig, run_dir: Path, round_index: int, server, fleet: ClientFleet,
-               levels: np.ndarray, client_state_refs: dict[int, Any]):
-    """One round: broadcast, local training, aggregation, evaluation, checkpoint.
-    Returns (metrics row, client outcome, checkpoint path or None); updates ``client_state_refs``."""
+@dataclass
+class PlayedRound:
+    """A round whose clients trained and whose uploads the server aggregated; its row still lacks the
+    evaluation (``evaluation``: the pending ref, None in rounds without one) and it has no checkpoint yet."""
+    row: dict[str, Any]
+    outcome: "RoundOutcome"
+    evaluation: Any
+    client_state_refs: dict[int, Any]  # every client's state after this round
+
+    def evaluated(self) -> bool:
+        return self.evaluation is None or bool(ray.wait([self.evaluation], timeout=0)[0])
+
+
+def play_round(config: RunConfig, round_index: int, server, fleet: ClientFleet, levels: np.ndarray,
+               client_state_refs: dict[int, Any]) -> PlayedRound:
+    """One round: broadcast, local training, aggregation; starts the evaluation (without waiting for it).
+    Updates ``client_state_refs``."""
     fed = config.federation
+    started = time.perf_counter()
     sampled = sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round)
     state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(sampled)
     downlink_bytes = ray.get(downlink_ref)  # also: the server is alive before clients depend on it
@@ -299,17 +323,29 @@ def play_round(config: RunConfig, run_dir: Path, round_index: int, server, fleet
     row = {"round": round_index, "clients": len(outcome.update_refs),
            "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else np.nan,
            "downlink_bytes": downlink_bytes, "failed_clients": outcome.failed,
-           "dropped_clients": outcome.dropped, **server_metrics}
+           "dropped_clients": outcome.dropped, **server_metrics,
+           "round_s": time.perf_counter() - started}  # training and aggregation; evaluation is not in it
+    evaluation = None
     if round_index % fed.eval_every == 0 or round_index == fed.rounds:
-        row.update(ray.get(server.evaluate.remote()))
+        evaluation = server.evaluate.remote(round_index)
     client_state_refs.update(outcome.client_state_refs)
+    return PlayedRound(row, outcome, evaluation, dict(client_state_refs))
+
+
+def finish_round(config: RunConfig, run_dir: Path, played: PlayedRound, server) -> Optional[str]:
+    """Complete the round's row with its evaluation and write its checkpoint when one is due; returns the
+    checkpoint's path or None. The server then drops the round's state."""
+    round_index = played.row["round"]
+    if played.evaluation is not None:
+        played.row.update(ray.get(played.evaluation))
     checkpoint_path = None
-    if round_index % config.output.checkpoint_every == 0 or round_index == fed.rounds:
-        ids = sorted(client_state_refs)
+    if round_index % config.output.checkpoint_every == 0 or round_index == config.federation.rounds:
+        ids = sorted(played.client_state_refs)
         checkpoint_path = ray.get(server.checkpoint.remote(
             str(run_dir), round_index, {"seed": config.seed}, config.output.keep_checkpoints,
-            ids, *[client_state_refs[i] for i in ids]))
-    return row, outcome, checkpoint_path
+            ids, *[played.client_state_refs[i] for i in ids]))
+    server.release.remote(round_index)
+    return checkpoint_path
 
 
 def publish_frozen_weights(config: RunConfig, task_info: dict[str, Any]):

@@ -21,7 +21,7 @@ import pandas as pd
 ROUND_COLUMNS = ["round", "wall_s", "round_s", "train_loss"]
 FEDERATION_COLUMNS = [
     "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
-    "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s",
+    "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s", "eval_s",
     # differential privacy (empty without it): epsilon spent so far at privacy.delta, the share of clients (client
     # mode) or examples (sample mode) whose norm exceeded the clip norm this round, that clip norm, and (client mode)
     # the median norm of the clients' updates before clipping: a diagnostic for choosing the clip norm, not noised
@@ -31,7 +31,7 @@ DEFAULT_TASK_METRICS = {"test_accuracy": "max", "test_loss": "min"}
 COUNT_COLUMNS = {"round", "uplink_bytes", "downlink_bytes", "clients", "failed_clients", "dropped_clients",
                  "rejected_uploads", "server_restarts"}
 # Columns that measure time: they differ between otherwise identical runs.
-TIMING_COLUMNS = ("wall_s", "round_s", "agg_s")
+TIMING_COLUMNS = ("wall_s", "round_s", "agg_s", "eval_s")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TINY_INFO
 from ravan_ray.config import load_config
 from ravan_ray.federation import run_federation
 from ravan_ray.results import TIMING_COLUMNS, read_metrics
@@ -69,16 +70,46 @@ def test_ravan_aggregation_error_is_zero_when_every_client_trains_every_head(ray
     assert all(row["effective_rank"] > 1 for row in metrics)
 
 
-def test_pool_and_per_client_modes_write_identical_metrics(ray_session, tiny_config, tmp_path):
-    pool = tiny_config("resources.actor_mode=pool", "resources.pool_size=2")
-    per_client = tiny_config("resources.actor_mode=per_client", "resources.cpus_per_client=0.5")
-    run_federation(pool, tmp_path / "pool")
-    run_federation(per_client, tmp_path / "per_client")
-    a = deterministic_columns(pd.read_csv(tmp_path / "pool" / "metrics.csv"))
-    b = deterministic_columns(pd.read_csv(tmp_path / "per_client" / "metrics.csv"))
-    pd.testing.assert_frame_equal(a, b)
-    per_client_pids = pd.read_csv(tmp_path / "per_client" / "clients.csv").groupby("client")["pid"].nunique()
+def test_pool_and_per_client_modes_with_and_without_overlapped_evaluation_write_identical_metrics(
+        ray_session, tiny_config, tmp_path):
+    settings = {"pool_overlap": ("resources.actor_mode=pool", "resources.pool_size=2", "federation.rounds=3"),
+                "pool_between_rounds": ("resources.actor_mode=pool", "resources.pool_size=2", "federation.rounds=3",
+                                        "federation.overlap_evaluation=false"),
+                "per_client_overlap": ("resources.actor_mode=per_client", "federation.rounds=3"),
+                "per_client_between_rounds": ("resources.actor_mode=per_client", "federation.rounds=3",
+                                              "federation.overlap_evaluation=false")}
+    for name, overrides in settings.items():
+        run_federation(tiny_config(*overrides), tmp_path / name)
+    first, *others = (deterministic_columns(pd.read_csv(tmp_path / name / "metrics.csv")) for name in settings)
+    assert list(first["round"]) == [1, 2, 3] and first["test_accuracy"].notna().all()
+    for other in others:
+        pd.testing.assert_frame_equal(first, other)
+    per_client_pids = pd.read_csv(tmp_path / "per_client_overlap" / "clients.csv").groupby("client")["pid"].nunique()
     assert (per_client_pids == 1).all()  # one long-lived actor per client
+
+
+@pytest.mark.parametrize("cores,per_round,expected", [(2, 3, 3), (2, 2, 2), (2, 5, 3), (4, 7, 7), (4, 9, 5),
+                                                      (2, 1, 1), (8, 3, 3), (2, 4, 2)])
+def test_auto_pool_grows_until_the_last_wave_of_clients_fills_the_cores(ray_session, tiny_config, cores, per_round,
+                                                                        expected):
+    from actors import ClientFleet
+
+    config = tiny_config("resources.pool_size=null", "resources.cpus_per_client=1", "federation.num_clients=10",
+                         f"federation.clients_per_round={per_round}")
+    fleet = ClientFleet(config, TINY_INFO, None, [], cluster_cpus=cores)
+    assert fleet.size == expected
+    waves = [min(fleet.size, per_round - start) for start in range(0, per_round, fleet.size)]
+    assert all(wave >= min(cores, per_round) for wave in waves)  # no wave leaves a core idle
+    assert fleet.resources_needed()["CPU"] <= cores + 1e-9  # the reservation still fits the machine
+
+
+def test_multithreaded_or_gpu_client_actors_keep_one_actor_per_share(ray_session, tiny_config):
+    from actors import ClientFleet
+
+    for share in ("resources.cpus_per_client=2", "resources.gpus_per_client=0.5"):
+        config = tiny_config("resources.pool_size=null", share, "federation.clients_per_round=3")
+        fleet = ClientFleet(config, TINY_INFO, None, [], cluster_cpus=4)
+        assert fleet.size == min(3, int(4 // config.resources.cpus_per_client))
 
 
 def test_actors_on_shared_frozen_weights_write_the_same_metrics_as_actors_with_their_own(ray_session, tiny_config,

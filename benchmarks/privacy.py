@@ -37,7 +37,12 @@ def main() -> None:
     parser.add_argument("--clients-per-round", type=int, default=3)
     parser.add_argument("--max-test", type=int, default=1000)
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    parser.add_argument("--noise-only", action="store_true",
+                        help="train nothing: print the noise multiplier each epsilon needs at this scale (seconds)")
     args = parser.parse_args()
+    if args.noise_only:
+        print_noise_table(args)
+        return
 
     import ray
 
@@ -88,6 +93,21 @@ def main() -> None:
     lines += [f"| {m} | " + " | ".join(f"{100 * v:.1f}" for v in pivot.loc[m]) + " |" for m in pivot.index]
     (out / "privacy_table.md").write_text("\n".join(lines) + "\n")
     print(pivot.to_string())
+
+
+def print_noise_table(args) -> None:
+    """The accountant alone: for each target epsilon the noise multiplier z the platform computes for this many
+    rounds at q = clients_per_round / num_clients, and the noise per coordinate of the averaged update (z / m, in
+    clip norms), a markdown table."""
+    from ravan_ray.privacy import calibrate_noise
+
+    q = args.clients_per_round / args.num_clients
+    print(f"| clients | per round | rounds | target epsilon | noise multiplier z | noise per coordinate of the mean (clip norms) |")
+    print("|---|---|---|---|---|---|")
+    for epsilon in args.epsilons:
+        z = calibrate_noise(epsilon, args.delta, [(q, args.rounds)])
+        print(f"| {args.num_clients} | {args.clients_per_round} | {args.rounds} | {epsilon:g} | {z:.3f} | "
+              f"{z / args.clients_per_round:.4f} |")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,60 @@ class FaultsConfig(_Section):
     nan_upload_clients: list[int] = Field(default_factory=list)
 
 
+class PrivacyConfig(_Section):
+    """Differential privacy (ravan_ray/privacy.py). ``client``: DP-FedAvg (McMahan et al. 2018), each client's
+    update clipped to ``clip_norm`` in L2, Gaussian noise of standard deviation noise_multiplier x clip_norm on
+    the server's sum, accounted at sampling rate clients_per_round / num_clients. ``sample``: DP-SGD in local
+    training (Opacus), each example's gradient clipped, accounted at the batch fraction of every client's data.
+    Give either ``noise_multiplier`` or ``target_epsilon`` (the noise multiplier is then computed for the run's
+    rounds before it starts)."""
+
+    mode: Literal["none", "client", "sample"] = "none"
+    noise_multiplier: Optional[float] = Field(None, ge=0)
+    target_epsilon: Optional[float] = None
+    delta: float = Field(1e-5, gt=0, lt=1)
+    # L2 bound of one client's update (client) or one example's gradient (sample); .inf clips nothing.
+    clip_norm: Optional[float] = Field(None, gt=0)
+    # Adaptive clipping (Andrew et al. 2021, client mode): clip_norm is the initial bound, moved every round
+    # geometrically towards the target_unclipped_quantile of the clients' update norms.
+    adaptive_clip: bool = False
+    target_unclipped_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(0.2, gt=0)
+    # Noise on the clipped-client count; None: clients_per_round / 20, the paper's recommendation.
+    clipped_count_stddev: Optional[float] = Field(None, gt=0)
+
+    @field_validator("target_epsilon")
+    @classmethod
+    def _positive_epsilon(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError("must be a finite number > 0")
+        return value
+
+    @field_validator("noise_multiplier", "clip_learning_rate", "clipped_count_stddev")
+    @classmethod
+    def _finite_privacy_number(cls, value: Optional[float]) -> Optional[float]:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_set_the_noise(self) -> "PrivacyConfig":
+        if self.mode == "none":
+            return self
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError(f"privacy.mode={self.mode} needs exactly one of privacy.noise_multiplier and "
+                             f"privacy.target_epsilon")
+        if self.clip_norm is None:
+            raise ValueError(f"privacy.mode={self.mode} needs privacy.clip_norm (the L2 bound the noise is scaled to)")
+        if self.adaptive_clip and self.mode != "client":
+            raise ValueError("privacy.adaptive_clip applies to privacy.mode=client (per-client updates) only")
+        if self.adaptive_clip and not math.isfinite(self.clip_norm):
+            raise ValueError("privacy.adaptive_clip needs a finite initial privacy.clip_norm")
+        if self.target_epsilon is not None and not math.isfinite(self.clip_norm):
+            raise ValueError("privacy.target_epsilon needs a finite privacy.clip_norm (noise is scaled to it)")
+        return self
+
+
 class RunConfig(_Section):
     name: str = "default"
     seed: int = 0
@@ -268,6 +322,7 @@ class RunConfig(_Section):
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
@@ -278,6 +333,17 @@ class RunConfig(_Section):
             )
         if self.method.budget is None and self.method.lora_rank is None:
             raise ValueError("method: set either method.budget or method.lora_rank")
+        privacy = self.privacy
+        if privacy.mode == "client":
+            if privacy.delta >= 1.0 / fed.num_clients:
+                raise ValueError(f"privacy.delta ({privacy.delta:g}) must be < 1 / federation.num_clients "
+                                 f"({1.0 / fed.num_clients:g}): client-level DP protects clients")
+            if self.method.aggregation_weights != "uniform":
+                raise ValueError("privacy.mode=client needs method.aggregation_weights=uniform (weights by sample "
+                                 "count would let one client's data size scale its share of the noisy sum)")
+        if privacy.mode == "sample" and self.model.gradient_checkpointing:
+            raise ValueError("privacy.mode=sample needs model.gradient_checkpointing=false (per-example gradients are "
+                             "captured by hooks that recomputed activations bypass)")
         return self
 
     @property
@@ -291,7 +357,7 @@ class RunConfig(_Section):
 def _format_error(error: ValidationError) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
-    message = first["msg"]
+    message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{where}'"
     if first["type"].startswith("literal_error"):

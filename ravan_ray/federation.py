@@ -40,6 +40,7 @@ from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
 from ravan_ray.methods.base import ClientTask
 from ravan_ray.models import export_weights
+from ravan_ray.privacy import PrivacyBudget, plan_budget
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
 from ravan_ray.report import plot_run
@@ -98,6 +99,27 @@ def prepare_data(config: RunConfig) -> FederatedData:
 def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
     rng = np.random.default_rng([seed, round_index, 0x5A4D])
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
+
+
+def client_rounds(config: RunConfig) -> list[list[int]]:
+    """The rounds each client is sampled in (the seeded draw of :func:`sample_clients`), for the accountant."""
+    fed = config.federation
+    rounds: list[list[int]] = [[] for _ in range(fed.num_clients)]
+    for round_index in range(1, fed.rounds + 1):
+        for client in sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round):
+            rounds[client].append(round_index)
+    return rounds
+
+
+def with_noise_multiplier(config: RunConfig, budget: Optional[PrivacyBudget]) -> RunConfig:
+    """The config the actors run: with ``privacy.target_epsilon`` replaced by the noise multiplier computed for it
+    (config.yaml keeps the target; a resumed run computes the same multiplier again)."""
+    if budget is None or config.privacy.target_epsilon is None:
+        return config
+    resolved = config.model_copy(deep=True)
+    resolved.privacy = resolved.privacy.model_copy(update={"target_epsilon": None,
+                                                            "noise_multiplier": budget.noise_multiplier})
+    return resolved
 
 
 @contextmanager
@@ -183,6 +205,10 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     fed = config.federation
     data = prepare_data(config)
     resolved = preflight(config, data.task_info)
+    budget = plan_budget(config, [len(p) for p in data.partitions], client_rounds(config))
+    if budget is not None:
+        resolved["privacy"] = {"noise_multiplier": budget.noise_multiplier, "delta": budget.delta,
+                               "epsilon_after_all_rounds": budget.epsilon(fed.rounds)}
     metric_columns = task_class(config.model.task).metrics
     if data.validation is not None:
         metric_columns = with_validation(metric_columns)
@@ -194,6 +220,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     pd.DataFrame({"client": range(fed.num_clients), "level": levels,
                   "heads": [heads_for_level(lv, config.method.heads) for lv in levels],
                   "samples": [len(p) for p in data.partitions]}).to_csv(run_dir / "client_budgets.csv", index=False)
+    config = with_noise_multiplier(config, budget)  # what the actors run: the noise multiplier, given or calibrated
     first_round, state, client_states, rows = restore(run_dir) if resume else (1, None, {}, [])
     client_log = read_table(run_dir / "clients.csv", before_round=first_round)
 
@@ -232,6 +259,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                         played = unfinished.popleft()
                         checkpoint_path = finish_round(config, run_dir, played, server)
                         row = played.row
+                        if budget is not None:
+                            row["epsilon"] = budget.epsilon(row["round"])
                         row["wall_s"] = wall_offset + time.perf_counter() - run_started
                         row["server_restarts"] = server_restarts
                         rows.append(row)

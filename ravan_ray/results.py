@@ -22,6 +22,10 @@ ROUND_COLUMNS = ["round", "wall_s", "round_s", "train_loss"]
 FEDERATION_COLUMNS = [
     "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
     "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s", "eval_s",
+    # differential privacy (empty without it): epsilon spent so far at privacy.delta, the share of clients (client
+    # mode) or examples (sample mode) whose norm exceeded the clip norm this round, that clip norm, and (client mode)
+    # the median norm of the clients' updates before clipping: a diagnostic for choosing the clip norm, not noised
+    "epsilon", "clip_fraction", "clip_norm", "update_norm",
 ]
 DEFAULT_TASK_METRICS = {"test_accuracy": "max", "test_loss": "min"}
 COUNT_COLUMNS = {"round", "uplink_bytes", "downlink_bytes", "clients", "failed_clients", "dropped_clients",
@@ -123,6 +127,11 @@ def summarize(config: Any, rows: list[dict[str, Any]], wall_s: float, extra: dic
         "dropped_clients": int(sum(r.get("dropped_clients") or 0 for r in rows)),
         "rejected_uploads": int(sum(r.get("rejected_uploads") or 0 for r in rows)),
     })
+    privacy = getattr(config, "privacy", None)
+    if privacy is not None and privacy.mode != "none":
+        spent = [r["epsilon"] for r in rows if not _missing(r.get("epsilon"))]
+        summary.update({"privacy_mode": privacy.mode, "epsilon": spent[-1] if spent else None, "delta": privacy.delta,
+                        "noise_multiplier": privacy.noise_multiplier})
     summary.update(extra or {})
     return summary
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -55,6 +56,7 @@ def preflight(config: RunConfig, task_info: dict[str, Any]) -> dict:
     skeleton = build_task(config, task_info).skeleton()
     config = with_targets(config, skeleton)
     method = build_method(config)
+    method.check_privacy()
     method.wrap_model(skeleton)
     return {**method.resolved(), "lr": method.lr, "target_modules": list(config.model.target_modules)}
 
@@ -148,13 +150,17 @@ class ModelHost:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params, self.method.lr)
         losses = []
-        for batch in batches:
-            optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(data, batch)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(optimizer)
-            self.scaler.update()
-            losses.append(loss.detach())
+        if cfg.privacy.mode == "sample":
+            losses, clip_fraction = self._train_private(optimizer, data, batches, task)
+            meta = {**meta, "clip_fraction": clip_fraction}
+        else:
+            for batch in batches:
+                optimizer.zero_grad(set_to_none=True)
+                loss = self._loss(data, batch)
+                self.scaler.scale(loss).backward()
+                self.scaler.step(optimizer)
+                self.scaler.update()
+                losses.append(loss.detach())
         self.model.eval()
         tensors, new_client_state = self.method.upload(self.model, task, meta)
         return ClientUpdate(
@@ -167,6 +173,30 @@ class ModelHost:
             meta=meta,
             client_state=None if new_client_state is None else {k: v.detach().cpu() for k, v in new_client_state.items()},
         )
+
+    def _train_private(self, optimizer: torch.optim.Optimizer, data: Batch, batches: list[torch.Tensor],
+                       task: ClientTask) -> tuple[list[torch.Tensor], float]:
+        """The local steps under DP-SGD (``privacy.mode: sample``); returns (losses, share of clipped examples).
+        The noise is drawn from the client task's own stream, as the batches are."""
+        from ravan_ray.privacy import DPSGD
+
+        privacy = self.config.privacy
+        dp = DPSGD(self.model, optimizer, float(privacy.noise_multiplier), float(privacy.clip_norm), len(batches[0]),
+                   task.generator(stream=4), after_noise=lambda: self.method.after_private_noise(self.model))
+        losses = []
+        with warnings.catch_warnings():
+            # Opacus' backward hooks on a model whose inputs need no gradient (a frozen base): expected, harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            try:
+                for batch in batches:
+                    dp.zero_grad()
+                    loss = self._loss(data, batch)
+                    loss.backward()
+                    dp.step()
+                    losses.append(loss.detach())
+            finally:
+                dp.close()
+        return losses, dp.clip_fraction
 
     @staticmethod
     def _batch_order(num_samples: int, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ adapted layers and does not enter ``agg_error`` or ``effective_rank``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
@@ -91,6 +91,10 @@ class FederatedMethod(ABC):
     #: FedEx-LoRA, FLoRA, FlexLoRA and Fed-SB's warm-up do). Those weights are then private, float32 copies
     #: in every process; otherwise they stay shared and in the base's dtype (a bfloat16 base stays bfloat16).
     changes_base_weights: ClassVar[bool] = False
+    #: Why the server rule is not a function of the sum of the clients' uploads, where it is not (FlexLoRA's SVD of
+    #: their products, FLoRA's stacks, ...): client-level DP's clipped, noised sum then does not determine the new
+    #: state, so ``privacy.mode=client`` is refused with this reason. Empty: the method supports it.
+    client_privacy_unsupported: ClassVar[str] = ""
 
     def __init__(self, config: RunConfig):
         self.config = config
@@ -129,6 +133,41 @@ class FederatedMethod(ABC):
         charge each client what it lacks, using :func:`synced_round`."""
         sent = {k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}
         return state_bytes(sent) * len(clients)
+
+    # ----------------------------------------------------------------- differential privacy
+    def check_privacy(self) -> None:
+        """Raise ConfigError when this method cannot run under ``config.privacy`` (checked before the run starts)."""
+        from ravan_ray.config import ConfigError
+
+        if self.config.privacy.mode == "client" and self.client_privacy_unsupported:
+            raise ConfigError(f"privacy.mode=client does not support method {self.name}: "
+                              f"{self.client_privacy_unsupported}")
+
+    def privacy_delta(self, state: State, update: ClientUpdate) -> State:
+        """override: the client's update as client-level DP clips it, in the method's communicated tensors, float64.
+        Every client's delta must have the same keys and shapes (the noise on their sum is drawn once).
+        Default: upload minus broadcast for every uploaded tensor; one with no broadcast counterpart (Fed-SB's
+        gradient sums) is its own update."""
+        return {k: v.double() - state[k].double() if k in state else v.double() for k, v in update.tensors.items()}
+
+    def with_privacy_delta(self, state: State, update: ClientUpdate, delta: State) -> ClientUpdate:
+        """override: the upload that the clipped, noised ``delta`` stands for (inverse of :meth:`privacy_delta`)."""
+        tensors = {k: ((state[k].double() + d) if k in state else d).to(update.tensors[k].dtype)
+                   for k, d in delta.items()}
+        return replace(update, tensors=tensors)
+
+    def noise_shares(self, updates: list[ClientUpdate], noise: State) -> list[State]:
+        """override: how the noise on the sum of the deltas enters each client's delta, so that the method's own
+        aggregate sees sum + noise. Default, for a server rule that averages (or sums) every key over all m
+        clients: each client carries noise / m (their sum is the noise; the mean becomes (sum + noise) / m)."""
+        share = {k: v / len(updates) for k, v in noise.items()}
+        return [share for _ in updates]
+
+    def after_private_noise(self, model: nn.Module) -> None:
+        """override: called in every DP-SGD step (``privacy.mode: sample``) once the gradients are clipped and noised,
+        before the optimizer step. Ravan zeroes the noise on heads the client does not train (their gradient is
+        structurally zero, so this is post-processing; they take part in the forward pass and must not move);
+        Fed-SB adds up the private gradients of its estimation round. Default: nothing."""
 
     # ----------------------------------------------------------------- client side
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:

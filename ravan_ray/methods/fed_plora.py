@@ -48,6 +48,7 @@ def fold(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, modules: list[i
 
 class FedPLoRA(RankLevels, LoRAMethod):
     name = "fed_plora"
+    client_privacy_unsupported = ("it averages each LoRA module over the clients that trained it with per-client module slices; a per-module noise share (as Ravan's per-head one) is not implemented yet")
     exact = False
     changes_base_weights = True  # Select-N-Fold folds the unselected modules into W
     alpha_per_rank = 1.0

@@ -35,6 +35,10 @@ Choices the paper and code leave open:
   sampled after they exist (the server tracks, under ``eval/``, which clients hold them), then only R and
   the head per sampled client. ``agg_error`` of round 1 is not defined (NaN): no client trained, so there is
   no mean of client updates to compare the initialisation with; every later round is exact;
+- under differential privacy: in client mode round 1's gradient sums are that round's updates (relative to zero),
+  clipped and noised like any other (their scale differs from R's, so a clip norm chosen for R clips them hard:
+  the sign and the SVD then see a rescaled sum; adaptive clipping recovers from round 2 on); in sample mode
+  round 1 sums the gradients DP-SGD clipped and noised, so the bases are private as well;
 - rank r = floor(sqrt(N)) for the shared budget N, at most min(d_in, d_out) (``methods/budget.py``); client
   weights for R follow ``method.aggregation_weights``.
 """
@@ -184,12 +188,24 @@ class FedSB(FederatedMethod):
                            for name, layer in layers.items()}
         for name, layer in layers.items():
             layer.base.weight.requires_grad_(True)
-            self._hooks.append(layer.base.weight.register_hook(accumulate_into(self._grad_sums[name])))
+            if self.config.privacy.mode != "sample":  # under DP-SGD: the private gradient, in after_private_noise
+                self._hooks.append(layer.base.weight.register_hook(accumulate_into(self._grad_sums[name])))
+            else:  # per-example gradients of W are taken at W's own nn.Linear: the forward must call it
+                layer.compute = "factorised"
         return {"estimate": True}
+
+    def after_private_noise(self, model: nn.Module) -> None:
+        """Under DP-SGD the estimation round sums the clipped, noised gradients of W (what DP-SGD releases), not the
+        raw ones the gradient hooks see."""
+        if self._estimating:
+            for name, layer in self.adapted_modules(model).items():
+                self._grad_sums[name].add_(layer.base.weight.grad.detach().to(torch.float64))
 
     def upload(self, model: nn.Module, task: ClientTask, meta: dict) -> tuple[State, Optional[State]]:
         if meta.get("estimate"):
             self._remove_hooks()
+            for layer in self.adapted_modules(model).values():
+                layer.compute = "auto"
             dtype = next(iter(self.adapted_modules(model).values())).base.weight.dtype
             return {grad_key(name): total.to(dtype) for name, total in self._grad_sums.items()}, None
         tensors, _ = super().upload(model, task, meta)

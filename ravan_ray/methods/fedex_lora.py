@@ -40,6 +40,7 @@ def base_key(layer: str) -> str:
 
 class FedExLoRA(LoRAMethod):
     name = "fedex_lora"
+    client_privacy_unsupported = ("its server rule adds the mean of the clients' products B_c A_c to W, not a function of the sum of the uploaded factors")
     changes_base_weights = True  # merges updates into W
     exact = True
     alpha_per_rank = 2.0

@@ -69,6 +69,7 @@ def truncated_factors(B_cat: torch.Tensor, A_cat: torch.Tensor, rank: int) -> tu
 
 class FlexLoRA(HeterogeneousRankLoRA):
     name = "flexlora"
+    client_privacy_unsupported = ("its server rule is an SVD of the mean of the clients' products B_c A_c, not a function of the sum of the uploaded factors")
     changes_base_weights = True  # merges updates into W
     exact = False
     alpha_per_rank = 2.0

@@ -56,6 +56,7 @@ def catch_up_bytes(stack_bytes: torch.Tensor, synced: int, merged_bytes: int) ->
 
 class FLoRA(LoRAMethod):
     name = "flora"
+    client_privacy_unsupported = ("it broadcasts every client's factors stacked, not their sum")
     changes_base_weights = True  # merges updates into W
     exact = True
     alpha_per_rank = 2.0

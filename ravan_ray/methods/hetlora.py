@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ravan_ray.config import ConfigError
 from ravan_ray.methods.base import ClientTask, ClientUpdate, State, weighted_mean
 from ravan_ray.methods.lora import HeterogeneousRankLoRA, factor_key
 
@@ -66,6 +67,7 @@ def tail_norm(layer: nn.Module, start: int, stop: int) -> torch.Tensor:
 
 class HetLoRA(HeterogeneousRankLoRA):
     name = "hetlora"
+    client_privacy_unsupported = ("its aggregation weights come from each client's own update norm, not from the sum of the uploads")
     exact = False
     alpha_per_rank = 2.0
 
@@ -85,6 +87,14 @@ class HetLoRA(HeterogeneousRankLoRA):
         self._pruned = {} if client_state is None else {
             layer: int(client_state[rank_key(layer)]) for layer in self.ranks if rank_key(layer) in client_state}
         super().load_state(model, state, client_state)
+
+    def check_privacy(self) -> None:
+        """DP-SGD clips and noises per-example gradients, which the pruning penalty (a function of B and A, not of
+        any example) does not have: the penalty would silently drop out of the objective, so it is refused."""
+        super().check_privacy()
+        if self.config.privacy.mode == "sample" and self.config.method.hetlora_lambda > 0:
+            raise ConfigError("privacy.mode=sample leaves HetLoRA's pruning penalty out of DP-SGD's per-example "
+                              "gradients; set method.hetlora_lambda=0 to run HetLoRA without it")
 
     def begin_training(self, model: nn.Module, task: ClientTask, batch_loss: Callable[[], torch.Tensor]) -> dict:
         meta = super().begin_training(model, task, batch_loss)

@@ -16,10 +16,24 @@ Choices the paper leaves open:
 - under compute heterogeneity a head trained by only some clients is averaged over those clients only,
   so ``agg_error`` (distance to the plain mean of all sampled clients' full updates) is then non-zero by
   design; with every client training every head it is zero up to float rounding.
+
+Under differential privacy (``ravan_ray/privacy.py``):
+- client level: a client's update is, per layer, the full (h, r, r) tensor s_i H_i - H_i^global on the heads it
+  trained and 0 on the others (plus its task-head change), clipped jointly. The scales are part of it: s_i is
+  reset to 1 every round, so a client that only moved s_i still uploads (s_i - 1) H_i, which counts towards its
+  norm like any other change. A client training K_c < h heads has a delta with zeros on the other heads, so it is
+  clipped less often; but the noise on head i's sum is divided by the k_i clients that trained it (the server's
+  per-head mean), so heads few clients train get more noise per coordinate. A head nobody trained keeps its
+  value and gets no noise (no client's data enters it). Which heads a client trained travels as metadata and is
+  public: fine for ``random`` scoring (drawn from the run seed) and ``weight`` scoring (a function of the
+  broadcast, already private), not for ``gradient`` scoring, which picks heads from a local batch and is refused;
+- sample level: DP-SGD noises the gradient of every head's core; the noise on heads the client does not train
+  is zeroed (those heads take part in the forward pass and must not move).
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -28,6 +42,7 @@ from torch import nn
 
 from ravan_ray.adapters import RavanLinear, inject
 from ravan_ray.budgets import heads_for_level
+from ravan_ray.config import ConfigError
 from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State, weighted_mean
 from ravan_ray.methods.budget import layer_summary, method_rank
 from ravan_ray.scoring import head_scores, top_k
@@ -81,6 +96,54 @@ class Ravan(FederatedMethod):
                 cores[head] = weighted_mean(uploads, head_weights / head_weights.sum())
             new_state[key] = cores
         return new_state
+
+    # ----------------------------------------------------------------- differential privacy
+    def check_privacy(self) -> None:
+        super().check_privacy()
+        if self.config.privacy.mode != "none" and self.config.method.scoring == "gradient":
+            raise ConfigError("privacy: method.scoring=gradient picks Ravan's heads from a local batch and sends the "
+                              "choice in the clear; use method.scoring=random or weight under differential privacy")
+
+    def privacy_delta(self, state: State, update: ClientUpdate) -> State:
+        """Per layer the full (h, r, r) s_i H_i - H_i^global, zero on the heads the client did not train."""
+        task_head = replace(update, tensors={k: v for k, v in update.tensors.items() if not k.endswith("/cores")})
+        delta = super().privacy_delta(state, task_head)
+        for layer, heads in update.meta["heads"].items():
+            key = f"{layer}/cores"
+            full = torch.zeros(state[key].shape, dtype=torch.float64)
+            full[heads] = update.tensors[key].double() - state[key][heads].double()
+            delta[key] = full
+        return delta
+
+    def with_privacy_delta(self, state: State, update: ClientUpdate, delta: State) -> ClientUpdate:
+        private = super().with_privacy_delta(state, update, {k: v for k, v in delta.items() if not k.endswith("/cores")})
+        for layer, heads in update.meta["heads"].items():
+            key = f"{layer}/cores"
+            private.tensors[key] = (state[key][heads].double() + delta[key][heads]).to(update.tensors[key].dtype)
+        return private
+
+    def noise_shares(self, updates: list[ClientUpdate], noise: State) -> list[State]:
+        """The task head's noise / m to every client; head i's noise / k_i to each of the k_i clients that trained it
+        (the server averages head i over those), none to the others."""
+        shares = [{k: v / len(updates) for k, v in noise.items() if not k.endswith("/cores")} for _ in updates]
+        for key in (k for k in noise if k.endswith("/cores")):
+            layer = key[: -len("/cores")]
+            trainers = torch.zeros(noise[key].shape[0], dtype=torch.float64)
+            for update in updates:
+                trainers[update.meta["heads"][layer]] += 1
+            per_trainer = noise[key] / trainers.clamp(min=1)[:, None, None]
+            for share, update in zip(shares, updates):
+                trained = torch.zeros(noise[key].shape[0], dtype=torch.bool)
+                trained[update.meta["heads"][layer]] = True
+                share[key] = torch.where(trained[:, None, None], per_trainer, torch.zeros_like(per_trainer))
+        return shares
+
+    def after_private_noise(self, model: nn.Module) -> None:
+        for layer in self.adapted_modules(model).values():
+            for param in (layer.cores, layer.scales):
+                if param.grad is not None:
+                    keep = layer.head_mask.view(-1, *([1] * (param.dim() - 1)))
+                    param.grad.mul_(keep.to(param.grad.dtype))
 
     def client_view(self, state: State, update: ClientUpdate) -> tuple[State, Optional[State]]:
         view = dict(state)

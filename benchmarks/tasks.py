@@ -3,6 +3,7 @@ offline MiniLM where a pretrained encoder fits), through the CLI as a user runs 
 task's metrics and seconds per round.
 
     python benchmarks/tasks.py --out benchmarks/out/tasks --rounds 8
+    python benchmarks/tasks.py --out benchmarks/out/tasks_lr0.01 --rounds 8 --set optimizer.lr=0.01
 
 Writes OUT/<task>/ (the runs), OUT/results.csv and OUT/results.md. Every run: 20 clients, 3 per round,
 10 local steps of batch 32, Ravan with 4 heads at the LoRA-rank-8 budget, the platform's default
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/out/tasks")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="tasks to run (default: all)")
+    parser.add_argument("--set", action="append", default=[], help="a config override for every run (k=v)")
     args = parser.parse_args()
     out = Path(args.out)
     assets = write_tiny_assets(out / "assets")
@@ -59,7 +61,7 @@ def main() -> None:
             continue
         run_dir = out / task
         if not (run_dir / "summary.json").is_file():
-            sets = [*overrides, f"federation.rounds={args.rounds}"]
+            sets = [*overrides, f"federation.rounds={args.rounds}", *args.set]
             code = ravan_ray(["run", *[a for s in sets for a in ("--set", s)], "--output", str(run_dir)])
             if code != 0:
                 raise SystemExit(f"{task}: ravan-ray run exited {code}")

@@ -39,7 +39,7 @@ from ravan_ray.checkpoints import latest_checkpoint, load_checkpoint
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
 from ravan_ray.methods.base import ClientTask
-from ravan_ray.models import export_weights
+from ravan_ray.models import export_weights, quiet_logger
 from ravan_ray.privacy import PrivacyBudget, plan_budget
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
@@ -137,7 +137,7 @@ def ray_runtime(config: RunConfig) -> Iterator[None]:
         # themselves; ray.init resolves 127.0.0.1 to the node's address, so there is nothing to pass.
         # Token authentication stays on (Ray's default for a new local cluster); Ray's warning that
         # announces that default means nothing for a private Ray this command starts and stops itself.
-        with _quiet_logger(RAY_AUTH_LOGGER):
+        with quiet_logger(RAY_AUTH_LOGGER):
             ray.init(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus,
                      include_dashboard=False, logging_level=logging.WARNING,
                      # errors come back as exceptions; worker logs would repeat them as remote tracebacks
@@ -149,17 +149,6 @@ def ray_runtime(config: RunConfig) -> Iterator[None]:
 
 
 RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
-@contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def check_resources(config: RunConfig, fleet: ClientFleet) -> None:

@@ -83,6 +83,20 @@ def load_tokenizer(name: str):
 
 
 @contextlib.contextmanager
+def quiet_logger(name: str):
+    """Only errors from the logger ``name`` while inside (a library's warning that means nothing for the run)."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def quiet_transformers():
     """transformers' info for a developer (a load report listing the new head's "missing" weights, the
     image processor's fallback to its PIL backend without torchvision) is noise for a run that means it."""

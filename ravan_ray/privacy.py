@@ -31,9 +31,7 @@ seed, not from data), like the participant count itself.
 from __future__ import annotations
 
 import copy
-import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 
 from ravan_ray.config import ConfigError, RunConfig
+from ravan_ray.models import quiet_logger
 
 #: the server's current clip norm under adaptive clipping: kept in the global state (checkpointed, never broadcast)
 CLIP_NORM_KEY = "eval/privacy_clip_norm"
@@ -54,7 +53,7 @@ def epsilon_for(q: float, noise_multiplier: float, steps: int, delta: float) -> 
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    with quiet_absl():
+    with quiet_logger("absl"):  # dp-accounting warns of every RDP order it drops (rightly); noise in a run
         return _epsilon(q, noise_multiplier, steps, delta)
 
 
@@ -83,21 +82,8 @@ def calibrate_noise(target_epsilon: float, delta: float, usage: Sequence[tuple[f
         return float(dp_accounting.calibrate_dp_mechanism(
             accountant, event, target_epsilon, delta, dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-5))
 
-    with quiet_absl():
+    with quiet_logger("absl"):
         return max(calibrated(q, steps) for q, steps in dominant_usage(usage) if steps > 0)
-
-
-@contextmanager
-def quiet_absl():
-    """dp-accounting logs a warning for every RDP order whose series converges slowly at small noise and then
-    leaves that order out, which is the right thing; the log lines would bury the run's own output."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def dominant_usage(usage: Sequence[tuple[float, int]]) -> list[tuple[float, int]]:

@@ -25,44 +25,15 @@ from ravan_ray.methods.budget import method_rank, per_matrix_budget
 from ravan_ray.models import export_weights
 from ravan_ray.tasks import build_task
 from ravan_ray.training import ModelHost
+from toys import make_toy, one_thread, rand  # noqa: F401  (one_thread: an autouse fixture)
+
+toy = make_toy
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A tiny model gains nothing from intra-op threads, and on a shared 2-core machine they fight: 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Toy(nn.Module):
-    """One 3 x 4 target layer, nothing else: small enough to compute every rule by hand."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.query = nn.Linear(4, 3).double()
-
-
-def toy(name: str, *overrides: str):
-    config = load_config(None, [f"method.name={name}", "method.lora_rank=2", "model.target_modules=[query]",
-                                "federation.num_clients=6", *overrides])
-    method = build_method(config)
-    model = Toy()
-    object.__setattr__(model, "ravan_adapted", method.wrap_model(model))
-    model.requires_grad_(False)  # as ModelHost does: begin_training decides what trains
-    return method, model
-
-
 def update(client_id: int, num_samples: int = 10, client_state=None, **tensors) -> ClientUpdate:
     named = {f"query/{key}": value for key, value in tensors.items()}
     return ClientUpdate(client_id, named, num_samples, 0.0, client_state=client_state)
-
-
-def rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def no_batch_loss():

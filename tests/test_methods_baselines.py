@@ -16,14 +16,7 @@ from ravan_ray.methods import build_method
 from ravan_ray.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientTask, ClientUpdate
 from ravan_ray.methods.hetlora import rank_key, tail_norm
 from ravan_ray.training import ModelHost
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from toys import one_thread, rand  # noqa: F401  (one_thread: an autouse fixture)
 
 
 class Toy(nn.Module):
@@ -46,10 +39,6 @@ def toy(name: str, *overrides: str, head: bool = False):
     object.__setattr__(model, "ravan_adapted", method.wrap_model(model))
     model.requires_grad_(False)
     return method, model
-
-
-def rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
 def lora_update(client: int, ranks: dict[str, int], seed: int, num_samples: int = 10, **extra) -> ClientUpdate:

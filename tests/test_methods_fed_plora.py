@@ -3,11 +3,10 @@ starts from exactly the global model; the server averages each module over the c
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+from functools import partial
+
 import torch
 from hypothesis import given, settings, strategies as st
-from torch import nn
 
 from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
@@ -15,46 +14,14 @@ from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask, ClientUpdate
 from ravan_ray.methods.fed_plora import fold
 from ravan_ray.training import ModelHost
+from toys import make_toy, one_thread, rand, local_data  # noqa: F401  (one_thread: an autouse fixture)
+
+toy = partial(make_toy, "fed_plora", rank=4, d_in=6, d_out=5)
 
 
 def applied_weight(layer) -> torch.Tensor:
     """The weight an adapted layer applies: its base plus the adapter's update."""
     return layer.base.weight + layer.delta_weight().to(layer.base.weight.dtype)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.query = nn.Linear(6, 5).double()
-
-
-def toy():
-    config = load_config(None, ["method.name=fed_plora", "method.lora_rank=4", "model.target_modules=[query]",
-                                "federation.num_clients=6"])
-    method = build_method(config)
-    model = Toy()
-    object.__setattr__(model, "ravan_adapted", method.wrap_model(model))
-    model.requires_grad_(False)
-    return method, model
-
-
-def rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def local_data(seed: int, n: int = 16) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"input_ids": rng.integers(1000, 3000, (n, 12)), "attention_mask": np.ones((n, 12), dtype=np.int64),
-            "labels": rng.integers(0, 3, n)}
 
 
 def trained_state(host: ModelHost) -> dict:

@@ -3,49 +3,19 @@ step, dW = -lr sign(sum), B = U_r, A = V_r^T, R = S_r, W unchanged; and what it 
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+from functools import partial
+
 import torch
 from hypothesis import given, settings, strategies as st
-from torch import nn
 
 from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
-from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask, ClientUpdate
 from ravan_ray.methods.fed_sb import bases_keys, core_key, grad_key, sign_update_bases
 from ravan_ray.training import ModelHost
+from toys import Toy, make_toy, one_thread, local_data  # noqa: F401  (one_thread: an autouse fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.query = nn.Linear(4, 3).double()
-
-
-def toy(*overrides: str):
-    config = load_config(None, ["method.name=fed_sb", "method.lora_rank=1", "model.target_modules=[query]",
-                                "federation.num_clients=6", "optimizer.lr=0.01", *overrides])
-    method = build_method(config)
-    model = Toy()
-    object.__setattr__(model, "ravan_adapted", method.wrap_model(model))
-    model.requires_grad_(False)
-    return method, model
-
-
-def local_data(seed: int, n: int = 16) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"input_ids": rng.integers(1000, 3000, (n, 12)), "attention_mask": np.ones((n, 12), dtype=np.int64),
-            "labels": rng.integers(0, 3, n)}
+toy = partial(make_toy, "fed_sb", "optimizer.lr=0.01", rank=1)
 
 
 def test_round_one_makes_no_weight_step_and_uploads_the_sum_of_its_local_batch_gradients():

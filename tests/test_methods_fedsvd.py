@@ -2,47 +2,20 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings, strategies as st
-from torch import nn
 
 from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
-from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask, ClientUpdate
 from ravan_ray.methods.fedsvd import refactorise
 from ravan_ray.training import ModelHost
+from toys import make_toy, one_thread, rand  # noqa: F401  (one_thread: an autouse fixture)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class Toy(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.query = nn.Linear(6, 5).double()
-
-
-def toy(*overrides: str):
-    config = load_config(None, ["method.name=fedsvd", "method.lora_rank=1", "model.target_modules=[query]",
-                                "federation.num_clients=6", *overrides])
-    method = build_method(config)
-    model = Toy()
-    object.__setattr__(model, "ravan_adapted", method.wrap_model(model))
-    model.requires_grad_(False)
-    return method, model
-
-
-def rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+toy = partial(make_toy, "fedsvd", rank=1, d_in=6, d_out=5)
 
 
 def test_the_server_refactorises_the_mean_update_so_A_is_orthonormal_and_the_product_is_the_exact_mean():

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
 from ravan_ray.scoring import head_scores
 from ravan_ray.training import ModelHost
-
-
-def rand(*shape: int, seed: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def local_data(seed: int, n: int = 16) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {"input_ids": rng.integers(1000, 3000, (n, 12)), "attention_mask": np.ones((n, 12), dtype=np.int64),
-            "labels": rng.integers(0, 3, n)}
+from toys import local_data, rand
 
 
 def test_gradient_head_scores_run_with_dropout_off_and_are_deterministic():

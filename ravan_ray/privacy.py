@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ravan_ray.config import ConfigError, RunConfig
+from ravan_ray.methods.base import NOISE_STD
 from ravan_ray.models import quiet_logger
 
 #: the server's current clip norm under adaptive clipping: kept in the global state (checkpointed, never broadcast)
@@ -206,12 +207,16 @@ def privatize_updates(method, config: RunConfig, state: dict[str, torch.Tensor],
         delta, was_clipped = clip(delta, clip_norm)
         deltas.append(delta)
         clipped.append(was_clipped)
-    std = update_noise_multiplier(config, noise_multiplier) * clip_norm
+    z = update_noise_multiplier(config, noise_multiplier)
+    std = z * clip_norm if z > 0 else 0.0  # no noise, also with C = inf
     if std > 0:
         noise = gaussian_noise(deltas[0], std, generator)
         shares = method.noise_shares(updates, noise)
         deltas = [{k: d[k] + share[k] if k in share else d[k] for k in d} for d, share in zip(deltas, shares)]
-    private = [method.with_privacy_delta(state, u, d) for u, d in zip(updates, deltas)]
+    # the noise's standard deviation on every coordinate of the sum travels with the uploads (public: z and C), for
+    # a server rule whose post-processing depends on it (HetLoRA's noised denominator)
+    private = [replace(method.with_privacy_delta(state, u, d), meta={**u.meta, NOISE_STD: std})
+               for u, d in zip(updates, deltas)]
     next_clip = clip_norm
     if privacy.adaptive_clip:
         unclipped = sum(not c for c in clipped)

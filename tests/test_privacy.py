@@ -17,6 +17,7 @@ from ravan_ray.config import load_config
 from ravan_ray.federation import run_federation
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientUpdate
+from ravan_ray.methods.lora import factor_product
 from ravan_ray.privacy import (calibrate_noise, clip, epsilon_for, global_norm, noise_generator, gaussian_noise,
                                privatize_updates)
 from ravan_ray.results import TIMING_COLUMNS
@@ -138,6 +139,107 @@ def test_noise_on_an_averaging_method_is_the_sums_noise_over_m():
         torch.testing.assert_close(noisy[key].double() - clean[key].double(), noise[key] / 3, rtol=1e-4, atol=1.0)
 
 
+# ------------------------------------------------------------- methods whose rule needs more than the uploads' sum
+PRODUCT_AND_SLICE_METHODS = ["fed_plora", "fedex_lora", "flora", "flexlora", "hetlora"]
+
+
+def _round_two_updates(method_name: str, *overrides: str):
+    """(config, method, round 2's broadcast state, three clients' real round-2 updates at levels 1, 0.5 and 0.25)."""
+    from ravan_ray.federation import prepare_data
+    from ravan_ray.methods.base import ClientTask
+    from ravan_ray.training import ModelHost
+
+    config = load_config(None, [*TINY_OVERRIDES, f"method.name={method_name}", "privacy.mode=client",
+                                "privacy.noise_multiplier=1", "privacy.clip_norm=1", "privacy.delta=1e-3",
+                                "method.hetlora_lambda=0", *overrides])
+    data = prepare_data(config)
+    host = ModelHost(config, data.task_info)
+    state = host.initial_state()
+    for round_index in (1, 2):
+        updates = []
+        for client, level in enumerate((1.0, 0.5, 0.25)):
+            local = {k: v[data.partitions[client]] for k, v in data.train.items()}
+            updates.append(host.train_client(ClientTask(client, round_index, level, config.seed), state, None, local))
+        if round_index == 1:
+            state = host.method.aggregate(state, updates, 1)
+    return config, host.method, state, updates
+
+
+@pytest.mark.parametrize("method_name", PRODUCT_AND_SLICE_METHODS)
+def test_zero_noise_and_no_clipping_reproduce_each_methods_own_aggregate(method_name):
+    """The per-client terms each method clips (slices, effective-weight changes, norm-weighted factors) rebuild its
+    server rule exactly: with z = 0 and C = inf the private aggregate is the non-private one (float64 rounding)."""
+    config, method, state, updates = _round_two_updates(method_name)
+    private, metrics = privatize_updates(method, config, state, updates, 2, 0.0, float("inf"))
+    assert metrics["clip_fraction"] == 0.0
+    clean, noised = method.aggregate(state, updates, 2), method.aggregate(state, private, 2)
+    shared = [k for k in clean if k in noised and clean[k].is_floating_point()]
+    assert any(k.endswith(("/lora_B", "/base_weight")) for k in shared)
+    if method_name == "flexlora":  # an SVD's singular vectors are defined up to sign: compare the products B A
+        for layer in method.ranks:
+            torch.testing.assert_close(factor_product(noised, layer), factor_product(clean, layer),
+                                       rtol=1e-5, atol=1e-6)
+        shared = [k for k in shared if not k.endswith(("/lora_A", "/lora_B"))]
+    for key in shared:
+        torch.testing.assert_close(noised[key], clean[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("method_name", PRODUCT_AND_SLICE_METHODS)
+def test_clipped_noised_updates_of_each_method_aggregate_to_a_finite_state_that_moved(method_name):
+    config, method, state, updates = _round_two_updates(method_name)
+    norms = [global_norm(method.privacy_delta(state, u)) for u in updates]
+    clip_norm = float(np.median(norms))
+    private, metrics = privatize_updates(method, config, state, updates, 2, 1.0, clip_norm)
+    assert 0 < metrics["clip_fraction"] < 1 and metrics["update_norm"] == pytest.approx(clip_norm)
+    noised, clean = method.aggregate(state, private, 2), method.aggregate(state, updates, 2)
+    assert all(torch.isfinite(v).all() for v in noised.values() if v.is_floating_point())
+    assert any(not torch.equal(noised[k], clean[k]) for k in clean if k.endswith(("/lora_B", "/base_weight")))
+
+
+def test_noise_lands_on_fed_ploras_per_module_means_divided_by_each_modules_trainers():
+    config, method, state, updates = _round_two_updates("fed_plora", "model.train_head=false")
+    private, _ = privatize_updates(method, config, state, updates, 2, 1.0, 1e3)
+    unclipped, _ = privatize_updates(method, config, state, updates, 2, 0.0, 1e3)
+    noisy, clean = method.aggregate(state, private, 2), method.aggregate(state, unclipped, 2)
+    noise = gaussian_noise(method.privacy_delta(state, updates[0]), 1e3, noise_generator(config.seed, 2))
+    for layer, rank in method.ranks.items():
+        trainers = torch.tensor([sum(j in u.meta["modules"][layer] for u in updates) for j in range(rank)])
+        key = f"{layer}/lora_A"
+        difference = noisy[key].double() - clean[key].double()
+        for module in range(rank):
+            if trainers[module] == 0:
+                assert not difference[module].any()  # nobody trained it: it keeps its value, no noise
+            else:
+                torch.testing.assert_close(difference[module], noise[key][module] / trainers[module],
+                                           rtol=1e-4, atol=1e-2)
+
+
+def test_flora_under_client_dp_broadcasts_the_noised_merged_update_not_the_clients_stacks():
+    config, method, state, updates = _round_two_updates("flora")
+    private, _ = privatize_updates(method, config, state, updates, 2, 1.0, 1.0)
+    noised = method.aggregate(state, private, 2)
+    assert not any(k.endswith(("/stack_A", "/stack_B")) for k in noised)  # they would publish each client's factors
+    dense = sum(noised[f"{layer}/base_weight"].numel() * noised[f"{layer}/base_weight"].element_size()
+                for layer in method.ranks)
+    assert int(noised["eval/flora/stack_bytes"][-1]) == dense
+
+
+def test_hetlora_keeps_the_broadcast_factors_where_the_noised_sum_of_norms_is_within_three_noise_stds():
+    from dataclasses import replace
+
+    from ravan_ray.methods.base import NOISE_STD
+
+    config, method, state, updates = _round_two_updates("hetlora")
+    private, _ = privatize_updates(method, config, state, updates, 2, 0.0, float("inf"))
+    layer = next(iter(method.ranks))
+    total = float(sum(u.tensors[f"{layer}/weighted_weight"][0] for u in private))  # sum_c n_c, noiseless here
+    for noise_std, kept in ((0.0, False), (total / 3.1, False), (total / 2.9, True), (total, True)):
+        aggregated = method.aggregate(state, [replace(u, meta={**u.meta, NOISE_STD: noise_std}) for u in private], 2)
+        for factor in ("lora_B", "lora_A"):
+            key = f"{layer}/{factor}"
+            assert torch.equal(aggregated[key], state[key]) == kept, (noise_std, factor)
+
+
 # ----------------------------------------------------------------------------------------------- DP-SGD
 def test_dp_sgd_leaves_ravans_untrained_heads_unchanged_and_counts_clipped_examples():
     from ravan_ray.federation import prepare_data
@@ -225,8 +327,6 @@ def test_sample_level_run_reports_epsilon_per_round_and_the_final_epsilon(ray_se
      "1 / federation.num_clients"),
     (["privacy.mode=sample", "privacy.noise_multiplier=1", "privacy.clip_norm=1", "privacy.delta=0.5"],
      "smallest client"),
-    (["privacy.mode=client", "privacy.noise_multiplier=1", "privacy.clip_norm=1", "privacy.delta=1e-3",
-      "method.name=flexlora"], "does not support method flexlora"),
     (["privacy.mode=client", "privacy.noise_multiplier=1", "privacy.clip_norm=1", "privacy.delta=1e-3",
       "method.scoring=gradient"], "scoring=gradient"),
     (["privacy.mode=client", "privacy.noise_multiplier=1", "privacy.target_epsilon=1", "privacy.clip_norm=1"],

@@ -35,6 +35,8 @@ EVAL_PREFIX = "eval/"
 #: server bookkeeping for methods whose downlink depends on what a client already holds: per client, the last round
 #: whose aggregated state it received (0: only the initial state, which every process builds from the seed).
 SYNCED_KEY = EVAL_PREFIX + "synced_round"
+#: in a private upload's meta under client-level DP: the std of the noise on each coordinate of the uploads' sum
+NOISE_STD = "privacy_noise_std"
 
 
 @dataclass(frozen=True)
@@ -91,11 +93,6 @@ class FederatedMethod(ABC):
     #: FedEx-LoRA, FLoRA, FlexLoRA and Fed-SB's warm-up do). Those weights are then private, float32 copies
     #: in every process; otherwise they stay shared and in the base's dtype (a bfloat16 base stays bfloat16).
     changes_base_weights: ClassVar[bool] = False
-    #: Why the server rule is not a function of the sum of the clients' uploads, where it is not (FlexLoRA's SVD of
-    #: their products, FLoRA's stacks, ...): client-level DP's clipped, noised sum then does not determine the new
-    #: state, so ``privacy.mode=client`` is refused with this reason. Empty: the method supports it.
-    client_privacy_unsupported: ClassVar[str] = ""
-
     def __init__(self, config: RunConfig):
         self.config = config
         self.seed = config.seed
@@ -136,18 +133,16 @@ class FederatedMethod(ABC):
 
     # ----------------------------------------------------------------- differential privacy
     def check_privacy(self) -> None:
-        """Raise ConfigError when this method cannot run under ``config.privacy`` (checked before the run starts)."""
-        from ravan_ray.config import ConfigError
-
-        if self.config.privacy.mode == "client" and self.client_privacy_unsupported:
-            raise ConfigError(f"privacy.mode=client does not support method {self.name}: "
-                              f"{self.client_privacy_unsupported}")
+        """override: raise ConfigError when this method cannot run under ``config.privacy`` (checked before the run
+        starts; Ravan refuses gradient scoring under DP, HetLoRA its pruning penalty under DP-SGD)."""
 
     def privacy_delta(self, state: State, update: ClientUpdate) -> State:
-        """override: the client's update as client-level DP clips it, in the method's communicated tensors, float64.
-        Every client's delta must have the same keys and shapes (the noise on their sum is drawn once).
-        Default: upload minus broadcast for every uploaded tensor; one with no broadcast counterpart (Fed-SB's
-        gradient sums) is its own update."""
+        """override: the client's update as client-level DP clips it, float64: the per-client terms whose sum (plus
+        noise) the method's server rule is a function of. Usually its communicated tensors minus the broadcast; where
+        the rule needs more than the sum of the uploads, those terms too (FedEx-LoRA, FLoRA and FlexLoRA the change
+        of the client's effective weight, HetLoRA its norm-weighted factors). Every client's delta must have the same
+        keys and shapes (the noise on their sum is drawn once). Default: upload minus broadcast for every uploaded
+        tensor; one with no broadcast counterpart (Fed-SB's gradient sums) is its own update."""
         return {k: v.double() - state[k].double() if k in state else v.double() for k, v in update.tensors.items()}
 
     def with_privacy_delta(self, state: State, update: ClientUpdate, delta: State) -> ClientUpdate:
@@ -162,6 +157,12 @@ class FederatedMethod(ABC):
         clients: each client carries noise / m (their sum is the noise; the mean becomes (sum + noise) / m)."""
         share = {k: v / len(updates) for k, v in noise.items()}
         return [share for _ in updates]
+
+    @staticmethod
+    def task_head_only(update: ClientUpdate) -> ClientUpdate:
+        """The update with its task-head tensors only (for methods whose adapter tensors need their own privacy
+        delta, such as slices or products)."""
+        return replace(update, tensors={k: v for k, v in update.tensors.items() if k.startswith(HEAD_PREFIX)})
 
     def after_private_noise(self, model: nn.Module) -> None:
         """override: called in every DP-SGD step (``privacy.mode: sample``) once the gradients are clipped and noised,
@@ -249,3 +250,45 @@ def mark_synced(state: State, updates: list[ClientUpdate], round_index: int) -> 
     for update in updates:
         synced[update.client_id] = max(int(synced[update.client_id]), round_index - 1)
     return synced
+
+
+def with_private_terms(update: ClientUpdate, private: ClientUpdate, delta: State) -> ClientUpdate:
+    """A private upload for a method whose server rule needs per-client terms beyond its uploads (products of factors,
+    weighted factors): ``private``'s tensors, the terms of the clipped, noised ``delta`` that it lacks, and the
+    client's own uploads where neither has them (kept for the server's diagnostics only: the aggregate reads the
+    noised terms)."""
+    terms = {k: v for k, v in delta.items() if k not in private.tensors and k not in update.tensors}
+    return replace(private, tensors={**update.tensors, **private.tensors, **terms})
+
+
+# ---------------------------------------------------------------------------------------- privacy on slices
+# Ravan's heads and Fed-PLoRA's one-rank modules are slices of a tensor that each client trains a subset of; the
+# server averages slice j over the k_j clients that trained it. Client-level DP clips the full-size update (zero on
+# the slices a client did not train) and spreads the noise of slice j over its k_j trainers.
+def scatter_slices(values: torch.Tensor, slices: Sequence[int], like: torch.Tensor, axis: int) -> torch.Tensor:
+    """A float64 tensor shaped as ``like``, ``values`` at positions ``slices`` along ``axis``, zero elsewhere."""
+    full = torch.zeros(like.shape, dtype=torch.float64)
+    return full.index_copy_(axis, torch.as_tensor(list(slices), dtype=torch.long), values.double())
+
+
+def gather_slices(tensor: torch.Tensor, slices: Sequence[int], axis: int) -> torch.Tensor:
+    return tensor.index_select(axis, torch.as_tensor(list(slices), dtype=torch.long))
+
+
+def noise_per_trainer(noise: torch.Tensor, trained: Sequence[Sequence[int]], axis: int) -> list[torch.Tensor]:
+    """Each client's share of ``noise`` (drawn on the sum): slice j divided by the number k_j of clients that trained
+    it (``trained[c]``: the slices client c trained), to each of them, zero to the others. The shares of slice j add
+    up to its noise, so a per-slice mean over its trainers sees (sum + noise) / k_j; a slice nobody trained gets
+    none (it keeps its value)."""
+    slices = noise.shape[axis]
+    counts = torch.zeros(slices, dtype=torch.float64)
+    masks = []
+    for indices in trained:
+        mask = torch.zeros(slices, dtype=torch.bool)
+        mask[list(indices)] = True
+        counts += mask
+        masks.append(mask)
+    view = [1] * noise.dim()
+    view[axis] = slices
+    per_trainer = noise / counts.clamp(min=1).view(view)
+    return [torch.where(mask.view(view), per_trainer, torch.zeros_like(per_trainer)) for mask in masks]

@@ -20,19 +20,26 @@ Choices the paper leaves open (its code, github.com/TNI-playground/Fed-PLoRA, wa
 - scaling alpha / R with alpha = R by default (scale 1, PEFT's ``lora_alpha=8`` at rank 8), the same for every
   client and for the folded modules;
 - initialisation: B = 0 and A the platform's seeded N(0, 1/d_in), the same on every client (a fresh LoRA);
+- client-level DP (``privacy.mode: client``), as Ravan's heads: a client's update is, per layer, the full-size
+  (B, A) change with the modules it trained at b_j - b_j^global, a_j - a_j^global and zeros at the others, clipped
+  jointly; module j's noise is divided among the k_j clients that trained it (the server's per-module mean),
+  a module nobody trained keeps its value and gets none. Which modules a client trained is drawn from the run
+  seed (public). The fold is the client's own arithmetic on the broadcast and needs nothing private;
 - bytes: the uplink is the r_i selected modules (r_i (d_in + d_out) numbers per layer; the module indices are
   metadata, not counted, like Ravan's head indices); the downlink is all R modules to every sampled client.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
-from ravan_ray.methods.base import ClientTask, ClientUpdate, State, weighted_mean
+from ravan_ray.methods.base import (HEAD_PREFIX, ClientTask, ClientUpdate, State, gather_slices, noise_per_trainer,
+                                    scatter_slices, weighted_mean)
 from ravan_ray.methods.lora import LoRAMethod, RankLevels, factor_key
 
 SELECT_STREAM = 5  # ClientTask.generator stream for the module selection (0-4 are used elsewhere)
@@ -48,7 +55,6 @@ def fold(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, modules: list[i
 
 class FedPLoRA(RankLevels, LoRAMethod):
     name = "fed_plora"
-    client_privacy_unsupported = ("it averages each LoRA module over the clients that trained it with per-client module slices; a per-module noise share (as Ravan's per-head one) is not implemented yet")
     exact = False
     changes_base_weights = True  # Select-N-Fold folds the unselected modules into W
     alpha_per_rank = 1.0
@@ -74,6 +80,41 @@ class FedPLoRA(RankLevels, LoRAMethod):
                 A[module] = weighted_mean([u.tensors[a_key][i] for u, _, i in trainers], p)
             new_state[b_key], new_state[a_key] = B, A
         return new_state
+
+    # ----------------------------------------------------------------- differential privacy
+    #: the rank axis of each factor: B's modules are its columns, A's its rows
+    RANK_AXIS = {"lora_B": 1, "lora_A": 0}
+
+    def privacy_delta(self, state: State, update: ClientUpdate) -> State:
+        """Per layer the full-size B and A changes: trained modules minus their global values, zero elsewhere."""
+        delta = super().privacy_delta(state, self.task_head_only(update))
+        for layer, modules in update.meta["modules"].items():
+            for factor, axis in self.RANK_AXIS.items():
+                key = factor_key(layer, factor)
+                moved = update.tensors[key].double() - gather_slices(state[key], modules, axis).double()
+                delta[key] = scatter_slices(moved, modules, state[key], axis)
+        return delta
+
+    def with_privacy_delta(self, state: State, update: ClientUpdate, delta: State) -> ClientUpdate:
+        task_head = self.task_head_only(update)
+        tensors = super().with_privacy_delta(state, task_head, {k: delta[k] for k in task_head.tensors}).tensors
+        for layer, modules in update.meta["modules"].items():
+            for factor, axis in self.RANK_AXIS.items():
+                key = factor_key(layer, factor)
+                tensors[key] = (gather_slices(state[key], modules, axis).double()
+                                + gather_slices(delta[key], modules, axis)).to(update.tensors[key].dtype)
+        return replace(update, tensors=tensors)
+
+    def noise_shares(self, updates: list[ClientUpdate], noise: State) -> list[State]:
+        """The task head's noise / m to every client; module j's noise / k_j to each of its k_j trainers."""
+        shares = [{k: v / len(updates) for k, v in noise.items() if k.startswith(HEAD_PREFIX)} for _ in updates]
+        for layer in self.ranks:
+            trained = [u.meta["modules"][layer] for u in updates]
+            for factor, axis in self.RANK_AXIS.items():
+                key = factor_key(layer, factor)
+                for share, client_noise in zip(shares, noise_per_trainer(noise[key], trained, axis)):
+                    share[key] = client_noise
+        return shares
 
     def client_view(self, state: State, update: ClientUpdate) -> tuple[State, Optional[State]]:
         """The client's model after training: the global modules with its own trained ones in their places."""

@@ -17,7 +17,14 @@ Choices the paper leaves open:
 - round 1's downlink does not count W: until the first residual is folded in it is the pretrained weight every
   client already has (a flag under ``eval/`` tells the server; from round 2 on W is sent every round);
 - client weights follow ``method.aggregation_weights``; the residual is computed in float64 and W is kept in
-  the model's dtype.
+  the model's dtype;
+- client-level DP (``privacy.mode: client``): the residual needs the mean of the clients' products, which the
+  sums of the factors do not give. A client's update is therefore its factor changes (B_c - B, A_c - A) together
+  with the change of its effective weight s (B_c A_c - B A), all clipped jointly to C; the noise on the sum of
+  all three gives noised means of B_c, A_c and B_c A_c, and the rule above is applied to those. The price is
+  noise on a full d_out x d_in matrix per adapted layer (W moves by the noised residual every round), which a
+  method that only averages factors does not pay; with z = 0 and C = inf it is FedEx-LoRA up to float64
+  rounding.
 """
 
 from __future__ import annotations
@@ -27,8 +34,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ravan_ray.methods.base import EVAL_PREFIX, ClientUpdate, State, state_bytes
-from ravan_ray.methods.lora import LoRAMethod, factor_key
+from ravan_ray.methods.base import EVAL_PREFIX, ClientUpdate, State, state_bytes, with_private_terms
+from ravan_ray.methods.lora import LoRAMethod, factor_key, factor_product, weight_update_key
 
 #: 1 while every W in the state is still the pretrained weight (which no client needs to receive)
 PRETRAINED_W = EVAL_PREFIX + "fedex_lora/base_is_pretrained"
@@ -40,7 +47,6 @@ def base_key(layer: str) -> str:
 
 class FedExLoRA(LoRAMethod):
     name = "fedex_lora"
-    client_privacy_unsupported = ("its server rule adds the mean of the clients' products B_c A_c to W, not a function of the sum of the uploaded factors")
     changes_base_weights = True  # merges updates into W
     exact = True
     alpha_per_rank = 2.0
@@ -57,13 +63,32 @@ class FedExLoRA(LoRAMethod):
         new_state = self.average_factors(state, updates, weights)
         for layer, rank in self.ranks.items():
             a_key, b_key = factor_key(layer, "lora_A"), factor_key(layer, "lora_B")
-            mean_of_products = sum(float(w) * (u.tensors[b_key].double() @ u.tensors[a_key].double())
-                                   for u, w in zip(updates, weights))
+            mean_of_products = sum(float(w) * self.client_product(state, u, layer) for u, w in zip(updates, weights))
             residual = mean_of_products - new_state[b_key].double() @ new_state[a_key].double()
             old = state[base_key(layer)]
             new_state[base_key(layer)] = (old.double() + self.lora_scale(rank) * residual).to(old.dtype)
         new_state[PRETRAINED_W] = torch.zeros(1, dtype=torch.uint8)
         return new_state
+
+    def client_product(self, state: State, update: ClientUpdate, layer: str) -> torch.Tensor:
+        """B_c A_c, or under client-level DP the broadcast's B A plus the client's noised weight update / s."""
+        private = update.tensors.get(weight_update_key(layer))
+        if private is None:
+            return factor_product(update.tensors, layer)
+        return factor_product(state, layer) + private / self.lora_scale(self.ranks[layer])
+
+    # ----------------------------------------------------------------- differential privacy
+    def privacy_delta(self, state: State, update: ClientUpdate) -> State:
+        """The head's and the factors' changes, and the change of the client's effective weight s (B_c A_c - B A)."""
+        delta = super().privacy_delta(state, update)
+        for layer, rank in self.ranks.items():
+            delta[weight_update_key(layer)] = self.lora_scale(rank) * (factor_product(update.tensors, layer)
+                                                                       - factor_product(state, layer))
+        return delta
+
+    def with_privacy_delta(self, state: State, update: ClientUpdate, delta: State) -> ClientUpdate:
+        private = super().with_privacy_delta(state, update, {k: v for k, v in delta.items() if k in update.tensors})
+        return with_private_terms(update, private, delta)
 
     def downlink_bytes(self, state: State, clients: Sequence[int]) -> int:
         pretrained = bool(state.get(PRETRAINED_W, torch.zeros(1))[0])

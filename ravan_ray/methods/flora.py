@@ -26,7 +26,13 @@ Choices the paper leaves open:
 - p_c follows ``method.aggregation_weights`` (uniform by default; FLoRA's data-size weights are
   ``num_samples``); FLoRA's code puts p_c on A, here it is on B: the product is the same;
 - state: the merged weights (``{layer}/base_weight``, what a client's model holds) and the last round's stacks
-  (``{layer}/stack_A``, ``{layer}/stack_B``). Round 1 sends only the task head.
+  (``{layer}/stack_A``, ``{layer}/stack_B``). Round 1 sends only the task head;
+- client-level DP (``privacy.mode: client``): the stacks publish every client's own factors, which no noise on a
+  sum can privatise, so a private round broadcasts what they encode instead, the merged update s sum_c p_c B_c A_c
+  of each adapted layer, made private: a client's update is its weight change s B_c A_c (its fresh LoRA starts
+  at B = 0) with its task-head change, clipped jointly to C, and the noise goes on their sum. The model is the
+  same as FLoRA's at z = 0 and C = inf (up to float64 rounding); the downlink is then a dense d_out x d_in update
+  per layer (or the merged weights for a client that missed rounds), no longer the stacks.
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ import torch
 from torch import nn
 
 from ravan_ray.methods.base import (EVAL_PREFIX, HEAD_PREFIX, SYNCED_KEY, ClientTask, ClientUpdate, State,
-                                    initial_sync, mark_synced, state_bytes, synced_round)
+                                    initial_sync, mark_synced, state_bytes, synced_round, with_private_terms)
 from ravan_ray.methods.fedex_lora import base_key
-from ravan_ray.methods.lora import LoRAMethod, factor_key
+from ravan_ray.methods.lora import LoRAMethod, factor_key, factor_product, weight_update_key
 
 FRESH_A_STREAM = 4  # ClientTask.generator stream for the fresh A (0-3 are used by the training loop)
 STACK_SUFFIXES = ("/stack_A", "/stack_B")
@@ -56,7 +62,6 @@ def catch_up_bytes(stack_bytes: torch.Tensor, synced: int, merged_bytes: int) ->
 
 class FLoRA(LoRAMethod):
     name = "flora"
-    client_privacy_unsupported = ("it broadcasts every client's factors stacked, not their sum")
     changes_base_weights = True  # merges updates into W
     exact = True
     alpha_per_rank = 2.0
@@ -73,15 +78,23 @@ class FLoRA(LoRAMethod):
         weights = self.client_weights(updates)
         new_state = {**state, **self.aggregate_head(updates, weights)}
         round_bytes = 0
+        private = any(weight_update_key(layer) in u.tensors for u in updates for layer in self.ranks)
         for layer, rank in self.ranks.items():
-            stack_B = torch.cat([float(w) * u.tensors[factor_key(layer, "lora_B")] for u, w in zip(updates, weights)], dim=1)
-            stack_A = torch.cat([u.tensors[factor_key(layer, "lora_A")] for u in updates], dim=0)
-            merged = sum(float(w) * (u.tensors[factor_key(layer, "lora_B")].double() @ u.tensors[factor_key(layer, "lora_A")].double())
-                         for u, w in zip(updates, weights))
             old = state[base_key(layer)]
-            new_state[base_key(layer)] = (old.double() + self.lora_scale(rank) * merged).to(old.dtype)
-            new_state[f"{layer}/stack_A"], new_state[f"{layer}/stack_B"] = stack_A, stack_B
-            round_bytes += state_bytes({"A": stack_A, "B": stack_B})
+            if private:  # the noised merged update is broadcast in place of the stacks (see the module docstring)
+                merged_update = sum(float(w) * u.tensors[weight_update_key(layer)] for u, w in zip(updates, weights))
+                round_bytes += old.numel() * old.element_size()
+                for suffix in STACK_SUFFIXES:  # no client's own factors in a private state
+                    new_state.pop(layer + suffix, None)
+            else:
+                stack_B = torch.cat([float(w) * u.tensors[factor_key(layer, "lora_B")]
+                                     for u, w in zip(updates, weights)], dim=1)
+                stack_A = torch.cat([u.tensors[factor_key(layer, "lora_A")] for u in updates], dim=0)
+                new_state[f"{layer}/stack_A"], new_state[f"{layer}/stack_B"] = stack_A, stack_B
+                round_bytes += state_bytes({"A": stack_A, "B": stack_B})
+                merged_update = self.lora_scale(rank) * sum(float(w) * factor_product(u.tensors, layer)
+                                                            for u, w in zip(updates, weights))
+            new_state[base_key(layer)] = (old.double() + merged_update).to(old.dtype)
         new_state[STACK_BYTES] = torch.cat([state[STACK_BYTES], torch.tensor([round_bytes], dtype=torch.int64)])
         new_state[SYNCED_KEY] = mark_synced(state, updates, round_index)
         return new_state
@@ -90,6 +103,19 @@ class FLoRA(LoRAMethod):
         head = state_bytes({k: v for k, v in state.items() if k.startswith(HEAD_PREFIX)})
         merged = state_bytes({k: v for k, v in state.items() if k.endswith("/base_weight")})
         return sum(head + catch_up_bytes(state[STACK_BYTES], synced_round(state, c), merged) for c in clients)
+
+    # ----------------------------------------------------------------- differential privacy
+    def privacy_delta(self, state: State, update: ClientUpdate) -> State:
+        """The task head's change and each layer's weight change s B_c A_c (the fresh LoRA started at zero)."""
+        delta = super().privacy_delta(state, self.task_head_only(update))
+        for layer, rank in self.ranks.items():
+            delta[weight_update_key(layer)] = self.lora_scale(rank) * factor_product(update.tensors, layer)
+        return delta
+
+    def with_privacy_delta(self, state: State, update: ClientUpdate, delta: State) -> ClientUpdate:
+        task_head = self.task_head_only(update)
+        private = super().with_privacy_delta(state, task_head, {k: delta[k] for k in task_head.tensors})
+        return with_private_terms(update, private, delta)
 
     # ----------------------------------------------------------------- client
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:

@@ -38,6 +38,18 @@ def factor_key(layer: str, factor: str) -> str:
     return f"{layer}/{factor}"
 
 
+def weight_update_key(layer: str) -> str:
+    """Under client-level DP, where a server rule needs each client's product B_c A_c (FedEx-LoRA, FLoRA, FlexLoRA):
+    the key of the client's clipped, noised change of its effective weight, s (B_c A_c - its start), which the
+    private upload carries in place of a product the server would form from the factors."""
+    return f"{layer}/weight_update"
+
+
+def factor_product(tensors: State, layer: str) -> torch.Tensor:
+    """B A of one layer's factors in ``tensors``, in float64."""
+    return tensors[factor_key(layer, "lora_B")].double() @ tensors[factor_key(layer, "lora_A")].double()
+
+
 class LoRAMethod(FederatedMethod):
     """LoRA on the target layers; clients train and upload ``shared_factors``; subclasses aggregate."""
 

@@ -33,7 +33,6 @@ Under differential privacy (``ravan_ray/privacy.py``):
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable, Optional
 
 import numpy as np
@@ -43,7 +42,8 @@ from torch import nn
 from ravan_ray.adapters import RavanLinear, inject
 from ravan_ray.budgets import heads_for_level
 from ravan_ray.config import ConfigError
-from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State, weighted_mean
+from ravan_ray.methods.base import (ClientTask, ClientUpdate, FederatedMethod, State, gather_slices, noise_per_trainer,
+                                    scatter_slices, weighted_mean)
 from ravan_ray.methods.budget import layer_summary, method_rank
 from ravan_ray.scoring import head_scores, top_k
 
@@ -106,20 +106,20 @@ class Ravan(FederatedMethod):
 
     def privacy_delta(self, state: State, update: ClientUpdate) -> State:
         """Per layer the full (h, r, r) s_i H_i - H_i^global, zero on the heads the client did not train."""
-        task_head = replace(update, tensors={k: v for k, v in update.tensors.items() if not k.endswith("/cores")})
-        delta = super().privacy_delta(state, task_head)
+        delta = super().privacy_delta(state, self.task_head_only(update))
         for layer, heads in update.meta["heads"].items():
             key = f"{layer}/cores"
-            full = torch.zeros(state[key].shape, dtype=torch.float64)
-            full[heads] = update.tensors[key].double() - state[key][heads].double()
-            delta[key] = full
+            moved = update.tensors[key].double() - gather_slices(state[key], heads, 0).double()
+            delta[key] = scatter_slices(moved, heads, state[key], 0)
         return delta
 
     def with_privacy_delta(self, state: State, update: ClientUpdate, delta: State) -> ClientUpdate:
-        private = super().with_privacy_delta(state, update, {k: v for k, v in delta.items() if not k.endswith("/cores")})
+        task_head = self.task_head_only(update)
+        private = super().with_privacy_delta(state, task_head, {k: delta[k] for k in task_head.tensors})
         for layer, heads in update.meta["heads"].items():
             key = f"{layer}/cores"
-            private.tensors[key] = (state[key][heads].double() + delta[key][heads]).to(update.tensors[key].dtype)
+            private.tensors[key] = (gather_slices(state[key], heads, 0).double()
+                                    + gather_slices(delta[key], heads, 0)).to(update.tensors[key].dtype)
         return private
 
     def noise_shares(self, updates: list[ClientUpdate], noise: State) -> list[State]:
@@ -128,14 +128,9 @@ class Ravan(FederatedMethod):
         shares = [{k: v / len(updates) for k, v in noise.items() if not k.endswith("/cores")} for _ in updates]
         for key in (k for k in noise if k.endswith("/cores")):
             layer = key[: -len("/cores")]
-            trainers = torch.zeros(noise[key].shape[0], dtype=torch.float64)
-            for update in updates:
-                trainers[update.meta["heads"][layer]] += 1
-            per_trainer = noise[key] / trainers.clamp(min=1)[:, None, None]
-            for share, update in zip(shares, updates):
-                trained = torch.zeros(noise[key].shape[0], dtype=torch.bool)
-                trained[update.meta["heads"][layer]] = True
-                share[key] = torch.where(trained[:, None, None], per_trainer, torch.zeros_like(per_trainer))
+            per_client = noise_per_trainer(noise[key], [u.meta["heads"][layer] for u in updates], axis=0)
+            for share, client_noise in zip(shares, per_client):
+                share[key] = client_noise
         return shares
 
     def after_private_noise(self, model: nn.Module) -> None:

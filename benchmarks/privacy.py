@@ -1,4 +1,5 @@
-"""Accuracy against epsilon under client-level DP (DP-FedAvg) for Ravan, FedIT, FFA-LoRA and Fed-SB.
+"""Accuracy against epsilon under client-level DP (DP-FedAvg): Ravan, FedIT, FFA-LoRA and Fed-SB by default, any
+method with --methods.
 
 For every method: first the run without privacy (privacy.mode=client, noise 0, clip norm infinite: bit-identical
 to privacy.mode=none, and it records the median norm of the clients' updates), then one run per target epsilon at

@@ -51,7 +51,7 @@ TINY_OVERRIDES = [
     "federation.batch_size=8",
     "federation.eval_every=1",
     "resources.cpus_per_client=0.5",
-    "resources.pool_size=3",
+    "resources.pool_size=1",  # one client actor beside the server: a run starts two processes, not four
 ]
 
 

@@ -56,7 +56,7 @@ def kill_actor_when_alive(name_part: str, after_s: float) -> threading.Thread:
 def test_client_actor_killed_mid_round_is_counted_and_replaced(ray_session, tiny_config, tmp_path, policy):
     probe = tiny_config()
     slow = first_round_clients(probe)[0]  # position 0 of round 1 -> pool slot 0, busy sleeping when killed
-    config = tiny_config(f"federation.on_client_failure={policy}", "federation.rounds=3",
+    config = tiny_config(f"federation.on_client_failure={policy}", "federation.rounds=3", "resources.pool_size=3",
                          f"faults.slow_clients={{{slow}: 6}}")
     killer = kill_actor_when_alive("-client-0-", after_s=4.0)
     run_federation(config, tmp_path)
@@ -116,7 +116,7 @@ def test_driver_killed_with_sigkill_resumes_to_the_same_metrics(ray_session, tin
 def test_stragglers_past_the_round_timeout_are_dropped_and_counted(ray_session, tiny_config, tmp_path):
     probe = tiny_config()
     late = first_round_clients(probe)[1]
-    config = tiny_config("federation.round_timeout_s=8", f"faults.slow_clients={{{late}: 30}}")
+    config = tiny_config("federation.round_timeout_s=8", "resources.pool_size=3", f"faults.slow_clients={{{late}: 30}}")
     started = time.time()
     run_federation(config, tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv").set_index("round")

@@ -21,7 +21,7 @@ from ravan_ray.tasks import task_class
 
 COMMON = ["data.partition.min_size=2", "federation.num_clients=4", "federation.clients_per_round=2",
           "federation.rounds=3", "federation.local_steps=4", "federation.batch_size=8", "federation.eval_every=1",
-          "resources.cpus_per_client=0.5", "resources.pool_size=2", "optimizer.lr=0.01", "data.partition.kind=iid"]
+          "resources.cpus_per_client=0.5", "resources.pool_size=1", "optimizer.lr=0.01", "data.partition.kind=iid"]
 
 
 def task_overrides(tiny, task: str) -> list[str]:

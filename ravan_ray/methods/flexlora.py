@@ -31,8 +31,8 @@ Choices the paper leaves open, and how dW relates to the base weights:
   client's update is the change of its effective weight, (alpha / r_c) B_c A_c minus the rank-r_c truncation of
   the last dW it started from (public: the broadcast and its rank), with its task-head change, clipped jointly
   to C; the noise goes on their sum, and dW = mean of the truncations + the noised mean update. Its SVD is
-  post-processing; a noised dW has full rank, so it is taken of the dense matrix (an O(d^3) SVD per layer and
-  round: seconds at d = 4096). At z = 0 and C = inf the run is FlexLoRA's up to float64 rounding.
+  post-processing; a noised dW has full rank, so it is taken of the dense matrix (O(d_out d_in min(d_out, d_in))
+  per layer and round, where the factors' route above costs O((d_out + d_in) R^2)). At z = 0 and C = inf the run is FlexLoRA's up to float64 rounding.
 """
 
 from __future__ import annotations

@@ -3,8 +3,10 @@
 Free of Ray: the parameter server and :class:`ravan_ray.training.ModelHost` call into it.
 
 **Client level** (``privacy.mode: client``; McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private
-Recurrent Language Models", ICLR 2018). The method expresses each upload as the client's update relative to
-the broadcast, in its own communicated tensors (``FederatedMethod.privacy_delta``); the server clips each
+Recurrent Language Models", ICLR 2018). The method expresses each upload as the client's update: the per-client
+terms whose sum its server rule is a function of, usually its communicated tensors minus the broadcast, and for
+rules that need more (products of factors, norm-weighted factors) those terms too
+(``FederatedMethod.privacy_delta``; every method has one); the server clips each
 update's joint L2 norm over all its tensors to C and adds N(0, (z C)^2) to every coordinate of the sum before
 the method's own averaging (``FederatedMethod.noise_shares`` says how the noise enters the uploads so that the
 method's aggregate sees ``sum + noise``). The noise is drawn from (run seed, round), so a resumed run draws

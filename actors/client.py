@@ -128,14 +128,13 @@ class ClientFleet:
             ).remote(self.config.to_dict(), self.task_info, self.train_ref, self.partitions_ref, self.frozen_ref)
         return self.actors[slot]
 
-    def start(self) -> None:
-        """Create the pool's actors now (without waiting for them), so that they load their models while the
-        parameter server loads its own: on a fresh run that overlaps the two start-ups, the larger part of a short
-        run's time: the slots round 1 uses (a round's m clients go to slots 0 .. min(m, pool) - 1). Per-client
-        actors are created when their client is first sampled."""
-        if not self.per_client:
-            for slot in range(min(self.size, self.config.federation.clients_per_round)):
-                self.actor(slot)
+    def start(self, clients: list[int]) -> None:
+        """Create the actors the first round's ``clients`` (in their round order) will run on, without waiting for
+        them, so that they load their models while the parameter server loads its own: on a fresh run that
+        overlaps the two start-ups, the larger part of a short run's time. In a pool these are its first
+        min(m, pool) slots; per client, those clients' own actors (the others start when first sampled)."""
+        for position, client in enumerate(clients):
+            self.actor(self.slot(client, position))
 
     def wait_ready(self, placements: list[tuple[ClientTask, int]]) -> None:
         """Block until the actors for these (task, position) pairs have started (loaded their model).

@@ -224,12 +224,13 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                             cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"),
                             frozen_ref=frozen_ref)
         check_resources(config, fleet)
-        fleet.start()
+        if first_round <= fed.rounds:
+            fleet.start(sample_clients(config.seed, first_round, fed.num_clients, fed.clients_per_round))
         try:
             server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server", frozen_ref,
                                   validation_ref)
         except BaseException:
-            fleet.shutdown()  # the pool started beside the server: do not leave it holding the cluster's CPUs
+            fleet.shutdown()  # the actors started beside the server: do not leave them holding the cluster's CPUs
             raise
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         wall_offset = rows[-1]["wall_s"] if rows else 0.0

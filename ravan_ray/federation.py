@@ -226,12 +226,8 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         check_resources(config, fleet)
         if first_round <= fed.rounds:
             fleet.start(sample_clients(config.seed, first_round, fed.num_clients, fed.clients_per_round))
-        try:
-            server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server", frozen_ref,
-                                  validation_ref)
-        except BaseException:
-            fleet.shutdown()  # the actors started beside the server: do not leave them holding the cluster's CPUs
-            raise
+        # A server that cannot start raises here; the fleet's actors (not detached) end with their handles.
+        server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server", frozen_ref, validation_ref)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         wall_offset = rows[-1]["wall_s"] if rows else 0.0
         run_started = time.perf_counter()

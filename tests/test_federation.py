@@ -112,6 +112,20 @@ def test_multithreaded_or_gpu_client_actors_keep_one_actor_per_share(ray_session
         assert fleet.size == min(3, int(4 // config.resources.cpus_per_client))
 
 
+def test_the_fleet_starts_the_actors_the_first_rounds_clients_will_run_on(ray_session, tiny_config):
+    from actors import ClientFleet
+
+    first_round = [1, 4, 5]
+    for overrides, slots in ((("resources.actor_mode=per_client",), {1, 4, 5}),  # each client's own actor
+                             (("resources.pool_size=2",), {0, 1})):  # the pool's slots by position, 1 of them twice
+        fleet = ClientFleet(tiny_config(*overrides), TINY_INFO, None, [], cluster_cpus=4)
+        try:
+            fleet.start(first_round)
+            assert set(fleet.actors) == slots
+        finally:
+            fleet.shutdown()
+
+
 def test_actors_on_shared_frozen_weights_write_the_same_metrics_as_actors_with_their_own(ray_session, tiny_config,
                                                                                         tmp_path):
     for method in ("ravan", "full_ft"):

@@ -16,7 +16,7 @@ from ravan_ray.cli import format_summary, main
 from ravan_ray.config import load_config
 from ravan_ray.federation import run_federation
 from ravan_ray.methods import build_method
-from ravan_ray.methods.base import ClientUpdate
+from ravan_ray.methods.base import NOISE_STD, ClientUpdate
 from ravan_ray.methods.lora import factor_product
 from ravan_ray.privacy import (calibrate_noise, clip, epsilon_for, global_norm, noise_generator, gaussian_noise,
                                privatize_updates)
@@ -133,6 +133,7 @@ def test_noise_on_an_averaging_method_is_the_sums_noise_over_m():
     updates = [ClientUpdate(c, {k: v + torch.randn(v.shape, generator=generator) for k, v in state.items()}, 10, 0.0)
                for c in range(3)]
     private, _ = privatize_updates(method, config, state, updates, 2, 0.5, 1e6)
+    assert all(u.meta[NOISE_STD] == 0.5e6 for u in private)  # z C travels with the uploads, for post-processing
     noise = gaussian_noise(method.privacy_delta(state, updates[0]), 0.5e6, noise_generator(config.seed, 2))
     noisy, clean = method.aggregate(state, private, 2), method.aggregate(state, updates, 2)
     for key in state:
@@ -226,8 +227,6 @@ def test_flora_under_client_dp_broadcasts_the_noised_merged_update_not_the_clien
 
 def test_hetlora_keeps_the_broadcast_factors_where_the_noised_sum_of_norms_is_within_three_noise_stds():
     from dataclasses import replace
-
-    from ravan_ray.methods.base import NOISE_STD
 
     config, method, state, updates = _round_two_updates("hetlora")
     private, _ = privatize_updates(method, config, state, updates, 2, 0.0, float("inf"))

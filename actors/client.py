@@ -10,6 +10,7 @@ modes produce the same numbers.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -18,6 +19,7 @@ import ray
 import torch
 
 from actors.memory import return_freed_memory
+from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods.base import ClientTask, ClientUpdate, State
 from ravan_ray.models import FrozenWeights
@@ -52,6 +54,25 @@ class ClientActor:
                   "started": started, "finished": time.time()}
         return update, update.client_state, status
 
+    def train_cohort(self, tasks: list[ClientTask], state: State, *client_states: Optional[State]) -> list:
+        """Train several clients of one round as one cohort (ravan_ray/cohort.py). Returns three objects per
+        client, in the order of ``tasks``: as :meth:`train` does for one."""
+        started = time.time()
+        notes: list[str] = []
+        datas = [{key: values[self.partitions[task.client_id]] for key, values in self.train_data.items()}
+                 for task in tasks]
+        updates = self.host.train_cohort(tasks, state, list(client_states), datas, notes.append)
+        del datas
+        return_freed_memory()
+        returned = []
+        for task, update in zip(tasks, updates):
+            self._inject_faults(task, update)
+            status = {"train_loss": update.train_loss, "has_client_state": update.client_state is not None,
+                      "pid": os.getpid(), "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
+                      "started": started, "finished": time.time(), "cohort": len(tasks), "notes": notes}
+            returned += [update, update.client_state, status]
+        return returned
+
     def _inject_faults(self, task: ClientTask, update: ClientUpdate) -> None:
         faults = self.config.faults
         if task.client_id in faults.nan_upload_clients:
@@ -79,6 +100,7 @@ class ClientFleet:
         self.per_client = config.resources.actor_mode == "per_client"
         self.actors: dict[int, Any] = {}
         self.generation = 0  # part of the actor name, so a replacement never collides with a dying actor
+        self.notes_shown: set[str] = set()
         self.size = config.federation.num_clients if self.per_client else self._pool_size(cluster_cpus)
         self.actor_cpus = self._actor_cpus(cluster_cpus)
 
@@ -93,7 +115,7 @@ class ClientFleet:
         res = self.config.resources
         if res.pool_size is not None or cluster_cpus is None:
             return self.config.pool_size
-        per_round = self.config.federation.clients_per_round
+        per_round = self.config.cohorts_per_round
         fit = max(1, int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9))
         if fit >= per_round or not self._can_share_cores():
             return min(per_round, fit)
@@ -133,8 +155,8 @@ class ClientFleet:
         them, so that they load their models while the parameter server loads its own: on a fresh run that
         overlaps the two start-ups, the larger part of a short run's time. In a pool these are its first
         min(m, pool) slots; per client, those clients' own actors (the others start when first sampled)."""
-        for position, client in enumerate(clients):
-            self.actor(self.slot(client, position))
+        for position, cohort in enumerate(cohorts(clients, self.cohort_size())):
+            self.actor(self.slot(cohort[0], position))
 
     def wait_ready(self, placements: list[tuple[ClientTask, int]]) -> None:
         """Block until the actors for these (task, position) pairs have started (loaded their model).
@@ -143,10 +165,31 @@ class ClientFleet:
         pings = [self.actor(slot).ping.remote() for slot in slots]
         ray.wait(pings, num_returns=len(pings))
 
-    def submit(self, task: ClientTask, position: int, state_ref, client_state_ref):
-        """(update, client state, status) refs of one client's local training."""
-        actor = self.actor(self.slot(task.client_id, position))
-        return actor.train.options(num_returns=3).remote(task, state_ref, client_state_ref)
+    def submit(self, cohort: list[ClientTask], position: int, state_ref, client_state_refs: list) -> list[tuple]:
+        """(update, client state, status) refs of each client of a cohort (one client: its own local training),
+        run by the actor of the cohort's first client (per client) or of its position (pool)."""
+        actor = self.actor(self.slot(cohort[0].client_id, position))
+        if len(cohort) == 1:
+            return [tuple(actor.train.options(num_returns=3).remote(cohort[0], state_ref, client_state_refs[0]))]
+        refs = actor.train_cohort.options(num_returns=3 * len(cohort)).remote(cohort, state_ref, *client_state_refs)
+        return [tuple(refs[i:i + 3]) for i in range(0, len(refs), 3)]
+
+    def show_notes(self, notes) -> None:
+        """Print each line an actor reported about its cohorts (trained one by one, cut to fit) once per run."""
+        for line in notes:
+            if line not in self.notes_shown:
+                self.notes_shown.add(line)
+                print(f"ravan-ray: {line}", file=sys.stderr, flush=True)
+
+    def cohort_size(self) -> int:
+        """resources.cohort_size, with ``auto`` resolved: each actor trains its share of the round as one cohort
+        (cut to what fits in memory inside the actor), i.e. the round's clients over the actors that serve it."""
+        size = self.config.resources.cohort_size
+        if size != "auto":
+            return int(size)
+        per_round = self.config.federation.clients_per_round
+        serving = per_round if self.per_client else min(self.size, per_round)
+        return max(1, -(-per_round // serving))
 
     def replace(self, client_id: int, position: int) -> None:
         """Forget (and kill) the actor behind a failed or straggling task; it is recreated on next use."""

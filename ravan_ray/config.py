@@ -58,6 +58,9 @@ class ModelConfig(_Section):
     dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
     # Recompute activations in the backward pass instead of keeping them: less memory, ~30% more compute.
     gradient_checkpointing: bool = False
+    # The probability of every dropout layer in training; None keeps the checkpoint's. 0 makes local training a
+    # deterministic function of the batches (cohort and one-by-one training then agree to float rounding).
+    dropout: Optional[float] = Field(None, ge=0, lt=1)
 
 
 class PartitionConfig(_Section):
@@ -225,6 +228,17 @@ class ResourcesConfig(_Section):
     # (benchmarks/RESULTS.md). Turn it on where loading does not map the file (transformers reads
     # checkpoints on hf-mount FUSE into memory) or for models built in memory.
     share_frozen_weights: bool = False
+    # Clients of a round an actor trains together through one forward pass of the frozen base (ravan_ray/cohort.py):
+    # the round's sorted clients in fixed chunks of this size. 1: each alone (the CPU default: a cohort is not faster
+    # on a few cores); "auto": every client of the round in one cohort, cut to what fits in memory (for GPUs).
+    cohort_size: Union[int, Literal["auto"]] = 1
+
+    @field_validator("cohort_size")
+    @classmethod
+    def _positive_cohort(cls, value):
+        if value != "auto" and value < 1:
+            raise ValueError("must be an integer >= 1 or 'auto'")
+        return value
 
 
 class OutputConfig(_Section):
@@ -334,7 +348,15 @@ class RunConfig(_Section):
 
     @property
     def pool_size(self) -> int:
-        return self.resources.pool_size or self.federation.clients_per_round
+        return self.resources.pool_size or self.cohorts_per_round
+
+    @property
+    def cohorts_per_round(self) -> int:
+        """The cohorts a round's clients make (ravan_ray/cohort.py): one per client at cohort_size 1. With
+        ``auto`` each actor of the pool trains one, so the pool then counts a cohort per client."""
+        size = self.resources.cohort_size
+        per_round = self.federation.clients_per_round
+        return per_round if size == "auto" else -(-per_round // int(size))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

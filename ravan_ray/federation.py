@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from actors import ClientFleet, ParameterServer
 from ravan_ray.budgets import client_levels, heads_for_level
 from ravan_ray.checkpoints import latest_checkpoint, load_checkpoint
+from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
 from ravan_ray.methods.base import ClientTask
@@ -387,11 +388,15 @@ class RoundOutcome:
 
 def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_state_refs: dict[int, Any],
                 fed) -> RoundOutcome:
-    """Dispatch the round's client tasks; drop stragglers past the timeout; skip or retry dead clients.
+    """Dispatch the round's client tasks, in cohorts of ``resources.cohort_size`` (fixed chunks of the sorted
+    client ids, so which clients train together never depends on the actors); drop stragglers past the timeout;
+    skip or retry dead clients (a cohort fails, is dropped and is retried as a whole).
 
     The updates themselves stay in the object store and go straight to the server; the driver only
     fetches each client's small status (its loss) to learn whether it finished."""
-    pending = {t.client_id: (t, pos) for pos, t in enumerate(tasks)}
+    by_id = {t.client_id: t for t in tasks}
+    pending = {position: [by_id[c] for c in members]
+               for position, members in enumerate(cohorts([t.client_id for t in tasks], fleet.cohort_size()))}
     done: dict[int, tuple[Any, Any, dict]] = {}
     failed = dropped = 0
     log: list[dict[str, Any]] = []
@@ -401,33 +406,46 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
         if not pending:
             break
         if fed.round_timeout_s is not None:  # the timeout is for training, not for an actor loading its model
-            fleet.wait_ready(list(pending.values()))
-        refs = {cid: fleet.submit(t, pos, state_ref, client_state_refs.get(t.client_id))
-                for cid, (t, pos) in pending.items()}
+            fleet.wait_ready([(cohort[0], position) for position, cohort in pending.items()])
+        refs, position_of = {}, {}
+        for position, cohort in pending.items():
+            triples = fleet.submit(cohort, position, state_ref, [client_state_refs.get(t.client_id) for t in cohort])
+            for task, triple in zip(cohort, triples):
+                refs[task.client_id], position_of[task.client_id] = triple, position
         status_refs = {refs[cid][2]: cid for cid in refs}
         ready, late = ray.wait(list(status_refs), num_returns=len(status_refs), timeout=fed.round_timeout_s)
+        replaced: set[int] = set()  # a cohort's actor is restarted once, however many of its clients failed
         for ref in late:  # stragglers: drop this round, restart their actor so it does not lag next round
             cid = status_refs[ref]
             dropped += 1
             log.append({"round": round_index, "client": cid, "status": "dropped"})
-            fleet.replace(cid, pending.pop(cid)[1])
-        still_pending = {}
+            position = position_of[cid]
+            if position not in replaced:
+                fleet.replace(pending[position][0].client_id, position)
+                replaced.add(position)
+        late_positions = {position_of[status_refs[ref]] for ref in late}
+        still_pending: dict[int, list[ClientTask]] = {}
         for ref in ready:
             cid = status_refs[ref]
+            position = position_of[cid]
             try:
                 status = ray.get(ref)
             except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
                 failed += 1  # counted even when the retry succeeds: the failure happened
                 log.append({"round": round_index, "client": cid, "status": "failed"})
-                fleet.replace(cid, pending[cid][1])
-                still_pending[cid] = pending[cid]
+                if position not in replaced:
+                    fleet.replace(pending[position][0].client_id, position)
+                    replaced.add(position)
+                if position not in late_positions:
+                    still_pending.setdefault(position, []).append(by_id[cid])
                 continue
+            fleet.show_notes(status.get("notes", ()))
             done[cid] = (refs[cid][0], refs[cid][1], status)
             log.append({"round": round_index, "client": cid, "status": "ok", "train_loss": status["train_loss"],
                         "seconds": status["finished"] - status["started"], "started": status["started"],
                         "finished": status["finished"], "pid": status["pid"],
                         "gpu_ids": ";".join(map(str, status["gpu_ids"]))})
-        pending = still_pending
+        pending = {position: sorted(cohort, key=lambda t: t.client_id) for position, cohort in still_pending.items()}
     ids = sorted(done)
     return RoundOutcome(
         update_refs=[done[c][0] for c in ids],

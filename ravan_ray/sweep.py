@@ -349,7 +349,7 @@ def _plain(value: Any) -> Any:
 
 def trial_config(base: dict[str, Any], sampled: dict[str, Any], where: str = "trial config") -> RunConfig:
     """The RunConfig of one trial: the base with the sampled dotted keys set. In pool mode an unset
-    pool_size is pinned to clients_per_round, so the reservation and the actors agree whatever the cluster."""
+    pool_size is pinned to the round's cohorts (its clients at cohort_size 1), so the reservation and the actors agree whatever the cluster."""
     values = copy.deepcopy(base)
     for key, value in sorted(sampled.items()):
         node = values
@@ -365,7 +365,7 @@ def trial_config(base: dict[str, Any], sampled: dict[str, Any], where: str = "tr
     except ConfigError as error:
         raise SweepError(f"{where}: {error}") from None
     if config.resources.actor_mode == "pool" and config.resources.pool_size is None:
-        config.resources.pool_size = config.federation.clients_per_round
+        config.resources.pool_size = config.cohorts_per_round
     return config
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import warnings
 from typing import Any, Optional
 
@@ -58,6 +59,9 @@ def preflight(config: RunConfig, task_info: dict[str, Any]) -> dict:
     method = build_method(config)
     method.check_privacy()
     method.wrap_model(skeleton)
+    if config.resources.cohort_size != 1 and method.cohort_blocker is not None:
+        print(f"ravan-ray: {method.name} trains a round's clients one by one, not in cohorts ({method.cohort_blocker})",
+              file=sys.stderr)
     return {**method.resolved(), "lr": method.lr, "target_modules": list(config.model.target_modules)}
 
 
@@ -101,6 +105,11 @@ class ModelHost:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.model.dropout is not None:
+            # every dropout layer, attention's included (transformers reads its probability from the module)
+            for module in self.model.modules():
+                if isinstance(module, nn.Dropout):
+                    module.p = float(config.model.dropout)
         self.device = pick_device()
         self.model.to(self.device)
         params = dict(self.model.named_parameters())
@@ -156,7 +165,7 @@ class ModelHost:
         else:
             for batch in batches:
                 optimizer.zero_grad(set_to_none=True)
-                loss = self._loss(data, batch)
+                loss = self._objective(data, batch)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(optimizer)
                 self.scaler.update()
@@ -209,6 +218,21 @@ class ModelHost:
     def _loss(self, data: Batch, rows: torch.Tensor) -> torch.Tensor:
         with self.autocast():
             return self.task.loss(self.model, self.task.batch(data, rows.numpy(), self.device))
+
+    def _objective(self, data: Batch, rows: torch.Tensor) -> torch.Tensor:
+        """What a local step minimises: the task's loss on these rows plus the method's penalty, if it has one."""
+        with self.autocast():
+            loss = self.task.loss(self.model, self.task.batch(data, rows.numpy(), self.device))
+            penalty = self.method.local_penalty(self.model)
+            return loss if penalty is None else loss + penalty
+
+    def train_cohort(self, tasks: list[ClientTask], state: State, client_states: list[Optional[State]],
+                     datas: list[Batch], announce=lambda line: None) -> list[ClientUpdate]:
+        """Train several clients of one round in lockstep through shared forward passes (ravan_ray/cohort.py);
+        their updates, in the order of ``tasks``, equal their one-by-one updates to float rounding (dropout aside)."""
+        from ravan_ray.cohort import train_cohort
+
+        return train_cohort(self, tasks, state, client_states, datas, announce)
 
     # ----------------------------------------------------------------- global model
     @torch.no_grad()

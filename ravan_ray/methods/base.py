@@ -93,6 +93,10 @@ class FederatedMethod(ABC):
     #: FedEx-LoRA, FLoRA, FlexLoRA and Fed-SB's warm-up do). Those weights are then private, float32 copies
     #: in every process; otherwise they stay shared and in the base's dtype (a bfloat16 base stays bfloat16).
     changes_base_weights: ClassVar[bool] = False
+    #: Why this method's clients cannot share one forward pass in a cohort (``resources.cohort_size`` > 1), or None
+    #: when they can (ravan_ray/cohort.py): full fine-tuning trains a full copy of every weight per client.
+    cohort_blocker: ClassVar[Optional[str]] = None
+
     def __init__(self, config: RunConfig):
         self.config = config
         self.seed = config.seed
@@ -181,6 +185,12 @@ class FederatedMethod(ABC):
         Returns metadata kept in the update (e.g. the selected heads)."""
         self.train_head(model)
         return {}
+
+    def local_penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """override: a term added to the client's loss at every local step (and reported in train_loss), a function of
+        the client's trainable tensors rather than of its data (HetLoRA's rank-pruning penalty). It reads the layers
+        through the model, so a cohort evaluates it on each client's own tensors. Default: None (no term)."""
+        return None
 
     def upload(self, model: nn.Module, task: ClientTask, meta: dict) -> tuple[State, Optional[State]]:
         """override: (communicated tensors, client-local state) after local training."""

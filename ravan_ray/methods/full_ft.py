@@ -35,6 +35,7 @@ class FullFT(FederatedMethod):
     name = "full_ft"
     exact = True
     default_lr = 5e-5  # all weights move: the adapters' learning rate collapses it to chance
+    cohort_blocker = "full fine-tuning trains a full copy of every weight per client"
 
     def __init__(self, config):
         super().__init__(config)

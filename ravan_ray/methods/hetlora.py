@@ -23,7 +23,7 @@ Choices the paper leaves open:
 - hyper-parameters: ``method.hetlora_gamma`` (decay factor, 0.99 by default: one rank of 8 at a time;
   1 turns pruning off) and ``method.hetlora_lambda`` (penalty weight, 0.01 by default; this value is this
   project's choice, 0 keeps the norm rule but drops the penalty). The penalty is added to the loss the
-  clients minimise (and report as train_loss) through a forward hook on the model during local training;
+  clients minimise (and report as train_loss) at every local step (``local_penalty``);
 - pruning and the norm rule act per adapted layer (the paper states them for one weight matrix); a client of
   rank 1 in a layer cannot prune further there;
 - the sparsity weights: ``method.hetlora_norm: layer`` (default) computes p_c per adapted layer from that
@@ -96,7 +96,6 @@ class HetLoRA(HeterogeneousRankLoRA):
         super().__init__(config)
         self._pruned: dict[str, int] = {}  # the client's ranks after its earlier pruning (its client state)
         self._tails: dict[str, tuple[int, int, float]] = {}  # layer -> (start, stop, tail norm at the start)
-        self._penalty: Optional[torch.utils.hooks.RemovableHandle] = None
 
     def client_rank(self, level: float, layer: str) -> int:
         rank = super().client_rank(level, layer)
@@ -104,7 +103,6 @@ class HetLoRA(HeterogeneousRankLoRA):
 
     # ----------------------------------------------------------------- client
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
-        self._remove_penalty()  # a task interrupted in this process may have left it
         self._pruned = {} if client_state is None else {
             layer: int(client_state[rank_key(layer)]) for layer in self.ranks if rank_key(layer) in client_state}
         super().load_state(model, state, client_state)
@@ -126,20 +124,19 @@ class HetLoRA(HeterogeneousRankLoRA):
             start = tail_start(rank, self.config.method.hetlora_gamma)
             if start < rank:
                 self._tails[name] = (start, rank, float(tail_norm(layer, start, rank).detach()))
-        lam = self.config.method.hetlora_lambda
-        if lam > 0 and self._tails:
-            def add_penalty(module, args, output):
-                if getattr(output, "loss", None) is not None:
-                    penalty = sum(tail_norm(layers[n], start, stop) for n, (start, stop, _) in self._tails.items())
-                    output["loss"] = output.loss + lam * penalty
-                return output
-
-            self._penalty = model.register_forward_hook(add_penalty)
         return meta
+
+    def local_penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
+        """lambda x the sum over layers of ||B_tail||_F ||A_tail||_F: the ranks the client may prune are pushed
+        towards zero while it trains."""
+        lam = self.config.method.hetlora_lambda
+        if lam <= 0 or not self._tails:
+            return None
+        layers = self.adapted_modules(model)
+        return lam * sum(tail_norm(layers[n], start, stop) for n, (start, stop, _) in self._tails.items())
 
     def upload(self, model: nn.Module, task: ClientTask, meta: dict) -> tuple[State, Optional[State]]:
         """Prune where the norm rule says so, then upload the (possibly pruned) first ranks."""
-        self._remove_penalty()
         layers = self.adapted_modules(model)
         pruned = {}
         for name, (start, stop, before) in self._tails.items():
@@ -151,11 +148,6 @@ class HetLoRA(HeterogeneousRankLoRA):
         tensors, _ = super().upload(model, task, meta)
         ranks = {rank_key(name): torch.tensor(rank, dtype=torch.int64) for name, rank in meta["rank"].items()}
         return tensors, ranks
-
-    def _remove_penalty(self) -> None:
-        if self._penalty is not None:
-            self._penalty.remove()
-            self._penalty = None
 
     # ----------------------------------------------------------------- server
     def sparsity_norm(self, update: ClientUpdate, layer: str) -> float:

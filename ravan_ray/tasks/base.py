@@ -64,6 +64,14 @@ def rows_in(arrays: Arrays) -> int:
     return len(next(iter(arrays.values())))
 
 
+def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, (the cross-entropy summed over its target tokens, their number): labels of -100 do not count.
+    transformers' token-mean loss of a batch is the sum of the first over the sum of the second."""
+    per_token = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100,
+                                                  reduction="none")
+    return per_token.sum(1), (labels != -100).sum(1).to(per_token.dtype)
+
+
 class Task(ABC):
     """Base class of every task. Subclasses set the class attributes and override ``prepare`` and
     ``evaluate`` (and ``batch`` / ``loss`` where plain HF inputs and ``model(**inputs).loss`` do not fit)."""
@@ -131,6 +139,32 @@ class Task(ABC):
 
     def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).loss
+
+    def row_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                   widths: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """override: per row of one forward pass, (loss summed over what the row counts, what it counts: 1 for a
+        classified row, its target tokens for a generated one), such that any group of rows' sums over its counts is
+        :meth:`loss` of that group alone. A cohort (ravan_ray/cohort.py) takes each client's loss from them.
+        ``widths``: per row, the token width of its client's own batch (a cohort pads to its widest). None: the task
+        has none, and a cohort's clients train one by one."""
+        return None
+
+    def collate(self, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Several clients' batches as one: rows concatenated, token arrays right-padded to the widest (token ids
+        with the pad token, which decoder-only classifiers look for; labels with -100, which no loss counts;
+        masks with 0, so no real token attends to the padding)."""
+        merged = {}
+        for key in parts[0]:
+            tensors = [part[key] for part in parts]
+            if tensors[0].dim() >= 2 and key in self.padded_keys:
+                width = max(t.shape[1] for t in tensors)
+                fill = {"input_ids": self.info.get("pad_token_id", 0), "labels": -100}.get(key, 0)
+                tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=fill) for t in tensors]
+            merged[key] = torch.cat(tensors)
+        return merged
+
+    #: the token arrays whose second axis is the sequence (padded by :meth:`collate`)
+    padded_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids", "labels")
 
     @abstractmethod
     def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:
@@ -238,6 +272,13 @@ class ClassificationTask(Task):
         self.info["label_names"] = names
         ends = np.cumsum([len(raw[s]) for s in names_in_order])
         return dict(zip(names_in_order, np.split(ids, ends[:-1]))), names
+
+    def row_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                   widths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's cross-entropy (transformers' single-label classification loss, before its mean)."""
+        logits = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        losses = torch.nn.functional.cross_entropy(logits.float(), inputs["labels"], reduction="none")
+        return losses, torch.ones_like(losses)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:

@@ -40,7 +40,7 @@ from torch import nn
 
 from ravan_ray.data import DataError, Splits, as_texts
 from ravan_ray.models import load_tokenizer
-from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, greedy_exact_match, object_array
+from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, greedy_exact_match, object_array, token_losses
 
 # Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -181,6 +181,13 @@ class CausalLM(Task):
     # ----------------------------------------------------------------- every process
     def model_overrides(self) -> dict[str, Any]:
         return {"pad_token_id": self.info["pad_token_id"]}
+
+    def row_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                   widths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the next-token cross-entropy summed over its response tokens, and their number (the model
+        predicts token t + 1 from the tokens up to t, as transformers' causal LM loss shifts its labels)."""
+        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+        return token_losses(logits[:, :-1], inputs["labels"][:, 1:])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -48,6 +48,25 @@ class QuestionAnswering(Task):
     metrics = {"test_exact_match": "max", "test_f1": "max", "test_loss": "min"}
     primary_metric = "test_f1"
     input_keys = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
+
+    def row_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                   widths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per window, the mean of the start and end positions' cross-entropies (transformers' QA loss before its
+        mean over windows). The softmax runs over every position of the batch, padding included, as it does in
+        training alone; in a cohort, positions past the width of a window's own client batch are left out, so each
+        client's loss is the one it computes alone."""
+        out = model(**{k: v for k, v in inputs.items() if k not in ("start_positions", "end_positions")})
+        width = out.start_logits.shape[1]
+        losses = []
+        for logits, key in ((out.start_logits, "start_positions"), (out.end_logits, "end_positions")):
+            logits = logits.float()
+            if widths is not None:
+                outside = torch.arange(width, device=logits.device)[None, :] >= widths.to(logits.device)[:, None]
+                logits = logits.masked_fill(outside, torch.finfo(logits.dtype).min)
+            losses.append(torch.nn.functional.cross_entropy(logits, inputs[key].clamp(0, width), ignore_index=width,
+                                                            reduction="none"))
+        per_row = (losses[0] + losses[1]) / 2
+        return per_row, torch.ones_like(per_row)
 
     def prepare(self) -> TaskData:
         d = self.config.data

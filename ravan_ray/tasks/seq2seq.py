@@ -18,7 +18,7 @@ generation, test_accuracy empty).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from torch import nn
 
 from ravan_ray.data import DataError, as_texts, encode_labels, is_class_id, tokenize
 from ravan_ray.models import load_tokenizer
-from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, greedy_exact_match, object_array, take, to_device
+from ravan_ray.tasks.base import (Arrays, Task, TaskData, batches, greedy_exact_match, object_array, take, to_device,
+                                  token_losses)
 from ravan_ray.tasks.causal_lm import IGNORE
 
 
@@ -90,6 +91,12 @@ class Seq2Seq(Task):
         length = max(1, int((labels != IGNORE).sum(axis=1).max()))  # targets are right-padded too
         inputs["labels"] = to_device(np.ascontiguousarray(labels[:, :length]), device)
         return inputs
+
+    def row_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor],
+                   widths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the target tokens' cross-entropy summed, and their number (the model builds its decoder
+        inputs from the labels, shifted right, as in training alone)."""
+        return token_losses(model(**inputs).logits, inputs["labels"])
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:

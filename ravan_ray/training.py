@@ -40,6 +40,17 @@ def make_optimizer(config: RunConfig, params: list[nn.Parameter], lr: float) -> 
     return torch.optim.SGD(params, lr=lr, weight_decay=opt.weight_decay)
 
 
+def set_dropout(model: nn.Module, probability: float) -> None:
+    """Every dropout of the model at ``probability``: its nn.Dropout layers, and the probabilities attention modules
+    keep as plain numbers and pass to the attention kernel (T5's ``dropout``, LLaMA's ``attention_dropout``)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = probability
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, probability)
+
+
 def with_targets(config: RunConfig, model: nn.Module) -> RunConfig:
     """The config with ``model.target_modules`` resolved: an unset one becomes the model's own attention
     query and value projections (:func:`ravan_ray.models.default_targets`)."""
@@ -106,10 +117,7 @@ class ModelHost:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.model.dropout is not None:
-            # every dropout layer, attention's included (transformers reads its probability from the module)
-            for module in self.model.modules():
-                if isinstance(module, nn.Dropout):
-                    module.p = float(config.model.dropout)
+            set_dropout(self.model, float(config.model.dropout))
         self.device = pick_device()
         self.model.to(self.device)
         params = dict(self.model.named_parameters())

@@ -93,6 +93,9 @@ class FederatedMethod(ABC):
     #: FedEx-LoRA, FLoRA, FlexLoRA and Fed-SB's warm-up do). Those weights are then private, float32 copies
     #: in every process; otherwise they stay shared and in the base's dtype (a bfloat16 base stays bfloat16).
     changes_base_weights: ClassVar[bool] = False
+    #: This method's own ablations, for ``ravan-ray report``: config key -> what a table over it compares
+    #: ("Final score per <that>"), beside the tables every method gets (per task, method, budget mix, partition).
+    report_tables: ClassVar[dict[str, str]] = {}
     def __init__(self, config: RunConfig):
         self.config = config
         self.seed = config.seed

@@ -26,11 +26,13 @@ validation numbers), and that configuration's test score is reported (mean ± st
 protocol; ``selected.csv`` and ``candidates.csv`` hold the numbers. The top two per column are compared
 per seed with a Student-t interval (scipy.stats.t) on the mean paired difference.
 
-For the heads plot, N is the per-matrix trainable budget and d the adapted matrices' dimension, read from
-the run's ``resolved.method`` record (``budget_per_matrix``, ``layer_shapes``) when the driver wrote them
-there, else N from the config (``method.budget``, or r_L (d_in + d_out) for ``method.lora_rank``) and d
-from the model (``tiny-bert``: 32, ``minilm``: 384, or the Hugging Face config's hidden size when it is
-available offline).
+Tables: per task, method, budget mix and data partition for every report, and one per ablation each
+method declares for its own runs (``FederatedMethod.report_tables``: Ravan's heads, initialisation, head
+scoring, scaling). For the heads plot, N is the per-matrix trainable budget and d the adapted matrices'
+dimension of the narrowest adapted layer, as the method recorded them in the run's ``resolved.method``
+(``budget_per_matrix``, ``layer_shapes``); a run without that record gets N from the budget rule every
+method shares (ravan_ray/methods/budget.py) and d from the model's config where it is available offline.
+The marker is where Ravan's heads reach full rank (``full_rank_heads``, sqrt(N h) = d).
 
 The rooms: ``runs.py`` reads run directories, ``tables.py`` groups them into configurations and writes
 markdown tables, ``selection.py`` selects on the validation split, ``plots.py`` draws the PNGs (and a run's
@@ -47,8 +49,8 @@ from ravan_ray.report.plots import plot_budget_mix, plot_heads, plot_per_round, 
 from ravan_ray.report.runs import (ReportError, display, find_runs, in_percent, metric_label, read_runs, score_name,
                                    task_metrics)
 from ravan_ray.report.selection import choose, select_configurations, selection_markdown
-from ravan_ray.report.tables import TABLES, markdown_table, pivot_markdown, score_cell, short_name, summarise, \
-    varying_keys
+from ravan_ray.report.tables import (markdown_table, pivot_markdown, report_tables, score_cell, short_name,
+                                     summarise, varying_keys)
 
 __all__ = ["ReportError", "choose", "find_runs", "markdown_table", "plot_run", "read_runs", "select_configurations",
            "summarise", "write_report"]
@@ -115,7 +117,7 @@ def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequen
     lines += [markdown_table(header, table), ""]
 
     skipped, single = [], []
-    for title, row_keys in TABLES:
+    for title, row_keys in report_tables(runs):
         present = [k for k in row_keys if k in keys]
         if not present:
             single.append(" / ".join(f"`{k}`" for k in row_keys))

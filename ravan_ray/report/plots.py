@@ -135,12 +135,14 @@ def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path:
         std = scale * part[f"final_{score}_std"].fillna(0.0).to_numpy(float)
         ax.errorbar(h, gain, yerr=std, marker="o", capsize=3, label=label or None)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    # sqrt(N h) = d  <=>  h = d^2 / N: past it the update's total rank can no longer grow
+    from ravan_ray.methods.budget import full_rank_heads
+
+    # past full_rank_heads the update's total rank can no longer grow
     ticks = {int(v) for v in summary[heads].astype(float)}
     marks = runs[["d_model", "budget_per_matrix"]].dropna().drop_duplicates()
     for _, mark in marks.iterrows():
-        h_star = float(mark["d_model"]) ** 2 / float(mark["budget_per_matrix"])
         n, d = int(mark["budget_per_matrix"]), int(mark["d_model"])
+        h_star = full_rank_heads(n, d)
         ax.axvline(h_star, color="red", linestyle="--", linewidth=1,
                    label=f"sqrt(N h) = d at h = {h_star:.3g}\n(N = {n}, d = {d})")
         ticks.add(round(h_star, 1) if h_star != int(h_star) else int(h_star))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import pandas as pd
@@ -13,7 +14,6 @@ import pandas as pd
 from ravan_ray.config import RESOLVED_KEY, ConfigError, read_yaml
 
 RUN_FILES = ("metrics.csv", "config.yaml", "summary.json")
-KNOWN_DIMS = {"tiny-bert": 32, "minilm": 384}
 TRAFFIC_COLUMNS = ["total_uplink_bytes", "total_downlink_bytes", "wall_s"]
 LOWER_IS_BETTER = ("loss", "perplexity")  # metric name endings that are not fractions shown in %
 
@@ -59,38 +59,43 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def model_dim(config: dict[str, Any]) -> Optional[int]:
-    """d: the adapted matrices' dimension (min(d_in, d_out), the rank ceiling)."""
-    resolved = config.get(RESOLVED_KEY) or {}
-    for section in (resolved.get("method") or {}, resolved.get("model") or {}, resolved):
-        shapes = section.get("layer_shapes")
-        if isinstance(shapes, dict) and shapes:
-            return int(min(min(shape) for shape in shapes.values()))
-        for key in ("d_model", "hidden_size"):
-            if isinstance(section.get(key), (int, float)):
-                return int(section[key])
-    name = (config.get("model") or {}).get("name")
-    if name in KNOWN_DIMS:
-        return KNOWN_DIMS[name]
-    try:
-        from transformers import AutoConfig
+def method_record(config: dict[str, Any]) -> dict[str, Any]:
+    """What the run's method recorded about itself (config.yaml's ``resolved.method``: ranks, the adapted layers'
+    shapes [d_out, d_in] and per-matrix budgets N, ...)."""
+    return (config.get(RESOLVED_KEY) or {}).get("method") or {}
 
-        hf = AutoConfig.from_pretrained(name, local_files_only=True)
-        return int(getattr(hf, "hidden_size", None) or getattr(hf, "d_model", None) or hf.n_embd)
-    except Exception:  # not available offline: the heads plot then goes without its marker
-        return None
+
+def _narrowest_layer(record: dict[str, Any]) -> Optional[str]:
+    shapes = record.get("layer_shapes")
+    return min(shapes, key=lambda name: min(shapes[name])) if isinstance(shapes, dict) and shapes else None
+
+
+def model_dim(config: dict[str, Any]) -> Optional[int]:
+    """d: the adapted matrices' dimension (min(d_in, d_out), the rank ceiling) of the narrowest adapted layer,
+    as the method recorded it; for a run without that record, the model's hidden size where its config is
+    available offline (None otherwise: the heads plot then goes without its marker)."""
+    record = method_record(config)
+    layer = _narrowest_layer(record)
+    if layer is not None:
+        return int(min(record["layer_shapes"][layer]))
+    from ravan_ray.models import offline_hidden_size
+
+    return offline_hidden_size((config.get("model") or {}).get("name"))
 
 
 def per_matrix_budget(config: dict[str, Any], d: Optional[int]) -> Optional[int]:
-    """N, as the driver recorded it (``resolved.method.budget_per_matrix``) or from the config."""
-    recorded = ((config.get(RESOLVED_KEY) or {}).get("method") or {}).get("budget_per_matrix")
-    if isinstance(recorded, (int, float)):
-        return int(recorded)
+    """N of the narrowest adapted layer, as the method recorded it (``budget_per_matrix``); for a run without
+    that record, the budget rule every method shares (ravan_ray/methods/budget.py) on a d x d matrix."""
+    record = method_record(config)
+    recorded = record.get("budget_per_matrix")
+    if isinstance(recorded, dict) and _narrowest_layer(record) in recorded:
+        return int(recorded[_narrowest_layer(record)])
+    from ravan_ray.methods.budget import per_matrix_budget as shared_rule
+
     method = config.get("method") or {}
-    if method.get("budget"):
-        return int(method["budget"])
-    if method.get("lora_rank") and d:
-        return int(method["lora_rank"]) * 2 * d  # r_L (d_in + d_out) for the square q / v projections
+    settings = SimpleNamespace(budget=method.get("budget"), lora_rank=method.get("lora_rank"))
+    if settings.budget or (settings.lora_rank and d):
+        return shared_rule(settings, d, d)
     return None
 
 
@@ -110,7 +115,7 @@ def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple
         row = {"run": label, "run_dir": str(run_dir)}
         row.update(_flatten({k: v for k, v in config.items() if k != RESOLVED_KEY}))
         if row.get("optimizer.lr") is None:  # unset: the method's default, which the run recorded
-            row["optimizer.lr"] = (config.get(RESOLVED_KEY) or {}).get("method", {}).get("lr")
+            row["optimizer.lr"] = method_record(config).get("lr")
         row.update({k: summary.get(k) for k in ("rounds", "total_uplink_bytes", "total_downlink_bytes", "wall_s")})
         row["metric"] = summary.get("metric", "test_accuracy")  # runs from before tasks had a metric name
         row.update({k: v for k, v in summary.items() if k.startswith(("final_", "best_"))})

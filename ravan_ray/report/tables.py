@@ -19,17 +19,28 @@ SHORT_NAMES = {
     "method.scoring": "scoring", "method.scaling": "scaling", "method.lora_rank": "lora rank",
     "method.budget": "budget", "optimizer.lr": "lr", "model.name": "model", "data.name": "data",
 }
-# (title, the keys that form the table's rows); the other differing keys become its columns.
-TABLES = [  # "score" in a title becomes the score's name ("test accuracy")
+# (title, the keys that form the table's rows); the other differing keys become its columns. "score" in a title
+# becomes the score's name ("test accuracy"). Each method's own ablations (FederatedMethod.report_tables) come
+# between the federation's tables and the data's.
+FEDERATION_TABLES = [
     ("Final score per task", ["model.task"]),
     ("Final score per method", ["method.name"]),
     ("Final score per budget mix and method", ["compute.distribution"]),
-    ("Final score per number of heads", ["method.heads"]),
-    ("Final score per initialisation", ["method.init"]),
-    ("Final score per head scoring", ["method.scoring"]),
-    ("Final score per scaling", ["method.scaling"]),
-    ("Final score per data partition", ["data.partition.kind", "data.partition.alpha"]),
 ]
+DATA_TABLES = [("Final score per data partition", ["data.partition.kind", "data.partition.alpha"])]
+
+
+def report_tables(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    """The tables a report over ``runs`` may hold: every method's, and those of the runs' methods."""
+    from ravan_ray.methods import method_class
+
+    ablations: dict[str, str] = {}
+    for name in in_order(list(runs["method.name"].dropna().unique())) if "method.name" in runs else []:
+        try:
+            ablations.update(method_class(str(name)).report_tables)
+        except ValueError:  # a method this version does not know: its runs still get the shared tables
+            continue
+    return FEDERATION_TABLES + [(f"Final score per {what}", [key]) for key, what in ablations.items()] + DATA_TABLES
 
 
 def varying_keys(runs: pd.DataFrame) -> list[str]:

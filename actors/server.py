@@ -62,9 +62,6 @@ class ParameterServer:
         # Methods return a new state from aggregate() and never change an old one, so keeping the object is enough.
         self.held: dict[int, State] = {}
 
-    def resolved(self) -> dict[str, Any]:
-        return self.method.resolved()
-
     def broadcast(self, clients: list[int]) -> tuple[State, int]:
         """The state to send this round and the downlink bytes it costs for these sampled clients (a method may
         charge a client that missed rounds more than one that took part in the last)."""

@@ -201,14 +201,51 @@ def _check_linear(base: nn.Module, cls: str) -> None:
 
 
 class _MergeableAdapter(nn.Module):
-    """What RavanLinear and LoRALinear share: a frozen ``base`` linear plus ``delta_weight()``, and the
-    merge / unmerge / effective-rank operations defined on that pair."""
+    """What RavanLinear and LoRALinear share: a frozen ``base`` linear plus ``delta_weight()``, the
+    merge / unmerge / effective-rank operations defined on that pair, the shape (``rank``, ``d_in``,
+    ``d_out``), and the copy and load of the ``trainable_names`` tensors a client uploads."""
 
     base: nn.Linear
     merged: bool
+    _rank: int
+    _d_in: int
+    _d_out: int
+    #: The parameters a client trains and uploads: what trainable_state() copies and load_trainable_state() sets.
+    trainable_names: tuple[str, ...] = ()
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def d_in(self) -> int:
+        return self._d_in
+
+    @property
+    def d_out(self) -> int:
+        return self._d_out
 
     def delta_weight(self) -> Tensor:  # pragma: no cover - every subclass defines it
         raise TypeError(f"{type(self).__name__} must define delta_weight()")
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {name: getattr(self, name).detach().clone() for name in self.trainable_names}
+
+    @torch.no_grad()
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        """Load some or all of the trainable tensors (a missing key leaves that tensor as it is)."""
+        self._refuse_if_merged("load_trainable_state")
+        unknown = sorted(set(state) - set(self.trainable_names))
+        if unknown or not state:
+            raise ValueError(f"trainable state keys must be among {list(self.trainable_names)}, got {sorted(state)}")
+        for name, value in state.items():
+            param = getattr(self, name)
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{name}: expected shape {tuple(param.shape)}, got {tuple(value.shape)} "
+                    f"(was it saved with different heads/rank or from another layer?)"
+                )
+            param.copy_(value)
 
     def effective_rank(self) -> float:
         return effective_rank(self.delta_weight())
@@ -247,6 +284,8 @@ class RavanLinear(_MergeableAdapter):
     ``compute = "auto"`` (default) each call takes the one with fewer multiply-adds;
     benchmarks/adapter_speed.py has the measurements.
     """
+
+    trainable_names = ("cores", "scales")
 
     def __init__(
         self,
@@ -288,18 +327,6 @@ class RavanLinear(_MergeableAdapter):
     @property
     def heads(self) -> int:
         return self._heads
-
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def d_in(self) -> int:
-        return self._d_in
-
-    @property
-    def d_out(self) -> int:
-        return self._d_out
 
     # -- the update ----------------------------------------------------------------------------
 
@@ -383,15 +410,6 @@ class RavanLinear(_MergeableAdapter):
         self.bases_B.copy_(B)
         self.bases_A.copy_(A)
 
-    def trainable_state(self) -> dict[str, Tensor]:
-        return {"cores": self.cores.detach().clone(), "scales": self.scales.detach().clone()}
-
-    @torch.no_grad()
-    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
-        """Load ``cores`` and/or ``scales`` (a missing key leaves that tensor as it is)."""
-        self._refuse_if_merged("load_trainable_state")
-        _load_state(self, state, ("cores", "scales"))
-
     def extra_repr(self) -> str:
         return (
             f"d_in={self._d_in}, d_out={self._d_out}, heads={self._heads}, rank={self._rank}, "
@@ -414,6 +432,8 @@ class LoRALinear(_MergeableAdapter):
     (HetLoRA-style): a masked rank neither contributes to the output nor receives gradient, i.e. the
     client runs the rank-r_c LoRA B[:, :r_c] A[:r_c] inside the r_max-sized tensors.
     """
+
+    trainable_names = ("lora_A", "lora_B")
 
     def __init__(
         self,
@@ -446,18 +466,6 @@ class LoRALinear(_MergeableAdapter):
         )
         self.merged = False
 
-    @property
-    def rank(self) -> int:
-        return self._rank
-
-    @property
-    def d_in(self) -> int:
-        return self._d_in
-
-    @property
-    def d_out(self) -> int:
-        return self._d_out
-
     def set_rank_mask(self, active: int | Sequence[int] | Tensor) -> None:
         """Use only some ranks: the first ``active`` ones for an int (1 <= active <= rank, HetLoRA-style), or the
         given rank indices / a bool mask of shape (rank,) (Fed-PLoRA's selected one-rank modules)."""
@@ -486,15 +494,6 @@ class LoRALinear(_MergeableAdapter):
         """scale * B A (masked ranks excluded), shape (d_out, d_in)."""
         return self.scale * (self._masked_B() @ self.lora_A)
 
-    def trainable_state(self) -> dict[str, Tensor]:
-        return {"lora_A": self.lora_A.detach().clone(), "lora_B": self.lora_B.detach().clone()}
-
-    @torch.no_grad()
-    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
-        """Load ``lora_A`` and/or ``lora_B`` (a missing key leaves that tensor as it is)."""
-        self._refuse_if_merged("load_trainable_state")
-        _load_state(self, state, ("lora_A", "lora_B"))
-
     def extra_repr(self) -> str:
         return (
             f"d_in={self._d_in}, d_out={self._d_out}, rank={self._rank}, scale={self.scale}, "
@@ -518,20 +517,6 @@ def _index_mask(selected: Sequence[int] | Tensor, n: int, what: str) -> Tensor:
     mask = torch.zeros(n, dtype=torch.bool)
     mask[idx] = True
     return mask
-
-
-def _load_state(module: nn.Module, state: dict[str, Tensor], names: tuple[str, ...]) -> None:
-    unknown = sorted(set(state) - set(names))
-    if unknown or not state:
-        raise ValueError(f"trainable state keys must be among {list(names)}, got {sorted(state)}")
-    for name, value in state.items():
-        param = getattr(module, name)
-        if tuple(value.shape) != tuple(param.shape):
-            raise ValueError(
-                f"{name}: expected shape {tuple(param.shape)}, got {tuple(value.shape)} "
-                f"(was it saved with different heads/rank or from another layer?)"
-            )
-        param.copy_(value)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{run_dir} already holds a run; use 'ravan-ray resume {run_dir}' or another --output")
     with _quiet_progress(args.quiet or args.json):
         summary = run_federation(config, run_dir)
+    _draw_curves(summary, run_dir)
     _print_summary(summary, run_dir, args)
     return 0
 
@@ -61,11 +62,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
     config = load_config(run_dir / "config.yaml")
     with _quiet_progress(args.quiet or args.json):
         summary = run_federation(config, run_dir, resume=True)
+    _draw_curves(summary, run_dir)
     _print_summary(summary, run_dir, args)
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from ravan_ray.cluster import total
     from ravan_ray.sweep import load_sweep_spec, run_sweep, trial_bundles
 
     if args.dry_run:
@@ -73,10 +76,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for config in spec.candidates:
             check_paths(config)
         widest = max(spec.candidates, key=lambda c: len(trial_bundles(c, spec.driver_cpus)))
-        need = {}
-        for bundle in trial_bundles(widest, spec.driver_cpus):
-            for kind, amount in bundle.items():
-                need[kind] = need.get(kind, 0.0) + amount
+        need = total(trial_bundles(widest, spec.driver_cpus))
         base = spec.candidates[0]
         print(f"tune config OK (no model or data loaded): sweep '{spec.name}', {spec.trials()} trials of "
               f"task {base.model.task} on {base.model.name}, ranked by {spec.metric}; a trial reserves "
@@ -140,6 +140,14 @@ def _quiet_progress(quiet: bool):
             os.environ.pop("TQDM_DISABLE", None)
         else:
             os.environ["TQDM_DISABLE"] = saved
+
+
+def _draw_curves(summary: dict, run_dir: Path) -> None:
+    """RUN/curves.png, the run's own curves, for a person at the end of a run (sweeps' trials draw none)."""
+    if summary["rounds"]:
+        from ravan_ray.report import plot_run
+
+        plot_run(run_dir)
 
 
 def _print_summary(summary: dict, run_dir: Path, args: argparse.Namespace) -> None:

@@ -17,36 +17,32 @@ resumed from a checkpoint, or run with another actor mode, produces the same num
 from __future__ import annotations
 
 import logging
-import os
 import re
 import sys
 import time
 import uuid
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import pandas as pd
 import ray
-from tqdm.auto import tqdm
 
 from actors import ClientFleet, ParameterServer
 from ravan_ray.budgets import client_levels, heads_for_level
 from ravan_ray.checkpoints import latest_checkpoint, load_checkpoint
+from ravan_ray.cluster import ray_runtime, shortfall, total
 from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
 from ravan_ray.methods.base import ClientTask
-from ravan_ray.models import export_weights, quiet_logger
+from ravan_ray.models import export_weights
 from ravan_ray.privacy import PrivacyBudget, plan_budget
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
-from ravan_ray.report import plot_run
-from ravan_ray.results import (read_metrics, read_table, summarize, with_validation, write_metrics, write_summary,
-                               write_table)
+from ravan_ray.results import RunLog, with_validation
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any], Optional[str]], None]
@@ -123,51 +119,19 @@ def with_noise_multiplier(config: RunConfig, budget: Optional[PrivacyBudget]) ->
     return resolved
 
 
-@contextmanager
-def ray_runtime(config: RunConfig) -> Iterator[None]:
-    """Use the Ray we are already in (a Tune trial, a job), connect to resources.address / RAY_ADDRESS, or
-    start a private local Ray bound to 127.0.0.1 and shut it down afterwards."""
-    if ray.is_initialized():
-        yield
-        return
-    address = config.resources.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        # No dashboard (nothing listens for HTTP). Ray core's own gRPC servers choose their interfaces
-        # themselves; ray.init resolves 127.0.0.1 to the node's address, so there is nothing to pass.
-        # Token authentication stays on (Ray's default for a new local cluster); Ray's warning that
-        # announces that default means nothing for a private Ray this command starts and stops itself.
-        with quiet_logger(RAY_AUTH_LOGGER):
-            ray.init(num_cpus=config.resources.num_cpus, num_gpus=config.resources.num_gpus,
-                     include_dashboard=False, logging_level=logging.WARNING,
-                     # errors come back as exceptions; worker logs would repeat them as remote tracebacks
-                     log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
-
-
 def check_resources(config: RunConfig, fleet: ClientFleet) -> None:
     """Fail fast, instead of waiting forever, when the actors can never all be placed."""
     if ray.util.get_current_placement_group() is not None:
         return  # a Tune trial: its placement group was sized for exactly these actors
-    total = ray.cluster_resources()
-    need = fleet.resources_needed()
-    need["CPU"] += config.resources.server_cpus
-    need["GPU"] += config.resources.server_gpus
-    for kind, amount in need.items():
-        have = total.get(kind, 0.0)
-        if amount > have + 1e-9:
-            mode = config.resources.actor_mode
-            raise SetupError(
-                f"{mode} mode needs {amount:g} {kind} for {fleet.size} client actors (+ server) but the cluster has "
-                f"{have:g}; lower resources.{'cpus' if kind == 'CPU' else 'gpus'}_per_client"
-                + (" or use resources.actor_mode=pool" if mode == "per_client" else " or resources.pool_size"))
+    res = config.resources
+    need = total([fleet.resources_needed(), {"CPU": res.server_cpus, "GPU": res.server_gpus}])
+    have = ray.cluster_resources()
+    kind = shortfall(need, have)
+    if kind is not None:
+        raise SetupError(
+            f"{res.actor_mode} mode needs {need[kind]:g} {kind} for {fleet.size} client actors (+ server) but the "
+            f"cluster has {have.get(kind, 0.0):g}; lower resources.{'cpus' if kind == 'CPU' else 'gpus'}_per_client"
+            + (" or use resources.actor_mode=pool" if res.actor_mode == "per_client" else " or resources.pool_size"))
 
 
 _ERROR_LINE = re.compile(r"^(\w*(Error|Exception)): (.+)$")
@@ -203,21 +167,13 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     if data.validation is not None:
         metric_columns = with_validation(metric_columns)
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml", extra={"method": resolved, "task": data.task_info,
-                                                         "partition": data.partition_kind})
-    data.histogram.to_csv(run_dir / "label_histogram.csv")
-    pd.DataFrame({"client": range(fed.num_clients), "level": levels,
-                  "heads": [heads_for_level(lv, config.method.heads) for lv in levels],
-                  "samples": [len(p) for p in data.partitions]}).to_csv(run_dir / "client_budgets.csv", index=False)
+    record_setup(config, run_dir, data, resolved, levels)
     config = with_noise_multiplier(config, budget)  # what the actors run: the noise multiplier, given or calibrated
-    first_round, state, client_states, rows = restore(run_dir) if resume else (1, None, {}, [])
-    client_log = read_table(run_dir / "clients.csv", before_round=first_round)
+    first_round, state, client_states = last_checkpoint(run_dir) if resume else (1, None, {})
+    run_log = RunLog(config, run_dir, metric_columns, first_round)
 
-    with ray_runtime(config):
+    with ray_runtime(config.resources):
         task_info = data.task_info
-        test_ref = ray.put(data.test)
-        validation_ref = None if data.validation is None else ray.put(data.validation)
         actor_prefix = f"ravan-{uuid.uuid4().hex[:8]}"
         in_trial = ray.util.get_current_placement_group() is not None
         frozen_ref = publish_frozen_weights(config, task_info)
@@ -228,15 +184,9 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
         if first_round <= fed.rounds:
             fleet.start(sample_clients(config.seed, first_round, fed.num_clients, fed.clients_per_round))
         # A server that cannot start raises here; the fleet's actors (not detached) end with their handles.
-        server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server", frozen_ref, validation_ref)
+        server = RestartableServer(config, data, state, f"{actor_prefix}-server", frozen_ref)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
-        wall_offset = rows[-1]["wall_s"] if rows else 0.0
-        run_started = time.perf_counter()
-        server_restarts = 0
-
-        primary = task_class(config.model.task).primary_metric
-        shown = [(_short_name(primary), primary)]  # the progress line's score
-        progress = tqdm(total=fed.rounds, initial=first_round - 1, desc=config.method.name, unit="round", disable=None)
+        run_log.start()
         # Played rounds whose rows wait for their evaluation (at most the last one or two with overlap).
         unfinished: deque[PlayedRound] = deque()
         round_index = first_round
@@ -244,53 +194,45 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
             while round_index <= fed.rounds or unfinished:
                 try:
                     if round_index <= fed.rounds:
-                        unfinished.append(play_round(config, round_index, server, fleet, levels, client_state_refs))
+                        unfinished.append(play_round(config, round_index, server.actor, fleet, levels,
+                                                     client_state_refs))
                         round_index += 1
                     # Finish rounds in order; wait for one only when no round is left to overlap it with.
                     while unfinished and (unfinished[0].evaluated() or round_index > fed.rounds
                                           or not fed.overlap_evaluation):
                         played = unfinished.popleft()
-                        checkpoint_path = finish_round(config, run_dir, played, server)
-                        row = played.row
+                        checkpoint_path = finish_round(config, run_dir, played, server.actor)
                         if budget is not None:
-                            row["epsilon"] = budget.epsilon(row["round"])
-                        row["wall_s"] = wall_offset + time.perf_counter() - run_started
-                        row["server_restarts"] = server_restarts
-                        rows.append(row)
-                        client_log.extend(played.outcome.log)
-                        write_metrics(run_dir / "metrics.csv", rows, metric_columns)
-                        write_table(run_dir / "clients.csv", client_log)
-                        write_summary(run_dir / "summary.json", summarize(config, rows, row["wall_s"]))
-                        progress.update(1)
-                        progress.set_postfix(loss=f"{row['train_loss']:.3f}",
-                                             **{short: _fmt(row.get(m)) for short, m in shown})
-                        if progress.disable and not os.environ.get("TQDM_DISABLE"):  # no terminal (a Ray job, CI)
-                            scores = " ".join(f"{short} {_fmt(row.get(m))}" for short, m in shown)
-                            print(f"{config.method.name} round {row['round']}/{fed.rounds} loss {row['train_loss']:.3f} "
-                                  f"{scores} ({row['round_s']:.1f} s)", file=sys.stderr, flush=True)
+                            played.row["epsilon"] = budget.epsilon(played.row["round"])
+                        run_log.append(played.row, played.outcome.log, server.restarts)
                         if on_round is not None:
-                            on_round(row, checkpoint_path)
-                except ray.exceptions.RayActorError:
-                    # The parameter server died: bring it back from the last checkpoint and redo the rounds
-                    # since; every round is a function of (state, seed, round), so they come out the same.
-                    server_restarts += 1
-                    if server_restarts > fed.max_server_restarts:
+                            on_round(played.row, checkpoint_path)
+                except ray.exceptions.RayActorError:  # the parameter server died: restart it from its checkpoint
+                    if server.restarts == fed.max_server_restarts:
                         raise
                     log.warning("parameter server lost in round %d; restoring from the last checkpoint", round_index)
                     unfinished.clear()
-                    round_index, state, client_states, rows = restore(run_dir, rows)
-                    client_log = [entry for entry in client_log if entry["round"] < round_index]
-                    client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
-                    server = start_server(config, task_info, test_ref, state, f"{actor_prefix}-server-{server_restarts}",
-                                          frozen_ref, validation_ref)
-                    progress.n = round_index - 1
+                    round_index, client_state_refs = server.restart(run_dir)
+                    run_log.rewind(round_index)
         finally:
-            progress.close()
+            run_log.close()
             fleet.shutdown()
-            ray.kill(server, no_restart=True)
-    if rows:
-        plot_run(run_dir)
-    return summarize(config, rows, rows[-1]["wall_s"] if rows else 0.0)
+            server.kill()
+    return run_log.summary()
+
+
+def record_setup(config: RunConfig, run_dir: Path, data: FederatedData, resolved: dict[str, Any],
+                 levels: np.ndarray) -> None:
+    """What the run is, written before it starts: config.yaml (with the derived settings under ``resolved``),
+    each client's label histogram and compute budget."""
+    fed = config.federation
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml", extra={"method": resolved, "task": data.task_info,
+                                                         "partition": data.partition_kind})
+    data.histogram.to_csv(run_dir / "label_histogram.csv")
+    pd.DataFrame({"client": range(fed.num_clients), "level": levels,
+                  "heads": [heads_for_level(lv, config.method.heads) for lv in levels],
+                  "samples": [len(p) for p in data.partitions]}).to_csv(run_dir / "client_budgets.csv", index=False)
 
 
 @dataclass
@@ -355,25 +297,44 @@ def publish_frozen_weights(config: RunConfig, task_info: dict[str, Any]):
     return ray.put(export_weights(build_task(config, task_info).load_model()))
 
 
-def start_server(config: RunConfig, task_info: dict[str, Any], test_ref, state, name: str, frozen_ref=None,
-                 validation_ref=None):
-    res = config.resources
-    server = ParameterServer.options(num_cpus=res.server_cpus, num_gpus=res.server_gpus, name=name) \
-        .remote(config.to_dict(), task_info, test_ref, state, frozen_ref, validation_ref)
-    return started(server, "the parameter server")
+class RestartableServer:
+    """The parameter server actor, and what it takes to start it again from the run's last checkpoint."""
+
+    def __init__(self, config: RunConfig, data: FederatedData, state: Optional[dict], name: str, frozen_ref=None):
+        self.config, self.task_info, self.name, self.frozen_ref = config, data.task_info, name, frozen_ref
+        self.test_ref = ray.put(data.test)
+        self.validation_ref = None if data.validation is None else ray.put(data.validation)
+        self.restarts = 0
+        self.actor = self._start(state, name)
+
+    def _start(self, state: Optional[dict], name: str):
+        res = self.config.resources
+        server = ParameterServer.options(num_cpus=res.server_cpus, num_gpus=res.server_gpus, name=name) \
+            .remote(self.config.to_dict(), self.task_info, self.test_ref, state, self.frozen_ref, self.validation_ref)
+        return started(server, "the parameter server")
+
+    def restart(self, run_dir: Path) -> tuple[int, dict[int, Any]]:
+        """A new server from the last checkpoint, after the old one died: returns (the round to play next,
+        every client's state then, in the object store). Every round is a function of (state, seed, round),
+        so the rounds played again since that checkpoint come out the same."""
+        self.restarts += 1
+        next_round, state, client_states = last_checkpoint(run_dir)
+        client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
+        self.actor = self._start(state, f"{self.name}-{self.restarts}")
+        return next_round, client_state_refs
+
+    def kill(self) -> None:
+        ray.kill(self.actor, no_restart=True)
 
 
-def restore(run_dir: Path, rows: Optional[list[dict[str, Any]]] = None):
-    """(next round, state, client states, metric rows up to the checkpoint) from the last checkpoint;
-    round 1 and an empty state when there is none yet."""
+def last_checkpoint(run_dir: Path) -> tuple[int, Optional[dict], dict[int, Any]]:
+    """(next round, state, client states) from the run's last checkpoint; round 1 and an empty state when
+    there is none yet."""
     checkpoint = latest_checkpoint(run_dir)
-    state, client_states, last_round = None, {}, 0
-    if checkpoint is not None:
-        state, client_states, meta = load_checkpoint(checkpoint)
-        last_round = int(meta["round"])
-    if rows is None:
-        rows = read_metrics(run_dir / "metrics.csv") if (run_dir / "metrics.csv").exists() else []
-    return last_round + 1, state, client_states, [r for r in rows if r["round"] <= last_round]
+    if checkpoint is None:
+        return 1, None, {}
+    state, client_states, meta = load_checkpoint(checkpoint)
+    return int(meta["round"]) + 1, state, client_states
 
 
 @dataclass
@@ -455,12 +416,3 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
         dropped=dropped,
         log=log,
     )
-
-
-def _short_name(metric: str) -> str:
-    """The progress line's name of a task's primary metric ("loss" is the round's training loss)."""
-    return {"test_accuracy": "acc", "test_exact_match": "em", "test_f1": "f1"}.get(metric, metric)
-
-
-def _fmt(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and np.isnan(value)) else f"{value:.3f}"

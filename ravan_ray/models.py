@@ -132,6 +132,22 @@ def _tiny_bert_config():
                       intermediate_size=64, max_position_embeddings=512)
 
 
+def offline_hidden_size(name: str) -> Optional[int]:
+    """The hidden size of the model ``name``, from its config without touching the network; None when that
+    config is not available offline."""
+    try:
+        if name == TINY_BERT:
+            config = _tiny_bert_config()
+        else:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(offline_minilm_path() if name == OFFLINE_DEFAULT else name,
+                                                local_files_only=True)
+        return int(getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd)
+    except Exception:  # not cached, not a model, no size attribute: the caller goes without it
+        return None
+
+
 def model_config(name: str, **overrides: Any):
     """The architecture's config with task settings (``num_labels``, ``pad_token_id``) applied."""
     from transformers import AutoConfig

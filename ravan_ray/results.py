@@ -1,6 +1,7 @@
-"""The run directory's result files: metrics.csv (one row per round) and summary.json.
+"""The run directory's result files: metrics.csv (one row per round), clients.csv and summary.json, and the
+:class:`RunLog` that writes them as a run's rounds finish.
 
-Both are rewritten whole through a temporary file and ``os.replace`` every round, so a crash or a kill
+Each is rewritten whole through a temporary file and ``os.replace`` every round, so a crash or a kill
 leaves the previous complete file, never a half-written one.
 """
 
@@ -11,6 +12,8 @@ import io
 import json
 import math
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -142,3 +145,70 @@ def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
 
 def _missing(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+class RunLog:
+    """A run's record as its rounds finish: each finished round's row appended to metrics.csv, its clients'
+    attempts to clients.csv, summary.json rewritten, and the progress line (a bar on a terminal; one line per
+    round on stderr without one, as in a Ray job or CI, unless TQDM_DISABLE is set)."""
+
+    def __init__(self, config: Any, run_dir: Path, task_metrics: Iterable[str], first_round: int = 1):
+        from ravan_ray.tasks import task_class
+
+        self.config, self.run_dir, self.task_metrics = config, Path(run_dir), list(task_metrics)
+        self.first_round = first_round
+        # A resumed run continues what its earlier attempt wrote, up to the round it resumes at.
+        metrics = self.run_dir / "metrics.csv"
+        self.rows = [r for r in read_metrics(metrics) if r["round"] < first_round] \
+            if first_round > 1 and metrics.exists() else []
+        self.clients = read_table(self.run_dir / "clients.csv", before_round=first_round)
+        self.wall_offset = self.rows[-1]["wall_s"] if self.rows else 0.0
+        primary = task_class(config.model.task).primary_metric
+        self.shown = [(_progress_name(primary), primary)]  # the progress line's score
+
+    def start(self) -> None:
+        """The rounds begin: start the clock (wall_s leaves out setting up data, model and actors) and the
+        progress line."""
+        from tqdm.auto import tqdm
+
+        self.started = time.perf_counter()
+        self.progress = tqdm(total=self.config.federation.rounds, initial=self.first_round - 1,
+                             desc=self.config.method.name, unit="round", disable=None)
+
+    def append(self, row: dict[str, Any], client_log: list[dict[str, Any]], server_restarts: int) -> None:
+        """Record a finished round (its row gets the run's wall clock and the server restarts so far)."""
+        row["wall_s"] = self.wall_offset + time.perf_counter() - self.started
+        row["server_restarts"] = server_restarts
+        self.rows.append(row)
+        self.clients.extend(client_log)
+        write_metrics(self.run_dir / "metrics.csv", self.rows, self.task_metrics)
+        write_table(self.run_dir / "clients.csv", self.clients)
+        write_summary(self.run_dir / "summary.json", self.summary())
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{row['train_loss']:.3f}",
+                                  **{short: _fmt(row.get(m)) for short, m in self.shown})
+        if self.progress.disable and not os.environ.get("TQDM_DISABLE"):  # no terminal (a Ray job, CI)
+            scores = " ".join(f"{short} {_fmt(row.get(m))}" for short, m in self.shown)
+            print(f"{self.config.method.name} round {row['round']}/{self.config.federation.rounds} loss "
+                  f"{row['train_loss']:.3f} {scores} ({row['round_s']:.1f} s)", file=sys.stderr, flush=True)
+
+    def rewind(self, next_round: int) -> None:
+        """Forget the rounds from ``next_round`` on (they are played again after a server restart)."""
+        self.rows = [r for r in self.rows if r["round"] < next_round]
+        self.clients = [entry for entry in self.clients if entry["round"] < next_round]
+        self.progress.n = next_round - 1
+
+    def summary(self) -> dict[str, Any]:
+        return summarize(self.config, self.rows, self.rows[-1]["wall_s"] if self.rows else 0.0)
+
+    def close(self) -> None:
+        self.progress.close()
+
+
+def _progress_name(metric: str) -> str:
+    """The progress line's name of a task's primary metric ("loss" is the round's training loss)."""
+    return {"test_accuracy": "acc", "test_exact_match": "em", "test_f1": "f1"}.get(metric, metric)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

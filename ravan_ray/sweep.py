@@ -57,6 +57,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from ravan_ray.cluster import describe, ray_runtime, shortfall, total
 from ravan_ray.config import ConfigError, RunConfig, apply_override, from_dict, parse_override, read_yaml
 from ravan_ray.results import validation_name
 
@@ -385,47 +386,29 @@ def placement_group_factory(config: RunConfig, driver_cpus: float = 1.0, strateg
     return PlacementGroupFactory(trial_bundles(config, driver_cpus), strategy=strategy)
 
 
-def _sum_bundles(bundles: list[dict[str, float]]) -> dict[str, float]:
-    total: dict[str, float] = {}
-    for bundle in bundles:
-        for kind, amount in bundle.items():
-            total[kind] = total.get(kind, 0.0) + amount
-    return total
-
-
-def _fits(need: dict[str, float], have: dict[str, float]) -> bool:
-    return all(amount <= have.get(kind, 0.0) + 1e-9 for kind, amount in need.items())
-
-
-def _fmt_resources(resources: dict[str, float], kinds: Optional[set[str]] = None) -> str:
-    """"2 CPU, 0.5 GPU" for the given kinds of resource (default: those present)."""
-    kinds = set(resources) if kinds is None else set(kinds)
-    return ", ".join(f"{resources.get(k, 0.0):g} {k}" for k in sorted(kinds))
-
-
 def check_cluster_fits(configs: list[RunConfig], driver_cpus: float, strategy: str,
                        cluster: dict[str, float], nodes: list[dict[str, float]]) -> None:
     """Raise SweepError if some trial's placement group can never be created on this cluster (Tune would
     otherwise wait for it forever)."""
     for config in configs:
         bundles = trial_bundles(config, driver_cpus)
-        need = _sum_bundles(bundles)
+        need = total(bundles)
         res = config.resources
         actors = len(bundles) - 1 - (1 if res.server_cpus or res.server_gpus else 0)
-        what = (f"a trial needs {_fmt_resources(need)} (driver {driver_cpus:g} CPU + server "
+        what = (f"a trial needs {describe(need)} (driver {driver_cpus:g} CPU + server "
                 f"{res.server_cpus:g} CPU/{res.server_gpus:g} GPU + {actors} client actors x "
                 f"{res.cpus_per_client:g} CPU/{res.gpus_per_client:g} GPU, {res.actor_mode} mode)")
         fix = ("lower resources.cpus_per_client/gpus_per_client/server_cpus/server_gpus or driver_cpus, "
                + ("use resources.actor_mode=pool" if res.actor_mode == "per_client" else "lower resources.pool_size")
                + ", or add nodes")
-        if not _fits(need, cluster):
-            raise SweepError(f"{what} but the cluster has {_fmt_resources(cluster, set(need))}; {fix}")
+        if shortfall(need, cluster) is not None:
+            raise SweepError(f"{what} but the cluster has {describe(cluster, set(need))}; {fix}")
         for bundle in bundles:
-            if bundle and not any(_fits(bundle, node) for node in nodes):
+            if bundle and all(shortfall(bundle, node) is not None for node in nodes):
                 largest = max(nodes, key=lambda n: (n.get("GPU", 0.0), n.get("CPU", 0.0))) if nodes else {}
-                raise SweepError(f"{what}, and no node can hold a bundle of {_fmt_resources(bundle)} (largest "
-                                 f"node: {_fmt_resources(largest, set(bundle))}); {fix}")
-        if strategy == "STRICT_PACK" and not any(_fits(need, node) for node in nodes):
+                raise SweepError(f"{what}, and no node can hold a bundle of {describe(bundle)} (largest "
+                                 f"node: {describe(largest, set(bundle))}); {fix}")
+        if strategy == "STRICT_PACK" and all(shortfall(need, node) is not None for node in nodes):
             raise SweepError(f"{what} on one node (STRICT_PACK) but no node has that much; use placement_strategy PACK")
         if strategy == "STRICT_SPREAD" and len(bundles) > len(nodes):
             raise SweepError(f"STRICT_SPREAD puts each of a trial's {len(bundles)} bundles on its own node but the "
@@ -516,21 +499,6 @@ def make_trainable(base: dict[str, Any], sweep_path: Path, fail_after: Optional[
 
 
 # ------------------------------------------------------------------------------------------------ the sweep
-def _connect(address: Optional[str], base: RunConfig) -> bool:
-    """Connect to a cluster or start a local Ray; True if the caller must shut it down again."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or base.resources.address
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:
-        ray.init(num_cpus=base.resources.num_cpus, num_gpus=base.resources.num_gpus, include_dashboard=False,
-                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING, log_to_driver=False)
-    return True
-
-
 def _cluster_view() -> tuple[dict[str, float], list[dict[str, float]]]:
     import ray
 
@@ -549,7 +517,6 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
               output: Optional[str | Path] = None, overrides: tuple[str, ...] = ()) -> Path:
     """Run (or resume) the sweep described by a tune config (``overrides``: --set KEY=VALUE on its base);
     returns the path of its results.csv."""
-    import ray
     from ray import tune
 
     spec = load_sweep_spec(tune_config_path, overrides)
@@ -567,8 +534,8 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
     base = from_dict(spec.base)
     # A checkpoint every round makes Tune snapshot its state often; that is cheap here, so do not warn.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    started_ray = _connect(address, base)
-    try:
+    # A sweep's --address and RAY_ADDRESS name its cluster before the base config's resources.address does.
+    with ray_runtime(base.resources, address or os.environ.get("RAY_ADDRESS")):
         cluster, nodes = _cluster_view()
         check_cluster_fits(spec.candidates, spec.driver_cpus, spec.strategy, cluster, nodes)
 
@@ -594,9 +561,6 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
             )
         grid = tuner.fit()
         table = results_table(grid, list(spec.space), spec.metric)
-    finally:
-        if started_ray:
-            ray.shutdown()
 
     path = out / RESULTS_FILE
     table.to_csv(path, index=False)

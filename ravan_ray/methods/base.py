@@ -97,6 +97,10 @@ class FederatedMethod(ABC):
     #: when they can (ravan_ray/cohort.py): full fine-tuning trains a full copy of every weight per client.
     cohort_blocker: ClassVar[Optional[str]] = None
 
+    #: This method's own ablations, for ``ravan-ray report``: config key -> what a table over it compares
+    #: ("Final score per <that>"), beside the tables every method gets (per task, method, budget mix, partition).
+    report_tables: ClassVar[dict[str, str]] = {}
+
     def __init__(self, config: RunConfig):
         self.config = config
         self.seed = config.seed

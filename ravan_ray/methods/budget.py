@@ -90,6 +90,12 @@ def check_rank_fits(method_config, rank: int, budget: int, d_in: int, d_out: int
         f"(method.lora_rank <= {largest // (d_in + d_out)})")
 
 
+def full_rank_heads(budget: int, d: int) -> float:
+    """The number of Ravan heads at which their total rank reaches d at a budget of N per matrix: h heads of
+    rank sqrt(N / h) reach sqrt(N h) = d at h = d^2 / N; past it more heads add no rank (PAPER.md)."""
+    return d * d / budget
+
+
 def layer_summary(method_config, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
     """What every method records under ``resolved.method`` besides its ranks: the adapted layers' shapes
     [d_out, d_in] and, for the parameter-efficient methods, the budget N of each."""

@@ -39,10 +39,6 @@ from ravan_ray.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientTask, ClientU
 from ravan_ray.methods.lora import LoRAMethod, factor_key
 
 
-def eval_b_key(layer: str) -> str:
-    return EVAL_PREFIX + factor_key(layer, "lora_B")
-
-
 class FedSALoRA(LoRAMethod):
     name = "fedsa_lora"
     exact = False

@@ -51,6 +51,8 @@ from ravan_ray.scoring import head_scores, top_k
 class Ravan(FederatedMethod):
     name = "ravan"
     exact = True
+    report_tables = {"method.heads": "number of heads", "method.init": "initialisation",
+                     "method.scoring": "head scoring", "method.scaling": "scaling"}
 
     def __init__(self, config):
         super().__init__(config)

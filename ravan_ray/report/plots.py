@@ -1,0 +1,194 @@
+"""The report's PNGs (score per round, by budget mix, gain vs heads, effective rank) and a run's own
+curves.png."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pandas as pd
+
+from ravan_ray.report.runs import LOWER_IS_BETTER, displayed, metric_label
+from ravan_ray.report.tables import in_order, short_name
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _line_groups(keys: list[str]) -> tuple[list[str], list[str]]:
+    """(keys that pick a line, keys that pick a panel) for the per-round plots: lines per method when the
+    method varies, one panel per combination of the other differing keys."""
+    if "method.name" in keys:
+        return ["method.name"], [k for k in keys if k != "method.name"]
+    return keys, []
+
+
+def plot_per_round(runs: pd.DataFrame, rounds: pd.DataFrame, keys: list[str], column: str, ylabel: str,
+                   title: str, path: Path, percent: bool = False) -> Optional[str]:
+    """Mean over seeds per round with a ±1 std band; returns a reason when there is nothing to plot."""
+    if column not in rounds.columns:
+        return f"no run recorded {column}"
+    data = rounds.merge(runs[["run", *keys]], on="run")
+    data = data[pd.to_numeric(data[column], errors="coerce").notna()]
+    if data.empty:
+        return f"no run recorded {column}"
+    line_keys, panel_keys = _line_groups(keys)
+    panels = in_order(list({tuple(r) for r in displayed(data[panel_keys]).itertuples(index=False)})) if panel_keys else [()]
+    if len(panels) > 6:  # too many panels to read: one panel, a line per configuration
+        line_keys, panel_keys, panels = keys, [], [()]
+    plt = _plt()
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.8 * rows_n), squeeze=False, sharey=True)
+    for ax, panel in zip(axes.flat, panels):
+        subset = data
+        for key, value in zip(panel_keys, panel):
+            subset = subset[displayed(subset[key]) == str(value)]
+        labels = (displayed(subset[line_keys]).agg(", ".join, axis=1) if line_keys
+                  else pd.Series("all runs", index=subset.index))
+        for label in in_order(list(labels.unique())):
+            part = subset[labels == label]
+            stats = part.groupby("round")[column].agg(["mean", "std", "count"]).sort_index()
+            x = stats.index.to_numpy()
+            mean = stats["mean"].to_numpy(dtype=float)
+            std = stats["std"].fillna(0.0).to_numpy(dtype=float)
+            scale = 100.0 if percent else 1.0
+            ax.plot(x, scale * mean, marker="o", markersize=3, label=label)
+            ax.fill_between(x, scale * (mean - std), scale * (mean + std), alpha=0.2)
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        if panel_keys:
+            ax.set_title(", ".join(f"{short_name(k)}={v}" for k, v in zip(panel_keys, panel)), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title=" / ".join(short_name(k) for k in line_keys) or None, title_fontsize=7)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title} (mean over seeds, ±1 std)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path, score: str = "test_accuracy",
+                    percent: bool = True) -> Optional[str]:
+    mix = "compute.distribution"
+    if mix not in keys:
+        return "the budget mix (compute.distribution) takes a single value"
+    other = [k for k in keys if k != mix]
+    mixes = in_order(list(displayed(summary[mix]).unique()))
+    preferred = ["homogeneous", "uniform", "bell", "skewed_left", "skewed_right"]
+    mixes = [m for m in preferred if m in mixes] + [m for m in mixes if m not in preferred]
+    labels = (displayed(summary[other]).agg(", ".join, axis=1) if other
+              else pd.Series("all", index=summary.index))
+    series = in_order(list(labels.unique()))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(mixes) * max(1, len(series)) ** 0.5 + 2), 4.2))
+    width = 0.8 / len(series)
+    x = np.arange(len(mixes))
+    for i, label in enumerate(series):
+        part = summary[labels == label].set_index(displayed(summary[labels == label][mix]))
+        scale = 100.0 if percent else 1.0
+        mean = [scale * part.loc[m, f"final_{score}_mean"] if m in part.index else np.nan for m in mixes]
+        std = [scale * np.nan_to_num(part.loc[m, f"final_{score}_std"]) if m in part.index else 0 for m in mixes]
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, mean, width, yerr=std, capsize=3, label=label)
+    ax.set_xticks(x, mixes)
+    ax.set_xlabel("client budget mix")
+    ax.set_ylabel(f"final {metric_label(score, percent)}")
+    ax.set_title(f"Final {score.replace('_', ' ')} by budget mix (mean over seeds, ±1 std)", fontsize=11)
+    if other:
+        ax.legend(fontsize=7, title=" / ".join(short_name(k) for k in other), title_fontsize=7,
+                  loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path: Path, score: str = "test_accuracy",
+               percent: bool = True) -> Optional[str]:
+    heads = "method.heads"
+    if heads not in keys:
+        return "method.heads takes a single value"
+    other = [k for k in keys if k != heads]
+    labels = (displayed(summary[other]).agg(", ".join, axis=1) if other else pd.Series("", index=summary.index))
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label in in_order(list(labels.unique())):
+        part = summary[labels == label].sort_values(heads)
+        if len(part) < 2:
+            continue  # one head count: no gain to show
+        h = part[heads].astype(float).to_numpy()
+        reference = part.iloc[0]
+        scale = 100.0 if percent else 1.0
+        gain = scale * (part[f"final_{score}_mean"].to_numpy(float) - reference[f"final_{score}_mean"])
+        std = scale * part[f"final_{score}_std"].fillna(0.0).to_numpy(float)
+        ax.errorbar(h, gain, yerr=std, marker="o", capsize=3, label=label or None)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    from ravan_ray.methods.budget import full_rank_heads
+
+    # past full_rank_heads the update's total rank can no longer grow
+    ticks = {int(v) for v in summary[heads].astype(float)}
+    marks = runs[["d_model", "budget_per_matrix"]].dropna().drop_duplicates()
+    for _, mark in marks.iterrows():
+        n, d = int(mark["budget_per_matrix"]), int(mark["d_model"])
+        h_star = full_rank_heads(n, d)
+        ax.axvline(h_star, color="red", linestyle="--", linewidth=1,
+                   label=f"sqrt(N h) = d at h = {h_star:.3g}\n(N = {n}, d = {d})")
+        ticks.add(round(h_star, 1) if h_star != int(h_star) else int(h_star))
+    ax.set_xticks(sorted(ticks))
+    span = max(ticks) - min(ticks)
+    ax.set_xlim(min(ticks) - 0.05 * span - 0.5, max(ticks) + 0.05 * span + 0.5)
+    ax.set_xlabel("heads h (same per-matrix budget N)")
+    ax.set_ylabel(f"{score.replace('_', ' ')} gain over the line's fewest heads" + (" (points)" if percent else ""))
+    ax.set_title("Gain from more heads at a fixed budget (mean over seeds, ±1 std)", fontsize=11)
+    if other or len(marks):
+        ax.legend(fontsize=7, title=" / ".join(short_name(k) for k in other) or None, title_fontsize=7, loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def plot_run(run_dir: Path) -> Path:
+    """A run's own curves, RUN/curves.png: its task's primary metric per evaluated round, and the training
+    loss per round beside the test loss where the task writes one."""
+    run_dir = Path(run_dir)
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metric = summary.get("metric", "test_accuracy")
+    percent = not metric.endswith(LOWER_IS_BETTER)
+    plt = _plt()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    evaluated = metrics.dropna(subset=[metric]) if metric in metrics else metrics.iloc[0:0]
+    left.plot(evaluated["round"], (100 if percent else 1) * evaluated[metric], marker="o")
+    left.set_ylabel(metric_label(metric, percent))
+    left.set_title(f"{metric.replace('_', ' ')} of the global model")
+    right.plot(metrics["round"], metrics["train_loss"], marker=".", label="train loss (sampled clients)")
+    if "test_loss" in metrics and metric != "test_loss":
+        tested = metrics.dropna(subset=["test_loss"])
+        right.plot(tested["round"], tested["test_loss"], marker="o", label="test loss")
+    right.set_title("loss")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(f"{summary.get('method')} on {summary.get('task', 'text_classification')}: {run_dir.name}",
+                 fontsize=10)
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

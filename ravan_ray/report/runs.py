@@ -1,0 +1,155 @@
+"""Reading runs: find the run directories below the given paths, and read each one's config, summary and
+metric rows into one table of runs and one of rounds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Optional
+
+import pandas as pd
+
+from ravan_ray.config import RESOLVED_KEY, ConfigError, read_yaml
+
+RUN_FILES = ("metrics.csv", "config.yaml", "summary.json")
+TRAFFIC_COLUMNS = ["total_uplink_bytes", "total_downlink_bytes", "wall_s"]
+LOWER_IS_BETTER = ("loss", "perplexity")  # metric name endings that are not fractions shown in %
+
+
+class ReportError(ConfigError):
+    """Nothing to report on, or unreadable run files; one line for the user."""
+
+
+
+def display(value) -> str:
+    """A config value as shown in tables and labels; a missing one (None/NaN, e.g. a key one run leaves
+    unset) as "-"."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
+
+
+def displayed(values):
+    """:func:`display` over a pandas Series or DataFrame."""
+    return values.map(display)
+
+def find_runs(dirs: list[Path]) -> list[Path]:
+    """Run directories at or below each given directory, each once, in path order."""
+    found: dict[Path, None] = {}
+    for root in dirs:
+        root = Path(root)
+        if not root.exists():
+            raise ReportError(f"no such directory: {root}")
+        candidates = [root / "metrics.csv"] + sorted(root.rglob("metrics.csv")) if root.is_dir() else []
+        for metrics in candidates:
+            run = metrics.parent
+            if all((run / name).is_file() for name in RUN_FILES):
+                found.setdefault(run.resolve(), None)
+    return list(found)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path + "."))
+        else:  # lists (levels, target modules, explicit mixes) as text, so they can be grouped on
+            flat[path] = json.dumps(value) if isinstance(value, list) else value
+    return flat
+
+
+def method_record(config: dict[str, Any]) -> dict[str, Any]:
+    """What the run's method recorded about itself (config.yaml's ``resolved.method``: ranks, the adapted layers'
+    shapes [d_out, d_in] and per-matrix budgets N, ...)."""
+    return (config.get(RESOLVED_KEY) or {}).get("method") or {}
+
+
+def _narrowest_layer(record: dict[str, Any]) -> Optional[str]:
+    shapes = record.get("layer_shapes")
+    return min(shapes, key=lambda name: min(shapes[name])) if isinstance(shapes, dict) and shapes else None
+
+
+def model_dim(config: dict[str, Any]) -> Optional[int]:
+    """d: the adapted matrices' dimension (min(d_in, d_out), the rank ceiling) of the narrowest adapted layer,
+    as the method recorded it; for a run without that record, the model's hidden size where its config is
+    available offline (None otherwise: the heads plot then goes without its marker)."""
+    record = method_record(config)
+    layer = _narrowest_layer(record)
+    if layer is not None:
+        return int(min(record["layer_shapes"][layer]))
+    from ravan_ray.models import offline_hidden_size
+
+    return offline_hidden_size((config.get("model") or {}).get("name"))
+
+
+def per_matrix_budget(config: dict[str, Any], d: Optional[int]) -> Optional[int]:
+    """N of the narrowest adapted layer, as the method recorded it (``budget_per_matrix``); for a run without
+    that record, the budget rule every method shares (ravan_ray/methods/budget.py) on a d x d matrix."""
+    record = method_record(config)
+    recorded = record.get("budget_per_matrix")
+    if isinstance(recorded, dict) and _narrowest_layer(record) in recorded:
+        return int(recorded[_narrowest_layer(record)])
+    from ravan_ray.methods.budget import per_matrix_budget as shared_rule
+
+    method = config.get("method") or {}
+    settings = SimpleNamespace(budget=method.get("budget"), lora_rank=method.get("lora_rank"))
+    if settings.budget or (settings.lora_rank and d):
+        return shared_rule(settings, d, d)
+    return None
+
+
+def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(runs: one row per run with its flattened config and summary, rounds: metrics.csv rows of all runs)."""
+    runs, rounds = [], []
+    for run_dir in run_dirs:
+        try:
+            config = read_yaml(run_dir / "config.yaml")
+            summary = json.loads((run_dir / "summary.json").read_text())
+            metrics = pd.read_csv(run_dir / "metrics.csv")
+        except (ConfigError, OSError, ValueError) as error:
+            raise ReportError(f"cannot read run {run_dir}: {' '.join(str(error).split())}") from None
+        label = str(run_dir.relative_to(common_root)) if common_root and run_dir.is_relative_to(common_root) \
+            else str(run_dir)
+        d = model_dim(config)
+        row = {"run": label, "run_dir": str(run_dir)}
+        row.update(_flatten({k: v for k, v in config.items() if k != RESOLVED_KEY}))
+        if row.get("optimizer.lr") is None:  # unset: the method's default, which the run recorded
+            row["optimizer.lr"] = method_record(config).get("lr")
+        row.update({k: summary.get(k) for k in ("rounds", "total_uplink_bytes", "total_downlink_bytes", "wall_s")})
+        row["metric"] = summary.get("metric", "test_accuracy")  # runs from before tasks had a metric name
+        row.update({k: v for k, v in summary.items() if k.startswith(("final_", "best_"))})
+        row["final_score"], row["best_score"] = summary.get(f"final_{row['metric']}"), summary.get(f"best_{row['metric']}")
+        row["d_model"] = d
+        row["budget_per_matrix"] = per_matrix_budget(config, d)
+        runs.append(row)
+        metrics.insert(0, "run", label)
+        rounds.append(metrics)
+    runs_df = pd.DataFrame(runs)
+    for column in [c for c in runs_df.columns if c.startswith(("final_", "best_"))] + TRAFFIC_COLUMNS:
+        runs_df[column] = pd.to_numeric(runs_df[column], errors="coerce")
+    return runs_df, pd.concat(rounds, ignore_index=True)
+
+
+def score_name(runs: pd.DataFrame) -> str:
+    """The metric the tables rank by: the runs' common primary metric, or "score" when tasks differ."""
+    metrics = runs["metric"].dropna().unique()
+    return str(metrics[0]) if len(metrics) == 1 else "score"
+
+
+def in_percent(metric: str, runs: pd.DataFrame) -> bool:
+    """Accuracies, exact match and F1 are fractions, shown in %; losses and perplexities keep their scale.
+    A mixed "score" is in % when none of the runs' primary metrics is a loss."""
+    names = runs["metric"].dropna().unique() if metric == "score" else [metric]
+    return not any(str(name).endswith(LOWER_IS_BETTER) for name in names)
+
+
+def metric_label(metric: str, percent: bool) -> str:
+    """"test_accuracy" -> "test accuracy %"."""
+    return metric.replace("_", " ") + (" %" if percent else "")
+
+
+def task_metrics(runs: pd.DataFrame) -> list[str]:
+    """Every metric a run's summary has a final value of, the score first."""
+    names = [c.removeprefix("final_") for c in runs.columns if c.startswith("final_") and c != "final_score"]
+    return sorted(set(names), key=names.index)

@@ -1,0 +1,238 @@
+"""Selection on the validation split (``--select KEY``): per configuration of the other keys, the tuned
+value with the best validation mean, its test score, and paired intervals between the top two."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ravan_ray.report.runs import LOWER_IS_BETTER, ReportError, displayed, display, in_percent, metric_label
+from ravan_ray.report.tables import in_order, markdown_table, score_cell, short_name
+from ravan_ray.results import validation_name
+
+SELECT_ON = ("final", "best")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.endswith(LOWER_IS_BETTER)
+
+
+def selection_scores(runs: pd.DataFrame, rounds: pd.DataFrame, score: str, select_on: str) -> pd.DataFrame:
+    """Per run: ``selection_value``, the validation metric selection ranks by, and ``selected_test``, the
+    test metric reported for it.
+
+    ``select_on="final"``: the last evaluated round's validation metric, and the final test metric.
+    ``select_on="best"``: the best evaluated round's validation metric, and the test metric *of that same
+    round* (early stopping on validation). Either way the round and the configuration are chosen from
+    validation numbers only; the test metric is read afterwards, at the point validation chose."""
+    val = validation_name(score)
+    out = runs[["run"]].copy()
+    if select_on == "final":
+        out["selection_value"] = runs[f"final_{val}"].to_numpy(float)
+        out["selected_test"] = runs[f"final_{score}"].to_numpy(float)
+        out["selected_round"] = runs["rounds"].to_numpy()
+        return out
+    values, tests, chosen_rounds = [], [], []
+    for label in runs["run"]:
+        evaluated = rounds[(rounds["run"] == label)].dropna(subset=[val]) if val in rounds else rounds.iloc[0:0]
+        if evaluated.empty:
+            values.append(math.nan), tests.append(math.nan), chosen_rounds.append(math.nan)
+            continue
+        series = evaluated[val].to_numpy(float)
+        at = int(np.argmin(series) if lower_is_better(score) else np.argmax(series))  # first best round
+        values.append(series[at])
+        tests.append(float(evaluated[score].iloc[at]))
+        chosen_rounds.append(int(evaluated["round"].iloc[at]))
+    out["selection_value"], out["selected_test"], out["selected_round"] = values, tests, chosen_rounds
+    return out
+
+
+def choose(candidates: pd.DataFrame, setting_keys: list[str], tuned: list[str], higher_is_better: bool) -> pd.DataFrame:
+    """For every setting (combination of ``setting_keys``), the row of ``candidates`` with the best
+    ``selection_mean`` (the validation metric's mean over seeds); ties go to the first in sorted order.
+
+    ``candidates`` holds only the setting keys, the tuned keys and the validation mean: this function
+    cannot see a test metric, so selection cannot depend on one."""
+    allowed = set(setting_keys) | set(tuned) | {"selection_mean"}
+    if set(candidates.columns) - allowed:
+        raise ValueError(f"choose() sees only validation columns, got {sorted(set(candidates.columns) - allowed)}")
+    frame = candidates.dropna(subset=["selection_mean"])
+    frame = frame.sort_values(["selection_mean", *tuned], ascending=[not higher_is_better] + [True] * len(tuned),
+                              kind="stable")
+    if not setting_keys:
+        return frame.head(1)
+    return frame.groupby(displayed(frame[setting_keys]).agg("\x1f".join, axis=1), sort=False).head(1)
+
+
+def select_configurations(runs: pd.DataFrame, rounds: pd.DataFrame, tuned: list[str], keys: list[str],
+                          score: str, select_on: str = "final") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(candidates: one row per configuration, every tuned value, its mean validation metric and test
+    metric over seeds, ``chosen`` marking the selected one; selected: one row per setting of the other
+    differing keys, with the chosen tuned values and the test metric's mean, std (ddof 1) and n over seeds).
+
+    A setting's tuned values are chosen by the mean over seeds of the validation metric (see
+    :func:`selection_scores` for ``select_on``); only then is the test metric of that configuration read."""
+    if select_on not in SELECT_ON:
+        raise ReportError(f"--select-on must be one of {', '.join(SELECT_ON)}, got '{select_on}'")
+    if score == "score":
+        raise ReportError("--select needs runs of one task metric; these runs rank by different metrics")
+    val = validation_name(score)
+    if f"final_{val}" not in runs or runs[f"final_{val}"].isna().all():
+        raise ReportError(f"--select needs validation metrics ({val}); no run has them: run with "
+                          f"data.validation_fraction > 0 (or data.validation_split)")
+    missing = [k for k in tuned if k not in runs.columns]
+    if missing:
+        raise ReportError(f"--select {missing[0]}: not a config key of these runs")
+    settings = [k for k in keys if k not in tuned]
+    frame = runs.merge(selection_scores(runs, rounds, score, select_on), on="run")
+    group_keys = settings + tuned
+    grouped = frame.groupby(group_keys, dropna=False, sort=True)
+    candidates = grouped.size().rename("n").to_frame()
+    candidates["selection_mean"] = grouped["selection_value"].mean()
+    candidates["test_mean"] = grouped["selected_test"].mean()
+    candidates["test_std"] = grouped["selected_test"].std(ddof=1)
+    candidates["seeds"] = grouped["seed"].agg(lambda s: " ".join(str(v) for v in sorted(s)))
+    candidates = candidates.reset_index()
+    picked = choose(candidates[group_keys + ["selection_mean"]], settings, tuned, not lower_is_better(score))
+    candidates["chosen"] = candidates.index.isin(picked.index)
+    selected = candidates[candidates["chosen"]].drop(columns="chosen").reset_index(drop=True)
+    return candidates, selected
+
+
+def paired_difference(frame: pd.DataFrame, first: dict[str, Any], second: dict[str, Any],
+                      confidence: float = 0.95) -> dict[str, Any]:
+    """The difference first - second of the per-run ``selected_test`` over the seeds both configurations
+    ran (paired by seed: the same data split and client sampling), with a Student-t interval on the mean
+    difference (scipy.stats.t; needs two common seeds or more)."""
+    from scipy import stats
+
+    def per_seed(config: dict[str, Any]) -> pd.Series:
+        match = frame
+        for key, value in config.items():
+            match = match[displayed(match[key]) == display(value)]
+        return match.groupby("seed")["selected_test"].mean()
+
+    a, b = per_seed(first), per_seed(second)
+    common = sorted(set(a.index) & set(b.index))
+    diffs = np.array([a[s] - b[s] for s in common], dtype=float)
+    out: dict[str, Any] = {"n": len(common), "mean": float(diffs.mean()) if len(diffs) else math.nan,
+                           "low": math.nan, "high": math.nan}
+    if len(diffs) >= 2:
+        half = stats.t.ppf(0.5 + confidence / 2, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs))
+        out["low"], out["high"] = out["mean"] - half, out["mean"] + half
+    return out
+
+
+def selection_markdown(runs: pd.DataFrame, rounds: pd.DataFrame, candidates: pd.DataFrame, selected: pd.DataFrame,
+                       tuned: list[str], keys: list[str], score: str, select_on: str,
+                       rows: Sequence[str] = ()) -> list[str]:
+    """The paper-style table (rows: ``rows``, by default the method, or the first other differing key;
+    columns: the remaining settings; cells: test mean ± std (n seeds) at the chosen tuned values, the best
+    per column in bold), the paired interval of the top two per column, and every candidate configuration."""
+    percent = in_percent(score, runs)
+    scale = 100.0 if percent else 1.0
+    settings = [k for k in keys if k not in tuned]
+    unknown = [k for k in rows if k not in settings]
+    if unknown:
+        raise ReportError(f"--rows {unknown[0]}: not a key that differs between these runs "
+                          f"(those are: {', '.join(settings) or 'none'})")
+    row_keys = list(rows) or (["method.name"] if "method.name" in settings else settings[:1])
+    col_keys = [k for k in settings if k not in row_keys]
+    higher = not lower_is_better(score)
+    val = validation_name(score)
+    how = ("the final round's" if select_on == "final" else "the best round's (test read at that round)")
+    lines = [f"## Selected on validation: {', '.join(f'`{k}`' for k in tuned)}", "",
+             f"For every configuration of the other keys, the value of {', '.join(f'`{k}`' for k in tuned)} with "
+             f"the best mean over seeds of {how} `{val}` is chosen; the cells are the {score.replace('_', ' ')}"
+             f"{' in %' if percent else ''} of that choice, mean ± sample std (number of seeds), best per column in "
+             "bold. Test metrics play no part in the choice.", ""]
+    rows_seen = in_order(list({tuple(r) for r in displayed(selected[row_keys]).itertuples(index=False)})) \
+        if row_keys else [()]
+    cols_seen = in_order(list({tuple(r) for r in displayed(selected[col_keys]).itertuples(index=False)})) \
+        if col_keys else [()]
+
+    def at_edge(row: pd.Series, key: str) -> bool:
+        """Whether the chosen numeric value of ``key`` is the end of the values tried for this setting."""
+        tried = candidates
+        for other in settings:
+            tried = tried[displayed(tried[other]) == display(row[other])]
+        values = pd.to_numeric(tried[key], errors="coerce").dropna().unique()
+        value = pd.to_numeric(pd.Series([row[key]]), errors="coerce").iloc[0]
+        return len(values) >= 3 and not math.isnan(value) and value in (values.min(), values.max())
+
+    def lookup(row_value, col_value):
+        match = selected
+        for key, value in zip(row_keys + col_keys, row_value + col_value):
+            match = match[displayed(match[key]) == str(value)]
+        return None if match.empty else match.iloc[0]
+
+    best = {}
+    for col_value in cols_seen:
+        means = [(lookup(r, col_value)["test_mean"], r) for r in rows_seen if lookup(r, col_value) is not None]
+        means = [(m, r) for m, r in means if not math.isnan(m)]
+        if means:
+            best[col_value] = (max if higher else min)(means, key=lambda x: x[0])[1]
+    header = [" / ".join(short_name(k) for k in row_keys) or "configuration"] + (
+        [", ".join(f"{short_name(k)}={v}" for k, v in zip(col_keys, col)) for col in cols_seen]
+        if col_keys else [f"{metric_label(score, percent)} (chosen {', '.join(short_name(k) for k in tuned)})"])
+    table = []
+    for row_value in rows_seen:
+        line = [" / ".join(row_value) or "all runs"]
+        for col_value in cols_seen:
+            found = lookup(row_value, col_value)
+            if found is None:
+                line.append("–")
+                continue
+            cell = score_cell(found["test_mean"], found["test_std"], int(found["n"]), percent)
+            if best.get(col_value) == row_value:
+                cell = f"**{cell}**"
+            chosen = ", ".join(f"{short_name(k)} {display(found[k])}" + (" (edge)" if at_edge(found, k) else "")
+                               for k in tuned)
+            line.append(f"{cell} [{chosen}]")
+        table.append(line)
+    lines += [markdown_table(header, table), ""]
+    if any(at_edge(row, k) for _, row in selected.iterrows() for k in tuned):
+        lines += ["(edge): the chosen value is the smallest or largest of three or more tried; the best may lie "
+                  "outside the grid, so widen it before trusting that row.", ""]
+
+    per_run = runs.merge(selection_scores(runs, rounds, score, select_on), on="run")
+    notes = []
+    for col_value in cols_seen:
+        ranked = [(lookup(r, col_value), r) for r in rows_seen if lookup(r, col_value) is not None]
+        ranked = [(f, r) for f, r in ranked if not math.isnan(f["test_mean"])]
+        if len(ranked) < 2:
+            continue
+        ranked.sort(key=lambda x: x[0]["test_mean"], reverse=higher)
+        (top, top_row), (second, second_row) = ranked[0], ranked[1]
+        diff = paired_difference(per_run, {k: top[k] for k in settings + tuned},
+                                 {k: second[k] for k in settings + tuned})
+        where = ", ".join(f"{short_name(k)}={v}" for k, v in zip(col_keys, col_value))
+        names = (" / ".join(top_row) or "first", " / ".join(second_row) or "second")
+        unit = " points" if percent else ""
+        if diff["n"] < 2:
+            verdict = f"{diff['n']} common seed(s): no interval; run more seeds before calling a winner"
+            text = f"{scale * diff['mean']:+.2f}{unit}"
+        else:
+            inside = diff["low"] <= 0 <= diff["high"]
+            verdict = ("level within noise (the interval contains 0)" if inside
+                       else f"{names[0]} ahead (the interval excludes 0)")
+            text = (f"{scale * diff['mean']:+.2f}{unit}, 95% paired t-interval [{scale * diff['low']:+.2f}, "
+                    f"{scale * diff['high']:+.2f}] over {diff['n']} seeds")
+        notes.append(f"- {where + ': ' if where else ''}{names[0]} - {names[1]} = {text}: {verdict}.")
+    if notes:
+        lines += ["Top two per column, paired by seed (same data split and client sampling):", "", *notes, ""]
+
+    lines += ["### Every candidate (the chosen ones marked)", ""]
+    header = [short_name(k) for k in settings + tuned] + ["n", "seeds", f"{select_on} {metric_label(val, percent)}",
+                                                     metric_label(score, percent), "chosen"]
+    listed = []
+    for _, row in candidates.iterrows():
+        n = int(row["n"])
+        listed.append([display(row[k]) for k in settings + tuned] + [
+            n, row["seeds"], score_cell(row["selection_mean"], math.nan, 1, percent).replace(" (1)", ""),
+            score_cell(row["test_mean"], row["test_std"], n, percent), "✓" if row["chosen"] else ""])
+    lines += [markdown_table(header, listed), ""]
+    return lines

@@ -1,0 +1,191 @@
+"""Cohort training benchmarks (ravan_ray/cohort.py).
+
+    python benchmarks/cohort.py peer  --out benchmarks/out/cohort   # the peer workload, cohort 1 vs 3, FedIT + Ravan
+    python benchmarks/cohort.py scale --out benchmarks/out/cohort   # 10,000 clients, 100 a round, pool mode
+    python benchmarks/cohort.py step  --out benchmarks/out/cohort   # client-steps/s and peak memory vs cohort size
+
+``peer``: the peer workload of benchmarks/peer.py (MiniLM, Banking77, LoRA r=8 / Ravan at the same budget, 3
+clients a round x 10 local steps of 32) through ``ravan-ray run``, once with every client alone (three
+single-threaded actors share the 2 cores, the CPU default) and once with the round's 3 clients as one cohort on one
+actor that takes both cores. ``--rounds`` (default 4) keeps it short; the first round includes the start-up.
+
+``scale``: a tiny BERT, 10,000 clients (Banking77's 10,003 training queries, iid: one or two each), 100 clients a
+round in pool mode (2 actors):
+seconds per round and the machine's peak memory in use (MemTotal - MemAvailable, sampled every 0.2 s, less
+what was in use before the run).
+
+``step``: Ray-free, one ModelHost: the client-steps per second of a cohort of k clients (k = 1, 3, 8, 32, 100
+by default) for the shapes named by ``--models`` (config directories or hub ids; weights are random when a
+directory has only a config), in the precisions of ``--dtypes``, for Ravan and FedIT, with the peak memory
+(CUDA's allocator peak; on a CPU the process's peak RSS). Meant for a GPU; on a CPU it measures the CPU.
+
+``process_s``: the command's wall time (start-up, data preparation and model loads included); ``run_s``: the
+run's own wall time (metrics.csv's last wall_s). Writes OUT/<kind>.csv and OUT/<kind>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from peer import WORKLOAD  # noqa: E402
+from systems import md_table  # noqa: E402
+
+
+def memory_in_use() -> int:
+    with open("/proc/meminfo") as meminfo:
+        fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+    return fields["MemTotal"] - fields["MemAvailable"]
+
+
+class PeakMemory:
+    """The machine's peak memory in use while the block runs, above what was in use before it."""
+
+    def __enter__(self):
+        self.baseline = self.peak = memory_in_use()
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, memory_in_use())
+            time.sleep(0.2)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.used = self.peak - self.baseline
+        return False
+
+
+def ravan_run(run_dir: Path, overrides: list[str]) -> tuple[float, pd.DataFrame]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "ravan_ray.cli", "run", "--output", str(run_dir), "--quiet",
+               *[arg for o in overrides for arg in ("--set", o)]]
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, cwd=ROOT)
+    return time.perf_counter() - started, pd.read_csv(run_dir / "metrics.csv")
+
+
+def peer(out: Path, rounds: int) -> pd.DataFrame:
+    settings = {"alone (3 actors x 1 core)": ["resources.cpus_per_client=1"],
+                "cohort of 3 (1 actor x 2 cores)": ["resources.cohort_size=3", "resources.cpus_per_client=2"]}
+    rows = []
+    for method in ("fedit", "ravan"):
+        for label, extra in settings.items():
+            overrides = [f"{k}={v}" for k, v in {**WORKLOAD, "method.name": method, "federation.rounds": rounds,
+                                                 "federation.eval_every": rounds}.items()] + extra
+            wall, metrics = ravan_run(out / "runs" / f"{method}-{extra[0].split('=')[1]}", overrides)
+            steady = metrics["round_s"].iloc[1:]
+            rows.append({"method": method, "training": label, "process_s": round(wall, 1),
+                         "run_s": round(float(metrics["wall_s"].iloc[-1]), 1),
+                         "s_per_round": round(float(metrics["round_s"].mean()), 2),
+                         "steady_s_per_round": round(float(steady.mean()), 2),
+                         "final_train_loss": round(float(metrics["train_loss"].iloc[-1]), 4),
+                         "test_accuracy": round(float(metrics["test_accuracy"].iloc[-1]), 4)})
+            print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def scale(out: Path, rounds: int, cohort_size: int) -> pd.DataFrame:
+    rows = []
+    for size in sorted({1, cohort_size}):
+        overrides = ["model.name=tiny-bert", "data.name=banking77",
+                     "data.max_test_samples=200", "data.max_length=24", "data.partition.kind=iid",
+                     "data.partition.min_size=1", "federation.num_clients=10000", "federation.clients_per_round=100",
+                     f"federation.rounds={rounds}", "federation.local_steps=2", "federation.batch_size=4",
+                     f"federation.eval_every={rounds}", "resources.cpus_per_client=1", "resources.pool_size=2",
+                     "output.checkpoint_every=1000", f"resources.cohort_size={size}", "seed=0"]
+        with PeakMemory() as peak:
+            wall, metrics = ravan_run(out / "runs" / f"scale-cohort{size}", overrides)
+        rows.append({"clients": 10000, "per_round": 100, "cohort_size": size, "pool": 2, "process_s": round(wall, 1),
+                     "run_s": round(float(metrics["wall_s"].iloc[-1]), 1),
+                     "first_round_s": round(float(metrics["round_s"].iloc[0]), 2),
+                     "steady_s_per_round": round(float(metrics["round_s"].iloc[1:].mean()), 2),
+                     "peak_memory_gb": round(peak.used / 2**30, 2)})
+        print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], steps: int) -> pd.DataFrame:
+    import numpy as np
+    import torch
+
+    from ravan_ray.config import load_config
+    from ravan_ray.methods.base import ClientTask
+    from ravan_ray.training import ModelHost
+
+    rows = []
+    for model in models:
+        for dtype in dtypes:
+            for method in ("ravan", "fedit"):
+                config = load_config(None, [f"model.name={model}", f"model.dtype={dtype}", f"method.name={method}",
+                                            f"federation.local_steps={steps}", "federation.batch_size=32",
+                                            "model.dropout=0"])
+                host = ModelHost(config, {"label_names": [str(i) for i in range(10)], "pad_token_id": 0})
+                state = host.initial_state()
+                rng = np.random.default_rng(0)
+
+                def data():
+                    ids = rng.integers(1000, 20000, (64, 64))
+                    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": rng.integers(0, 10, 64)}
+
+                for k in sizes:
+                    tasks = [ClientTask(c, 1, 1.0, 0) for c in range(k)]
+                    datas = [data() for _ in tasks]
+                    if host.device.type == "cuda":
+                        torch.cuda.synchronize()
+                        torch.cuda.reset_peak_memory_stats()
+                    started = time.perf_counter()
+                    host.train_cohort(tasks, state, [None] * k, datas)
+                    if host.device.type == "cuda":
+                        torch.cuda.synchronize()
+                        peak = torch.cuda.max_memory_allocated() / 2**30
+                    else:
+                        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                    seconds = time.perf_counter() - started
+                    rows.append({"model": model, "dtype": dtype, "method": method, "cohort": k,
+                                 "client_steps_per_s": round(k * steps / seconds, 2), "peak_memory_gb": round(peak, 2),
+                                 "device": host.device.type})
+                    print(rows[-1], flush=True)
+    return pd.DataFrame(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["peer", "scale", "step"])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "cohort")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--cohort-size", type=int, default=50, help="scale: the cohort size compared with 1")
+    parser.add_argument("--models", nargs="+", default=["minilm"])
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1, 3, 8, 32, 100])
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.kind == "peer":
+        table = peer(args.out, args.rounds)
+    elif args.kind == "scale":
+        table = scale(args.out, args.rounds, args.cohort_size)
+    else:
+        table = step(args.out, args.models, args.dtypes, args.sizes, args.steps)
+    table.to_csv(args.out / f"{args.kind}.csv", index=False)
+    markdown = md_table(list(table.columns), table.astype(object).values.tolist())
+    (args.out / f"{args.kind}.md").write_text(markdown + "\n")
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

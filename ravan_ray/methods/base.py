@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ravan_ray.config import RunConfig
+from ravan_ray.config import Options, RunConfig
 
 State = dict[str, torch.Tensor]
 HEAD_PREFIX = "head/"
@@ -93,8 +93,12 @@ class FederatedMethod(ABC):
     #: FedEx-LoRA, FLoRA, FlexLoRA and Fed-SB's warm-up do). Those weights are then private, float32 copies
     #: in every process; otherwise they stay shared and in the base's dtype (a bfloat16 base stays bfloat16).
     changes_base_weights: ClassVar[bool] = False
+    #: The method's own keys under ``method:`` (HetLoRA's pruning knobs, ...), read through ``self.options``.
+    options_model: ClassVar[type[Options]] = Options
+
     def __init__(self, config: RunConfig):
         self.config = config
+        self.options = config.method.options(self.options_model)
         self.seed = config.seed
         self.lr = config.optimizer.lr if config.optimizer.lr is not None else self.default_lr
 

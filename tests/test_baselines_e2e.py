@@ -18,7 +18,7 @@ from torch import nn
 from conftest import TINY_OVERRIDES, tiny_model
 from ravan_ray.budgets import heads_for_level, rank_for_level
 from ravan_ray.cli import main
-from ravan_ray.config import METHODS
+from ravan_ray.methods import REGISTRY as METHODS
 from ravan_ray.methods.base import HEAD_PREFIX
 
 E2E_OVERRIDES = [*TINY_OVERRIDES, "resources.pool_size=1", "federation.eval_every=2"]

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from conftest import TINY_INFO, TINY_OVERRIDES, tiny_model
-from ravan_ray.config import METHODS, load_config
+from ravan_ray.config import load_config
+from ravan_ray.methods import REGISTRY as METHODS
 from ravan_ray.methods import REGISTRY, build_method, method_class
 from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate
 from ravan_ray.methods.budget import method_rank, per_matrix_budget

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ravan_ray.config import RunConfig
+from ravan_ray.config import Options, RunConfig
 
 State = dict[str, torch.Tensor]
 HEAD_PREFIX = "head/"
@@ -101,8 +101,12 @@ class FederatedMethod(ABC):
     #: ("Final score per <that>"), beside the tables every method gets (per task, method, budget mix, partition).
     report_tables: ClassVar[dict[str, str]] = {}
 
+    #: The method's own keys under ``method:`` (HetLoRA's pruning knobs, ...), read through ``self.options``.
+    options_model: ClassVar[type[Options]] = Options
+
     def __init__(self, config: RunConfig):
         self.config = config
+        self.options = config.method.options(self.options_model)
         self.seed = config.seed
         self.lr = config.optimizer.lr if config.optimizer.lr is not None else self.default_lr
 

@@ -35,8 +35,14 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ravan_ray.config import Options
 from ravan_ray.methods.base import EVAL_PREFIX, HEAD_PREFIX, ClientTask, ClientUpdate, State, weighted_mean
 from ravan_ray.methods.lora import LoRAMethod, factor_key
+
+
+class FedSALoRAOptions(Options):
+    # Keep the task head on the client like B (its GLUE configs), or share and average it.
+    fedsa_local_head: bool = True
 
 
 class FedSALoRA(LoRAMethod):
@@ -45,10 +51,11 @@ class FedSALoRA(LoRAMethod):
     shared_factors = ("lora_A",)
     trained_factors = ("lora_A", "lora_B")
     alpha_per_rank = 2.0
+    options_model = FedSALoRAOptions
 
     @property
     def local_head(self) -> bool:
-        return self.config.method.fedsa_local_head
+        return self.options.fedsa_local_head
 
     def initial_state(self, model: nn.Module) -> State:
         state = super().initial_state(model)

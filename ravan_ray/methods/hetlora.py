@@ -53,13 +53,14 @@ Choices the paper leaves open:
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
-from ravan_ray.config import ConfigError
+from ravan_ray.config import ConfigError, Options
 from ravan_ray.methods.base import NOISE_STD, ClientTask, ClientUpdate, State, weighted_mean, with_private_terms
 from ravan_ray.methods.lora import HeterogeneousRankLoRA, factor_key
 
@@ -87,10 +88,20 @@ def tail_norm(layer: nn.Module, start: int, stop: int) -> torch.Tensor:
     return torch.linalg.matrix_norm(layer.lora_B[:, start:stop]) * torch.linalg.matrix_norm(layer.lora_A[start:stop])
 
 
+class HetLoRAOptions(Options):
+    # Rank self-pruning: the decay factor gamma (a client may prune its last r - floor(gamma r) ranks; 1 turns
+    # pruning off) and the weight lambda of the penalty on those ranks in the local objective.
+    hetlora_gamma: float = Field(0.99, gt=0, le=1)
+    hetlora_lambda: float = Field(0.01, ge=0, allow_inf_nan=False)
+    # The sparsity weights from the norm of each client's update per adapted layer, or over the whole model.
+    hetlora_norm: Literal["layer", "model"] = "layer"
+
+
 class HetLoRA(HeterogeneousRankLoRA):
     name = "hetlora"
     exact = False
     alpha_per_rank = 2.0
+    options_model = HetLoRAOptions
 
     def __init__(self, config):
         super().__init__(config)
@@ -111,7 +122,7 @@ class HetLoRA(HeterogeneousRankLoRA):
         """DP-SGD clips and noises per-example gradients, which the pruning penalty (a function of B and A, not of
         any example) does not have: the penalty would silently drop out of the objective, so it is refused."""
         super().check_privacy()
-        if self.config.privacy.mode == "sample" and self.config.method.hetlora_lambda > 0:
+        if self.config.privacy.mode == "sample" and self.options.hetlora_lambda > 0:
             raise ConfigError("privacy.mode=sample leaves HetLoRA's pruning penalty out of DP-SGD's per-example "
                               "gradients; set method.hetlora_lambda=0 to run HetLoRA without it")
 
@@ -121,7 +132,7 @@ class HetLoRA(HeterogeneousRankLoRA):
         self._tails = {}
         for name, layer in layers.items():
             rank = meta["rank"][name]
-            start = tail_start(rank, self.config.method.hetlora_gamma)
+            start = tail_start(rank, self.options.hetlora_gamma)
             if start < rank:
                 self._tails[name] = (start, rank, float(tail_norm(layer, start, rank).detach()))
         return meta
@@ -129,7 +140,7 @@ class HetLoRA(HeterogeneousRankLoRA):
     def local_penalty(self, model: nn.Module) -> Optional[torch.Tensor]:
         """lambda x the sum over layers of ||B_tail||_F ||A_tail||_F: the ranks the client may prune are pushed
         towards zero while it trains."""
-        lam = self.config.method.hetlora_lambda
+        lam = self.options.hetlora_lambda
         if lam <= 0 or not self._tails:
             return None
         layers = self.adapted_modules(model)
@@ -152,7 +163,7 @@ class HetLoRA(HeterogeneousRankLoRA):
     # ----------------------------------------------------------------- server
     def sparsity_norm(self, update: ClientUpdate, layer: str) -> float:
         """||s_c B_c A_c||_F of this layer, or of the whole update with ``hetlora_norm: model``."""
-        scope = self.ranks if self.config.method.hetlora_norm == "model" else [layer]
+        scope = self.ranks if self.options.hetlora_norm == "model" else [layer]
         return math.sqrt(sum(float(torch.linalg.matrix_norm(self.client_delta(update, name))) ** 2 for name in scope))
 
     def sparsity_weights(self, updates: list[ClientUpdate], layer: str, client_weights: np.ndarray) -> np.ndarray:

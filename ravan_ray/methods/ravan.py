@@ -33,7 +33,7 @@ Under differential privacy (``ravan_ray/privacy.py``):
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import numpy as np
 import torch
@@ -41,11 +41,20 @@ from torch import nn
 
 from ravan_ray.adapters import RavanLinear, inject
 from ravan_ray.budgets import heads_for_level
-from ravan_ray.config import ConfigError
+from ravan_ray.config import ConfigError, Options
 from ravan_ray.methods.base import (ClientTask, ClientUpdate, FederatedMethod, State, gather_slices, noise_per_trainer,
                                     scatter_slices, weighted_mean)
 from ravan_ray.methods.budget import layer_summary, method_rank
 from ravan_ray.scoring import head_scores, top_k
+
+
+class RavanOptions(Options):
+    """How the heads are built, trained and chosen (the number of heads, ``method.heads``, is shared: the
+    budget matching splits N over them)."""
+
+    init: Literal["normal", "gram_schmidt", "constant", "shared_subspace"] = "normal"
+    scaling: Literal["trainable", "constant"] = "trainable"
+    scoring: Literal["random", "weight", "gradient"] = "random"
 
 
 class Ravan(FederatedMethod):
@@ -53,6 +62,7 @@ class Ravan(FederatedMethod):
     exact = True
     report_tables = {"method.heads": "number of heads", "method.init": "initialisation",
                      "method.scoring": "head scoring", "method.scaling": "scaling"}
+    options_model = RavanOptions
 
     def __init__(self, config):
         super().__init__(config)
@@ -66,8 +76,8 @@ class Ravan(FederatedMethod):
             rank = method_rank(cfg, linear.in_features, linear.out_features)
             self.ranks[name] = rank
             self.shapes[name] = (linear.out_features, linear.in_features)
-            return RavanLinear(linear, heads=cfg.heads, rank=rank, init=cfg.init, scaling=cfg.scaling,
-                               seed=self.seed, layer_name=name)
+            return RavanLinear(linear, heads=cfg.heads, rank=rank, init=self.options.init,
+                               scaling=self.options.scaling, seed=self.seed, layer_name=name)
 
         inject(model, self.config.model.target_modules, make_layer)
         return {name: module for name, module in model.named_modules() if isinstance(module, RavanLinear)}
@@ -102,7 +112,7 @@ class Ravan(FederatedMethod):
     # ----------------------------------------------------------------- differential privacy
     def check_privacy(self) -> None:
         super().check_privacy()
-        if self.config.privacy.mode != "none" and self.config.method.scoring == "gradient":
+        if self.config.privacy.mode != "none" and self.options.scoring == "gradient":
             raise ConfigError("privacy: method.scoring=gradient picks Ravan's heads from a local batch and sends the "
                               "choice in the clear; use method.scoring=random or weight under differential privacy")
 
@@ -163,12 +173,12 @@ class Ravan(FederatedMethod):
         super().begin_training(model, task, batch_loss)
         layers = self.adapted_modules(model)
         k = heads_for_level(task.level, self.config.method.heads)
-        scores = head_scores(self.config.method.scoring, layers, task.generator(stream=1), batch_loss, model)
+        scores = head_scores(self.options.scoring, layers, task.generator(stream=1), batch_loss, model)
         selected = top_k(scores, k)
         for name, layer in layers.items():
             layer.set_head_mask(selected[name])
             layer.cores.requires_grad_(True)
-            layer.scales.requires_grad_(self.config.method.scaling == "trainable")
+            layer.scales.requires_grad_(self.options.scaling == "trainable")
         return {"heads": selected, "heads_trained": k}
 
     def upload(self, model: nn.Module, task: ClientTask, meta: dict) -> tuple[State, Optional[State]]:

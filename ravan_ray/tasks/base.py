@@ -11,7 +11,9 @@ a Flower ClientApp's train / evaluate. It says:
   :meth:`Task.model_overrides` for settings such as ``num_labels`` read off the data);
 - how one batch becomes a loss (:meth:`Task.batch`, :meth:`Task.loss`);
 - how the global model is evaluated, and which metrics that writes (:meth:`Task.evaluate`,
-  :attr:`Task.metrics`).
+  :attr:`Task.metrics`);
+- which keys of the ``data:`` section it reads beyond the shared ones (:attr:`Task.options_model`, an
+  :class:`ravan_ray.config.Options` model in its file, read through ``self.options``).
 
 The driver, the actors and :class:`ravan_ray.training.ModelHost` only call these hooks, so adding a task
 is adding one file and one line in ``tasks/__init__.py``.
@@ -27,7 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ravan_ray.config import RunConfig
+from pydantic import Field
+
+from ravan_ray.config import Options, RunConfig
 from ravan_ray.data import DataError, Splits, encode_labels, load_splits
 from ravan_ray.models import LoadedModel, check_model_fits, load_model, model_skeleton, torch_dtype
 
@@ -87,9 +91,12 @@ class Task(ABC):
     primary_metric: ClassVar[str] = ""
     #: The arrays a training batch feeds the model (``batch`` takes these keys from the data).
     input_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids", "labels")
+    #: The task's own keys under ``data:`` (the fields it reads from its data, ...).
+    options_model: ClassVar[type[Options]] = Options
 
     def __init__(self, config: RunConfig, info: Optional[dict[str, Any]] = None):
         self.config = config
+        self.options = config.data.options(self.options_model)
         self.info: dict[str, Any] = dict(info or {})
 
     # ----------------------------------------------------------------- driver
@@ -218,6 +225,14 @@ def batches(total: int, batch_size: int):
         yield np.arange(start, min(total, start + batch_size))
 
 
+class GenerationOptions(Options):
+    """What the generating tasks (causal_lm, seq2seq) share."""
+
+    # Tokens generated for the exact-match accuracy. None: the longest reference + 1; 0: no generation (no
+    # test_accuracy; for long free-text responses where exact match means nothing).
+    max_new_tokens: Optional[int] = Field(None, ge=0)
+
+
 def greedy_exact_match(model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device,
                        info: dict[str, Any], tokenizer, inputs: tuple[str, str], continues_prompt: bool) -> float:
     """Share of test rows whose greedy completion, decoded without special tokens and stripped of
@@ -247,10 +262,15 @@ def greedy_exact_match(model: nn.Module, data: dict[str, Any], batch_size: int, 
     return matches / max(len(data["references"]), 1)
 
 
+class ClassificationOptions(Options):
+    label_field: str = "label"
+
+
 class ClassificationTask(Task):
     """What text and image classification share: a new classifier over ``num_labels`` classes,
     accuracy and cross-entropy on the test split."""
 
+    options_model = ClassificationOptions
     new_head = True
     metrics = {"test_accuracy": "max", "test_loss": "min"}
     primary_metric = "test_accuracy"
@@ -263,7 +283,7 @@ class ClassificationTask(Task):
     def class_labels(self, splits: Splits) -> tuple[dict[str, np.ndarray], list[str]]:
         """({split: class ids}, names) of ``data.label_field`` for train, test and validation (where there is
         one), encoded over all of them together."""
-        field_name = self.config.data.label_field
+        field_name = self.options.label_field
         names_in_order = ("train", *splits.evaluation_splits)
         raw = {split: splits.column(split, field_name) for split in names_in_order}
         ids, names = encode_labels(sum(raw.values(), []), field_name, splits.where, splits.label_names)

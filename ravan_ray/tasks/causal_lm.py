@@ -32,7 +32,7 @@ decoder-only generation needs.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 import torch
@@ -40,7 +40,8 @@ from torch import nn
 
 from ravan_ray.data import DataError, Splits, as_texts
 from ravan_ray.models import load_tokenizer
-from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, greedy_exact_match, object_array, token_losses
+from ravan_ray.tasks.base import (Arrays, GenerationOptions, Task, TaskData, batches, greedy_exact_match, object_array,
+                                  token_losses)
 
 # Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -51,9 +52,18 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 IGNORE = -100  # label of a position that does not count in the loss (transformers' convention)
 
 
+class CausalLMOptions(GenerationOptions):
+    prompt_field: str = "instruction"
+    input_field: Optional[str] = "input"  # used where the data has it
+    response_field: str = "output"
+    # What to do with examples whose prompt leaves no room for a response within data.max_length.
+    long_prompts: Literal["error", "skip"] = "error"
+
+
 class CausalLM(Task):
     name = "causal_lm"
     auto_class = "AutoModelForCausalLM"
+    options_model = CausalLMOptions
     new_head = False  # the pretrained LM head predicts the response tokens
     metrics = {"test_loss": "min", "test_perplexity": "min", "test_accuracy": "max"}
     primary_metric = "test_loss"
@@ -61,7 +71,7 @@ class CausalLM(Task):
 
     # ----------------------------------------------------------------- driver
     def prepare(self) -> TaskData:
-        d = self.config.data
+        d = self.options
         splits = self.load_splits()
         input_field = self.input_field(splits)
         splits.require({"prompt_field": d.prompt_field, "response_field": d.response_field, "input_field": input_field})
@@ -73,15 +83,15 @@ class CausalLM(Task):
             encoded[split] = self.encode(prompts, responses, tokenizer, splits.where, split)
         train, train_keep, _ = encoded["train"]
         del train["prompt_length"]
-        if self.config.data.max_new_tokens != 0:
+        if d.max_new_tokens != 0:
             # Generation length from the test split's references alone, so a validation split changes nothing in test.
-            wanted = self.config.data.max_new_tokens
+            wanted = d.max_new_tokens
             self.info["max_new_tokens"] = int(wanted if wanted is not None else max(encoded["test"][2]))
         prepared = {}
         for split in splits.evaluation_splits:
             arrays, keep, _ = encoded[split]
             prompt_lengths = arrays.pop("prompt_length")
-            if self.config.data.max_new_tokens != 0:
+            if d.max_new_tokens != 0:
                 arrays.update(self.generation_arrays(arrays, prompt_lengths, tokenizer))
                 references = as_texts(splits.column(split, d.response_field))
                 arrays["references"] = object_array([references[i].strip() for i in keep])
@@ -93,7 +103,7 @@ class CausalLM(Task):
 
     def input_field(self, splits: Splits) -> Optional[str]:
         """``data.input_field`` where the data has it; an explicitly set one must exist (require() says so)."""
-        d = self.config.data
+        d = self.options
         field_name = d.input_field
         if field_name and "input_field" not in d.model_fields_set and field_name not in splits.train.column_names:
             return None
@@ -111,8 +121,7 @@ class CausalLM(Task):
         return tokenizer
 
     def prompts(self, splits: Splits, split: str, input_field: Optional[str], tokenizer) -> list[str]:
-        d = self.config.data
-        instructions = as_texts(splits.column(split, d.prompt_field))
+        instructions = as_texts(splits.column(split, self.options.prompt_field))
         inputs = as_texts(splits.column(split, input_field)) if input_field else [""] * len(instructions)
         if tokenizer.chat_template:
             return [f"{i}\n\n{x}" if x.strip() else i for i, x in zip(instructions, inputs)]
@@ -144,7 +153,7 @@ class CausalLM(Task):
         max_length = self.config.data.max_length
         prompt_ids, response_ids = self.token_pairs(prompts, responses, tokenizer)
         too_long = [i for i, p in enumerate(prompt_ids) if len(p) >= max_length]
-        if too_long and self.config.data.long_prompts == "error":
+        if too_long and self.options.long_prompts == "error":
             longest = max(len(prompt_ids[i]) for i in too_long)
             raise DataError(f"{len(too_long)} {split} prompts of {where} leave no room for a response within "
                             f"data.max_length={max_length} (the longest has {longest} tokens); raise data.max_length "

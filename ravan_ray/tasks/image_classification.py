@@ -22,17 +22,22 @@ import torch
 
 from ravan_ray.data import DataError
 from ravan_ray.models import load_image_processor
-from ravan_ray.tasks.base import Arrays, ClassificationTask, TaskData, to_device
+from ravan_ray.tasks.base import Arrays, ClassificationOptions, ClassificationTask, TaskData, to_device
 
 DECODE_CHUNK = 1000  # images decoded at a time: bounds the driver's memory for PIL objects
+
+
+class ImageClassificationOptions(ClassificationOptions):
+    image_field: str = "image"
 
 
 class ImageClassification(ClassificationTask):
     name = "image_classification"
     auto_class = "AutoModelForImageClassification"
+    options_model = ImageClassificationOptions
 
     def prepare(self) -> TaskData:
-        d = self.config.data
+        d = self.options
         splits = self.load_splits(label_field=d.label_field)
         splits.require({"image_field": d.image_field, "label_field": d.label_field})
         class_ids, names = self.class_labels(splits)

@@ -31,8 +31,10 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
+from ravan_ray.config import Options
 from ravan_ray.data import DataError, Splits, as_texts
 from ravan_ray.models import load_tokenizer
 from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, object_array
@@ -41,9 +43,18 @@ N_BEST = 20  # candidate starts and ends per window (run_qa.py's default)
 NOT_CONTEXT = -1  # offset of a token that is not part of the context (question, special, padding)
 
 
+class QuestionAnsweringOptions(Options):
+    question_field: str = "question"
+    context_field: str = "context"
+    answers_field: str = "answers"
+    doc_stride: Optional[int] = Field(None, ge=1)  # overlap of a long context's windows; None: max_length // 4
+    max_answer_length: int = Field(30, ge=1)  # in tokens
+
+
 class QuestionAnswering(Task):
     name = "question_answering"
     auto_class = "AutoModelForQuestionAnswering"
+    options_model = QuestionAnsweringOptions
     new_head = True
     metrics = {"test_exact_match": "max", "test_f1": "max", "test_loss": "min"}
     primary_metric = "test_f1"
@@ -69,7 +80,7 @@ class QuestionAnswering(Task):
         return per_row, torch.ones_like(per_row)
 
     def prepare(self) -> TaskData:
-        d = self.config.data
+        d = self.options
         splits = self.load_splits()
         splits.require({"question_field": d.question_field, "context_field": d.context_field,
                         "answers_field": d.answers_field})
@@ -98,11 +109,11 @@ class QuestionAnswering(Task):
 
     def windows(self, splits: Splits, split: str, tokenizer) -> tuple[Arrays, np.ndarray]:
         """Token windows of (question, context) with their labelled answer span; and the example of each."""
-        d = self.config.data
-        questions = [q.strip() for q in as_texts(splits.column(split, d.question_field))]
-        contexts = as_texts(splits.column(split, d.context_field))
-        answers = [answer_spans(a, splits.where) for a in splits.column(split, d.answers_field)]
-        stride = d.doc_stride or d.max_length // 4
+        d, o = self.config.data, self.options
+        questions = [q.strip() for q in as_texts(splits.column(split, o.question_field))]
+        contexts = as_texts(splits.column(split, o.context_field))
+        answers = [answer_spans(a, splits.where) for a in splits.column(split, o.answers_field)]
+        stride = o.doc_stride or d.max_length // 4
         longest = max(len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"])
         room = d.max_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
         if room <= stride:
@@ -148,7 +159,7 @@ class QuestionAnswering(Task):
             end_logits[rows, :length] = out.end_logits.float().cpu().numpy()
             loss_sum += float(out.loss) * len(rows)
         predictions = best_spans(start_logits, end_logits, data["offsets"], data["example"], data["contexts"],
-                                 self.config.data.max_answer_length)
+                                 self.options.max_answer_length)
         scored = [(p, golds) for p, golds in zip(predictions, data["answers"]) if golds]
         exact = [max(exact_match(p, g) for g in golds) for p, golds in scored]
         f1 = [max(f1_score(p, g) for g in golds) for p, golds in scored]

@@ -22,24 +22,33 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from ravan_ray.data import DataError, as_texts, encode_labels, is_class_id, tokenize
 from ravan_ray.models import load_tokenizer
-from ravan_ray.tasks.base import (Arrays, Task, TaskData, batches, greedy_exact_match, object_array, take, to_device,
-                                  token_losses)
+from ravan_ray.tasks.base import (Arrays, GenerationOptions, Task, TaskData, batches, greedy_exact_match, object_array,
+                                  take, to_device, token_losses)
 from ravan_ray.tasks.causal_lm import IGNORE
+
+
+class Seq2SeqOptions(GenerationOptions):
+    source_field: str = "text"
+    # An integer target with class names is generated as the class name.
+    target_field: str = "label"
+    max_target_length: int = Field(32, ge=1, le=8192)
 
 
 class Seq2Seq(Task):
     name = "seq2seq"
     auto_class = "AutoModelForSeq2SeqLM"
+    options_model = Seq2SeqOptions
     new_head = False
     metrics = {"test_accuracy": "max", "test_loss": "min"}
     primary_metric = "test_accuracy"
 
     def prepare(self) -> TaskData:
-        d = self.config.data
+        d = self.options
         splits = self.load_splits(label_field=d.target_field)
         splits.require({"source_field": d.source_field, "target_field": d.target_field})
         split_names = ("train", *splits.evaluation_splits)
@@ -76,10 +85,9 @@ class Seq2Seq(Task):
         return tokenizer
 
     def encode(self, sources: list[str], targets: list[str], tokenizer) -> Arrays:
-        d = self.config.data
-        arrays = tokenize(sources, tokenizer, d.max_length)
+        arrays = tokenize(sources, tokenizer, self.config.data.max_length)
         arrays.pop("token_type_ids", None)  # encoder-decoders take none
-        labels = tokenizer(text_target=targets, max_length=d.max_target_length, truncation=True,
+        labels = tokenizer(text_target=targets, max_length=self.options.max_target_length, truncation=True,
                            padding="max_length", return_tensors="np")
         arrays["labels"] = np.where(labels["attention_mask"] == 1, labels["input_ids"], IGNORE).astype(np.int64)
         return arrays

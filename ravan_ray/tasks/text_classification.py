@@ -17,16 +17,22 @@ has one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from ravan_ray.data import DataError, TextClassificationData, as_texts, tokenize
 from ravan_ray.models import load_tokenizer
-from ravan_ray.tasks.base import ClassificationTask, TaskData
+from ravan_ray.tasks.base import ClassificationOptions, ClassificationTask, TaskData
+
+
+class TextClassificationOptions(ClassificationOptions):
+    text_field: str = "text"
+    text_pair_field: Optional[str] = None  # the second text of a sentence pair
 
 
 class TextClassification(ClassificationTask):
     name = "text_classification"
     auto_class = "AutoModelForSequenceClassification"
+    options_model = TextClassificationOptions
 
     def prepare(self) -> TaskData:
         data = self.load_texts()
@@ -42,7 +48,7 @@ class TextClassification(ClassificationTask):
 
     def load_texts(self) -> TextClassificationData:
         """The texts (and pairs) and class ids of both splits."""
-        d = self.config.data
+        d = self.options
         self.splits = self.load_splits(label_field=d.label_field)
         self.splits.require({"text_field": d.text_field, "text_pair_field": d.text_pair_field, "label_field": d.label_field})
         labels, names = self.class_labels(self.splits)

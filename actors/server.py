@@ -27,7 +27,6 @@ from ravan_ray.checkpoints import save_checkpoint
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods.base import ClientUpdate, State, state_bytes
 from ravan_ray.models import FrozenWeights
-from ravan_ray.privacy import CLIP_NORM_KEY, privatize_updates
 from ravan_ray.results import validation_name
 from ravan_ray.training import ModelHost
 
@@ -55,6 +54,7 @@ class ParameterServer:
         overlap = self.config.federation.overlap_evaluation
         self.eval_host = ModelHost(self.config, task_info, frozen) if overlap else self.host
         self.method = self.host.method
+        self.privacy = self.host.privacy  # differential privacy, if any: it acts on the uploads before the method
         self.test_data = test_data
         self.validation_data = validation_data
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()
@@ -80,31 +80,18 @@ class ParameterServer:
             "agg_error": math.nan,
             "effective_rank": math.nan,
         }
-        if accepted and self.config.privacy.mode == "client":
-            accepted, privacy_metrics = self._privatize(round_index, accepted)
-            metrics.update(privacy_metrics)
-        elif accepted and self.config.privacy.mode == "sample":
-            metrics["clip_fraction"] = float(np.mean([u.meta["clip_fraction"] for u in accepted]))
-            metrics["clip_norm"] = self.config.privacy.clip_norm
         if accepted:
+            accepted, privacy_metrics = self.privacy.privatize(self.method, self.state, accepted, round_index)
+            metrics.update(privacy_metrics)
             old_state = self.state
             self.state = self.method.aggregate(old_state, accepted, round_index)
-            if CLIP_NORM_KEY in old_state or self.config.privacy.adaptive_clip:
-                self.state[CLIP_NORM_KEY] = torch.tensor([metrics["next_clip_norm"]], dtype=torch.float64)
+            self.state.update(self.privacy.state_entries(old_state, privacy_metrics))
             metrics["agg_s"] = time.perf_counter() - started  # the aggregation itself, without diagnostics
             metrics.update(self._diagnostics(old_state, accepted))
         else:
             metrics["agg_s"] = time.perf_counter() - started
         self.held[round_index] = self.state
         return metrics
-
-    def _privatize(self, round_index: int, updates: list[ClientUpdate]) -> tuple[list[ClientUpdate], dict[str, Any]]:
-        """Client-level DP (DP-FedAvg): the clipped uploads with the noise on their sum (ravan_ray/privacy.py). With
-        adaptive clipping the current bound lives in the state under ``eval/`` (checkpointed, never broadcast)."""
-        privacy = self.config.privacy
-        clip_norm = float(self.state[CLIP_NORM_KEY][0]) if CLIP_NORM_KEY in self.state else float(privacy.clip_norm)
-        return privatize_updates(self.method, self.config, self.state, updates, round_index,
-                                 float(privacy.noise_multiplier), clip_norm)
 
     def _diagnostics(self, old_state: State, updates: list[ClientUpdate]) -> dict[str, float]:
         """agg_error = sum over adapted layers of ||ΔW(aggregated) - sum_c w_c ΔW_c||_F, with the method's

@@ -29,13 +29,11 @@ def _run_dir(config, output: Optional[str]) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ravan_ray.federation import run_federation
+    from ravan_ray.privacy import build_mechanism
 
     config = load_config(args.config, args.set or ())
     check_paths(config)
-    if config.privacy.mode != "none":
-        from ravan_ray.methods import build_method
-
-        build_method(config).check_privacy()
+    build_mechanism(config).check_config()  # a method's refusal of the privacy setting, before anything loads
     if args.dry_run:
         print(f"config OK (no model or data loaded): task {config.model.task}, model {config.model.name}, "
               f"data {config.data.path or config.data.name}, method {config.method.name}, "
@@ -163,6 +161,8 @@ def _print_summary(summary: dict, run_dir: Path, args: argparse.Namespace) -> No
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:
+    from ravan_ray.privacy import summary_line
+
     metric = summary.get("metric", "test_accuracy")
     lines = [f"{summary['method']} on {summary.get('task', 'text_classification')}: {summary['rounds']} rounds in "
              f"{_duration(summary['wall_s'])}"]
@@ -176,11 +176,9 @@ def format_summary(summary: dict, run_dir: Path) -> str:
         lines.append(f"  {name.replace('_', ' '):<16} final {shown(final):>9}   best {shown(best)}")
     lines.append(f"  {'traffic':<16} uplink {summary['total_uplink_bytes'] / 1e6:.2f} MB, "
                  f"downlink {summary['total_downlink_bytes'] / 1e6:.2f} MB")
-    if summary.get("privacy_mode"):
-        epsilon = summary.get("epsilon")
-        lines.append(f"  {'privacy':<16} {summary['privacy_mode']} level, epsilon "
-                     f"{'-' if epsilon is None else f'{epsilon:.3g}'} at delta {summary['delta']:g} "
-                     f"(noise multiplier {summary['noise_multiplier']:.3g})")
+    privacy = summary_line(summary)
+    if privacy is not None:
+        lines.append(f"  {'privacy':<16} {privacy}")
     faults = {k: summary.get(k) for k in ("failed_clients", "dropped_clients", "rejected_uploads") if summary.get(k)}
     if faults:
         lines.append(f"  {'faults':<16} " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in faults.items()))

@@ -109,8 +109,8 @@ def cohort_blocker(host: "ModelHost", setups: list[ClientSetup], modules: dict[s
     """Why these clients cannot train as one cohort (None when they can)."""
     if host.method.cohort_blocker is not None:
         return host.method.cohort_blocker
-    if host.config.privacy.mode == "sample":
-        return "sample-level DP-SGD takes per-example gradients of one client's model"
+    if host.privacy.per_example_gradients:
+        return "DP-SGD takes per-example gradients of one client's model"
     if type(host.task).row_losses is Task.row_losses:
         return f"task {host.task.name} has no per-row loss"
     for name, param in host.model.named_parameters():

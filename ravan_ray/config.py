@@ -326,7 +326,7 @@ class FaultsConfig(_Section):
 
 
 class PrivacyConfig(_Section):
-    """Differential privacy (ravan_ray/privacy.py). ``client``: DP-FedAvg (McMahan et al. 2018), each client's
+    """Differential privacy (ravan_ray/privacy/). ``client``: DP-FedAvg (McMahan et al. 2018), each client's
     update clipped to ``clip_norm`` in L2, Gaussian noise of standard deviation noise_multiplier x clip_norm on
     the server's sum, accounted at sampling rate clients_per_round / num_clients. ``sample``: DP-SGD in local
     training (Opacus), each example's gradient clipped, accounted at the batch fraction of every client's data.

@@ -37,9 +37,10 @@ from ravan_ray.cluster import ray_runtime, shortfall, total
 from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
+from ravan_ray.logs import quiet_logger
 from ravan_ray.methods.base import ClientTask
 from ravan_ray.models import export_weights
-from ravan_ray.privacy import PrivacyBudget, plan_budget
+from ravan_ray.privacy import PrivacyBudget, build_mechanism
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
 from ravan_ray.results import RunLog, with_validation
@@ -159,7 +160,7 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     fed = config.federation
     data = prepare_data(config)
     resolved = preflight(config, data.task_info)
-    budget = plan_budget(config, [len(p) for p in data.partitions], client_rounds(config))
+    budget = build_mechanism(config).plan_budget([len(p) for p in data.partitions], client_rounds(config))
     if budget is not None:
         resolved["privacy"] = {"noise_multiplier": budget.noise_multiplier, "delta": budget.delta,
                                "epsilon_after_all_rounds": budget.epsilon(fed.rounds)}

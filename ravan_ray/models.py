@@ -24,7 +24,6 @@ shared-memory pages instead of loading the checkpoint itself.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -34,6 +33,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from torch import nn
+
+from ravan_ray.logs import quiet_transformers
 
 TINY_BERT = "tiny-bert"
 OFFLINE_DEFAULT = "minilm"
@@ -80,39 +81,6 @@ def load_tokenizer(name: str):
         return AutoTokenizer.from_pretrained(model_source(name))
     except (OSError, ValueError, TypeError) as error:
         raise ModelError(f"model.name '{name}': could not load its tokenizer ({_first_line(error)})") from None
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str):
-    """Only errors from the logger ``name`` while inside (a library's warning that means nothing for the run)."""
-    import logging
-
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-@contextlib.contextmanager
-def quiet_transformers():
-    """transformers' info for a developer (a load report listing the new head's "missing" weights, the
-    image processor's fallback to its PIL backend without torchvision) is noise for a run that means it."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights: 100%": a blink for a local checkpoint
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def load_image_processor(name: str):

@@ -130,11 +130,11 @@ def summarize(config: Any, rows: list[dict[str, Any]], wall_s: float, extra: dic
         "dropped_clients": int(sum(r.get("dropped_clients") or 0 for r in rows)),
         "rejected_uploads": int(sum(r.get("rejected_uploads") or 0 for r in rows)),
     })
-    privacy = getattr(config, "privacy", None)
-    if privacy is not None and privacy.mode != "none":
+    if getattr(config, "privacy", None) is not None:
+        from ravan_ray.privacy import build_mechanism
+
         spent = [r["epsilon"] for r in rows if not _missing(r.get("epsilon"))]
-        summary.update({"privacy_mode": privacy.mode, "epsilon": spent[-1] if spent else None, "delta": privacy.delta,
-                        "noise_multiplier": privacy.noise_multiplier})
+        summary.update(build_mechanism(config).summary(spent[-1] if spent else None))
     summary.update(extra or {})
     return summary
 

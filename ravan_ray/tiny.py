@@ -189,7 +189,7 @@ def write_squad(folder: Path, seed: int) -> None:
 def write_vit(folder: Path) -> None:
     from transformers import ViTConfig
 
-    from ravan_ray.models import quiet_transformers
+    from ravan_ray.logs import quiet_transformers
 
     folder.mkdir(parents=True, exist_ok=True)
     ViTConfig(image_size=IMAGE_SIZE, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,

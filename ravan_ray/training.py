@@ -1,7 +1,8 @@
 """One process's model: the pretrained network wrapped by the method, local training and evaluation.
 
 :class:`ModelHost` is what a client actor and the parameter server hold; it knows nothing of Ray and
-nothing of any particular method or task (it only calls the two protocols), so it is tested directly.
+nothing of any particular method, task or privacy mechanism (it only calls their protocols), so it is tested
+directly.
 """
 
 from __future__ import annotations
@@ -9,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -20,6 +20,7 @@ from ravan_ray.config import RunConfig
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State
 from ravan_ray.models import FrozenWeights, ModelError, default_targets, model_from_weights, torch_dtype
+from ravan_ray.privacy import build_mechanism
 from ravan_ray.tasks import build_task
 from ravan_ray.tasks.base import rows_in
 
@@ -68,11 +69,15 @@ def preflight(config: RunConfig, task_info: dict[str, Any]) -> dict:
     skeleton = build_task(config, task_info).skeleton()
     config = with_targets(config, skeleton)
     method = build_method(config)
-    method.check_privacy()
+    mechanism = build_mechanism(config)
+    mechanism.check(method)
     method.wrap_model(skeleton)
-    if config.resources.cohort_size != 1 and method.cohort_blocker is not None:
-        print(f"ravan-ray: {method.name} trains a round's clients one by one, not in cohorts ({method.cohort_blocker})",
-              file=sys.stderr)
+    if config.resources.cohort_size != 1:
+        blocker = method.cohort_blocker or ("DP-SGD takes per-example gradients of one client's model"
+                                            if mechanism.per_example_gradients else None)
+        if blocker is not None:
+            print(f"ravan-ray: {method.name} trains a round's clients one by one, not in cohorts ({blocker})",
+                  file=sys.stderr)
     return {**method.resolved(), "lr": method.lr, "target_modules": list(config.model.target_modules)}
 
 
@@ -93,6 +98,7 @@ class ModelHost:
             loaded = model_from_weights(self.task.skeleton(), frozen, config.model.name)
         self.config = config = with_targets(config, loaded.model)
         self.method = build_method(config)
+        self.privacy = build_mechanism(config)  # differential privacy, if any: it runs the local steps
         self.model = loaded.model
         self.model.requires_grad_(False)
         # Plain attributes (not submodules): the method finds its layers and the head through them.
@@ -166,18 +172,10 @@ class ModelHost:
         meta = self.method.begin_training(self.model, task, lambda: self._loss(data, scoring_batch))
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params, self.method.lr)
-        losses = []
-        if cfg.privacy.mode == "sample":
-            losses, clip_fraction = self._train_private(optimizer, data, batches, task)
-            meta = {**meta, "clip_fraction": clip_fraction}
-        else:
-            for batch in batches:
-                optimizer.zero_grad(set_to_none=True)
-                loss = self._objective(data, batch)
-                self.scaler.scale(loss).backward()
-                self.scaler.step(optimizer)
-                self.scaler.update()
-                losses.append(loss.detach())
+        losses, privacy_meta = self.privacy.train_steps(self.model, self.method, optimizer, batches,
+                                                        lambda rows: self._objective(data, rows), task, self.scaler)
+        if privacy_meta:  # DP-SGD's share of clipped examples
+            meta = {**meta, **privacy_meta}
         self.model.eval()
         tensors, new_client_state = self.method.upload(self.model, task, meta)
         return ClientUpdate(
@@ -190,30 +188,6 @@ class ModelHost:
             meta=meta,
             client_state=None if new_client_state is None else {k: v.detach().cpu() for k, v in new_client_state.items()},
         )
-
-    def _train_private(self, optimizer: torch.optim.Optimizer, data: Batch, batches: list[torch.Tensor],
-                       task: ClientTask) -> tuple[list[torch.Tensor], float]:
-        """The local steps under DP-SGD (``privacy.mode: sample``); returns (losses, share of clipped examples).
-        The noise is drawn from the client task's own stream, as the batches are."""
-        from ravan_ray.privacy import DPSGD
-
-        privacy = self.config.privacy
-        dp = DPSGD(self.model, optimizer, float(privacy.noise_multiplier), float(privacy.clip_norm), len(batches[0]),
-                   task.generator(stream=4), after_noise=lambda: self.method.after_private_noise(self.model))
-        losses = []
-        with warnings.catch_warnings():
-            # Opacus' backward hooks on a model whose inputs need no gradient (a frozen base): expected, harmless
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            try:
-                for batch in batches:
-                    dp.zero_grad()
-                    loss = self._loss(data, batch)
-                    loss.backward()
-                    dp.step()
-                    losses.append(loss.detach())
-            finally:
-                dp.close()
-        return losses, dp.clip_fraction
 
     @staticmethod
     def _batch_order(num_samples: int, steps: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -16,10 +16,11 @@ from ravan_ray.cli import format_summary, main
 from ravan_ray.config import load_config
 from ravan_ray.federation import run_federation
 from ravan_ray.methods import build_method
-from ravan_ray.methods.base import NOISE_STD, ClientUpdate
+from ravan_ray.methods.base import ClientUpdate
 from ravan_ray.methods.lora import factor_product
-from ravan_ray.privacy import (calibrate_noise, clip, epsilon_for, global_norm, noise_generator, gaussian_noise,
-                               privatize_updates)
+from ravan_ray.methods.private_terms import NOISE_STD
+from ravan_ray.privacy.accounting import calibrate_noise, epsilon_for
+from ravan_ray.privacy.client_level import clip, gaussian_noise, global_norm, noise_generator, privatize_updates
 from ravan_ray.results import TIMING_COLUMNS
 
 TINY_ARGS = [arg for o in TINY_OVERRIDES for arg in ("--set", o)]

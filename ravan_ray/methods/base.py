@@ -15,12 +15,16 @@ States are flat ``{name: tensor}`` dicts (safetensors-compatible):
 The task head (the new classifier of a sequence-classification model) is trained by every method when
 ``model.train_head`` is on, uploaded under ``head/...`` and averaged with FedAvg: it is not part of the
 adapted layers and does not enter ``agg_error`` or ``effective_rank``.
+
+What a method says under differential privacy (its clipped update, how noise enters its uploads, what it refuses)
+is a second, small protocol in ``methods/private_terms.py`` (:class:`~ravan_ray.methods.private_terms.PrivateTerms`),
+which the method classes mix in; :mod:`ravan_ray.privacy` calls it.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
@@ -35,8 +39,6 @@ EVAL_PREFIX = "eval/"
 #: server bookkeeping for methods whose downlink depends on what a client already holds: per client, the last round
 #: whose aggregated state it received (0: only the initial state, which every process builds from the seed).
 SYNCED_KEY = EVAL_PREFIX + "synced_round"
-#: in a private upload's meta under client-level DP: the std of the noise on each coordinate of the uploads' sum
-NOISE_STD = "privacy_noise_std"
 
 
 @dataclass(frozen=True)
@@ -143,45 +145,6 @@ class FederatedMethod(ABC):
         sent = {k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}
         return state_bytes(sent) * len(clients)
 
-    # ----------------------------------------------------------------- differential privacy
-    def check_privacy(self) -> None:
-        """override: raise ConfigError when this method cannot run under ``config.privacy`` (checked before the run
-        starts; Ravan refuses gradient scoring under DP, HetLoRA its pruning penalty under DP-SGD)."""
-
-    def privacy_delta(self, state: State, update: ClientUpdate) -> State:
-        """override: the client's update as client-level DP clips it, float64: the per-client terms whose sum (plus
-        noise) the method's server rule is a function of. Usually its communicated tensors minus the broadcast; where
-        the rule needs more than the sum of the uploads, those terms too (FedEx-LoRA, FLoRA and FlexLoRA the change
-        of the client's effective weight, HetLoRA its norm-weighted factors). Every client's delta must have the same
-        keys and shapes (the noise on their sum is drawn once). Default: upload minus broadcast for every uploaded
-        tensor; one with no broadcast counterpart (Fed-SB's gradient sums) is its own update."""
-        return {k: v.double() - state[k].double() if k in state else v.double() for k, v in update.tensors.items()}
-
-    def with_privacy_delta(self, state: State, update: ClientUpdate, delta: State) -> ClientUpdate:
-        """override: the upload that the clipped, noised ``delta`` stands for (inverse of :meth:`privacy_delta`)."""
-        tensors = {k: ((state[k].double() + d) if k in state else d).to(update.tensors[k].dtype)
-                   for k, d in delta.items()}
-        return replace(update, tensors=tensors)
-
-    def noise_shares(self, updates: list[ClientUpdate], noise: State) -> list[State]:
-        """override: how the noise on the sum of the deltas enters each client's delta, so that the method's own
-        aggregate sees sum + noise. Default, for a server rule that averages (or sums) every key over all m
-        clients: each client carries noise / m (their sum is the noise; the mean becomes (sum + noise) / m)."""
-        share = {k: v / len(updates) for k, v in noise.items()}
-        return [share for _ in updates]
-
-    @staticmethod
-    def task_head_only(update: ClientUpdate) -> ClientUpdate:
-        """The update with its task-head tensors only (for methods whose adapter tensors need their own privacy
-        delta, such as slices or products)."""
-        return replace(update, tensors={k: v for k, v in update.tensors.items() if k.startswith(HEAD_PREFIX)})
-
-    def after_private_noise(self, model: nn.Module) -> None:
-        """override: called in every DP-SGD step (``privacy.mode: sample``) once the gradients are clipped and noised,
-        before the optimizer step. Ravan zeroes the noise on heads the client does not train (their gradient is
-        structurally zero, so this is post-processing; they take part in the forward pass and must not move);
-        Fed-SB adds up the private gradients of its estimation round. Default: nothing."""
-
     # ----------------------------------------------------------------- client side
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
         """override: write the global state (and the client's own state, when it has one) into the model."""
@@ -268,45 +231,3 @@ def mark_synced(state: State, updates: list[ClientUpdate], round_index: int) -> 
     for update in updates:
         synced[update.client_id] = max(int(synced[update.client_id]), round_index - 1)
     return synced
-
-
-def with_private_terms(update: ClientUpdate, private: ClientUpdate, delta: State) -> ClientUpdate:
-    """A private upload for a method whose server rule needs per-client terms beyond its uploads (products of factors,
-    weighted factors): ``private``'s tensors, the terms of the clipped, noised ``delta`` that it lacks, and the
-    client's own uploads where neither has them (kept for the server's diagnostics only: the aggregate reads the
-    noised terms)."""
-    terms = {k: v for k, v in delta.items() if k not in private.tensors and k not in update.tensors}
-    return replace(private, tensors={**update.tensors, **private.tensors, **terms})
-
-
-# ---------------------------------------------------------------------------------------- privacy on slices
-# Ravan's heads and Fed-PLoRA's one-rank modules are slices of a tensor that each client trains a subset of; the
-# server averages slice j over the k_j clients that trained it. Client-level DP clips the full-size update (zero on
-# the slices a client did not train) and spreads the noise of slice j over its k_j trainers.
-def scatter_slices(values: torch.Tensor, slices: Sequence[int], like: torch.Tensor, axis: int) -> torch.Tensor:
-    """A float64 tensor shaped as ``like``, ``values`` at positions ``slices`` along ``axis``, zero elsewhere."""
-    full = torch.zeros(like.shape, dtype=torch.float64)
-    return full.index_copy_(axis, torch.as_tensor(list(slices), dtype=torch.long), values.double())
-
-
-def gather_slices(tensor: torch.Tensor, slices: Sequence[int], axis: int) -> torch.Tensor:
-    return tensor.index_select(axis, torch.as_tensor(list(slices), dtype=torch.long))
-
-
-def noise_per_trainer(noise: torch.Tensor, trained: Sequence[Sequence[int]], axis: int) -> list[torch.Tensor]:
-    """Each client's share of ``noise`` (drawn on the sum): slice j divided by the number k_j of clients that trained
-    it (``trained[c]``: the slices client c trained), to each of them, zero to the others. The shares of slice j add
-    up to its noise, so a per-slice mean over its trainers sees (sum + noise) / k_j; a slice nobody trained gets
-    none (it keeps its value)."""
-    slices = noise.shape[axis]
-    counts = torch.zeros(slices, dtype=torch.float64)
-    masks = []
-    for indices in trained:
-        mask = torch.zeros(slices, dtype=torch.bool)
-        mask[list(indices)] = True
-        counts += mask
-        masks.append(mask)
-    view = [1] * noise.dim()
-    view[axis] = slices
-    per_trainer = noise / counts.clamp(min=1).view(view)
-    return [torch.where(mask.view(view), per_trainer, torch.zeros_like(per_trainer)) for mask in masks]

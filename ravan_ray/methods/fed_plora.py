@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ravan_ray.methods.base import (HEAD_PREFIX, ClientTask, ClientUpdate, State, gather_slices, noise_per_trainer,
-                                    scatter_slices, weighted_mean)
+from ravan_ray.methods.base import HEAD_PREFIX, ClientTask, ClientUpdate, State, weighted_mean
 from ravan_ray.methods.lora import LoRAMethod, RankLevels, factor_key
+from ravan_ray.methods.private_terms import gather_slices, noise_per_trainer, scatter_slices
 
 SELECT_STREAM = 5  # ClientTask.generator stream for the module selection (0-4 are used elsewhere)
 

@@ -54,6 +54,7 @@ from ravan_ray.adapters import RavanLinear, inject
 from ravan_ray.methods.base import (HEAD_PREFIX, SYNCED_KEY, ClientTask, ClientUpdate, FederatedMethod, State,
                                     initial_sync, mark_synced, state_bytes, synced_round, weighted_mean)
 from ravan_ray.methods.budget import layer_summary, method_rank
+from ravan_ray.methods.private_terms import PrivateTerms
 
 INIT_ROUND = 1  # the round whose clients estimate the update; its aggregation creates the bases
 
@@ -85,7 +86,7 @@ def accumulate_into(total: torch.Tensor) -> Callable[[torch.Tensor], None]:
     return hook
 
 
-class FedSB(FederatedMethod):
+class FedSB(PrivateTerms, FederatedMethod):
     name = "fed_sb"
     changes_base_weights = True  # merges updates into W
     exact = True
@@ -188,11 +189,17 @@ class FedSB(FederatedMethod):
                            for name, layer in layers.items()}
         for name, layer in layers.items():
             layer.base.weight.requires_grad_(True)
-            if self.config.privacy.mode != "sample":  # under DP-SGD: the private gradient, in after_private_noise
-                self._hooks.append(layer.base.weight.register_hook(accumulate_into(self._grad_sums[name])))
-            else:  # per-example gradients of W are taken at W's own nn.Linear: the forward must call it
-                layer.compute = "factorised"
+            self._hooks.append(layer.base.weight.register_hook(accumulate_into(self._grad_sums[name])))
         return {"estimate": True}
+
+    def before_private_steps(self, model: nn.Module) -> None:
+        """Under DP-SGD the estimation round sums the private gradients (in after_private_noise), not the raw ones
+        its hooks see, so the hooks go; and per-example gradients of W are taken at W's own nn.Linear: the forward
+        must call it."""
+        if self._estimating:
+            self._remove_hooks()
+            for layer in self.adapted_modules(model).values():
+                layer.compute = "factorised"
 
     def after_private_noise(self, model: nn.Module) -> None:
         """Under DP-SGD the estimation round sums the clipped, noised gradients of W (what DP-SGD releases), not the

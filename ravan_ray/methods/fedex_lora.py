@@ -34,8 +34,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from ravan_ray.methods.base import EVAL_PREFIX, ClientUpdate, State, state_bytes, with_private_terms
+from ravan_ray.methods.base import EVAL_PREFIX, ClientUpdate, State, state_bytes
 from ravan_ray.methods.lora import LoRAMethod, factor_key, factor_product, weight_update_key
+from ravan_ray.methods.private_terms import with_private_terms
 
 #: 1 while every W in the state is still the pretrained weight (which no client needs to receive)
 PRETRAINED_W = EVAL_PREFIX + "fedex_lora/base_is_pretrained"

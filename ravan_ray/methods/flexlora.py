@@ -42,8 +42,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State, with_private_terms
+from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State
 from ravan_ray.methods.lora import HeterogeneousRankLoRA, factor_key, weight_update_key
+from ravan_ray.methods.private_terms import with_private_terms
 
 
 def delta_key(layer: str) -> str:

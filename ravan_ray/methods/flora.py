@@ -44,9 +44,10 @@ import torch
 from torch import nn
 
 from ravan_ray.methods.base import (EVAL_PREFIX, HEAD_PREFIX, SYNCED_KEY, ClientTask, ClientUpdate, State,
-                                    initial_sync, mark_synced, state_bytes, synced_round, with_private_terms)
+                                    initial_sync, mark_synced, state_bytes, synced_round)
 from ravan_ray.methods.fedex_lora import base_key
 from ravan_ray.methods.lora import LoRAMethod, factor_key, factor_product, weight_update_key
+from ravan_ray.methods.private_terms import with_private_terms
 
 FRESH_A_STREAM = 4  # ClientTask.generator stream for the fresh A (0-3 are used by the training loop)
 STACK_SUFFIXES = ("/stack_A", "/stack_B")

@@ -27,11 +27,12 @@ from torch import nn
 from ravan_ray.adapters import inject
 from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State, weighted_mean
 from ravan_ray.methods.budget import layer_summary, method_rank
+from ravan_ray.methods.private_terms import PrivateTerms
 
 PREFIX = "full/"
 
 
-class FullFT(FederatedMethod):
+class FullFT(PrivateTerms, FederatedMethod):
     name = "full_ft"
     exact = True
     default_lr = 5e-5  # all weights move: the adapters' learning rate collapses it to chance

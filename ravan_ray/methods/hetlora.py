@@ -61,8 +61,9 @@ from pydantic import Field
 from torch import nn
 
 from ravan_ray.config import ConfigError, Options
-from ravan_ray.methods.base import NOISE_STD, ClientTask, ClientUpdate, State, weighted_mean, with_private_terms
+from ravan_ray.methods.base import ClientTask, ClientUpdate, State, weighted_mean
 from ravan_ray.methods.lora import HeterogeneousRankLoRA, factor_key
+from ravan_ray.methods.private_terms import NOISE_STD, with_private_terms
 
 
 #: under client-level DP a layer is updated only when its noised sum of norms exceeds this many noise stds
@@ -118,11 +119,11 @@ class HetLoRA(HeterogeneousRankLoRA):
             layer: int(client_state[rank_key(layer)]) for layer in self.ranks if rank_key(layer) in client_state}
         super().load_state(model, state, client_state)
 
-    def check_privacy(self) -> None:
+    def check_privacy(self, mechanism) -> None:
         """DP-SGD clips and noises per-example gradients, which the pruning penalty (a function of B and A, not of
         any example) does not have: the penalty would silently drop out of the objective, so it is refused."""
-        super().check_privacy()
-        if self.config.privacy.mode == "sample" and self.options.hetlora_lambda > 0:
+        super().check_privacy(mechanism)
+        if mechanism.per_example_gradients and self.options.hetlora_lambda > 0:
             raise ConfigError("privacy.mode=sample leaves HetLoRA's pruning penalty out of DP-SGD's per-example "
                               "gradients; set method.hetlora_lambda=0 to run HetLoRA without it")
 

@@ -30,6 +30,7 @@ from ravan_ray.budgets import rank_for_level
 from ravan_ray.methods.base import (EVAL_PREFIX, ClientTask, ClientUpdate, FederatedMethod, State,
                                     weighted_mean)
 from ravan_ray.methods.budget import layer_summary, method_rank
+from ravan_ray.methods.private_terms import PrivateTerms
 
 FACTORS = ("lora_A", "lora_B")
 
@@ -50,7 +51,7 @@ def factor_product(tensors: State, layer: str) -> torch.Tensor:
     return tensors[factor_key(layer, "lora_B")].double() @ tensors[factor_key(layer, "lora_A")].double()
 
 
-class LoRAMethod(FederatedMethod):
+class LoRAMethod(PrivateTerms, FederatedMethod):
     """LoRA on the target layers; clients train and upload ``shared_factors``; subclasses aggregate."""
 
     #: the factors that are broadcast, trained and uploaded (FFA-LoRA: B only; FedSA-LoRA: A only)

@@ -17,7 +17,7 @@ Choices the paper leaves open:
   so ``agg_error`` (distance to the plain mean of all sampled clients' full updates) is then non-zero by
   design; with every client training every head it is zero up to float rounding.
 
-Under differential privacy (``ravan_ray/privacy.py``):
+Under differential privacy (``ravan_ray/privacy/``):
 - client level: a client's update is, per layer, the full (h, r, r) tensor s_i H_i - H_i^global on the heads it
   trained and 0 on the others (plus its task-head change), clipped jointly. The scales are part of it: s_i is
   reset to 1 every round, so a client that only moved s_i still uploads (s_i - 1) H_i, which counts towards its
@@ -42,9 +42,9 @@ from torch import nn
 from ravan_ray.adapters import RavanLinear, inject
 from ravan_ray.budgets import heads_for_level
 from ravan_ray.config import ConfigError, Options
-from ravan_ray.methods.base import (ClientTask, ClientUpdate, FederatedMethod, State, gather_slices, noise_per_trainer,
-                                    scatter_slices, weighted_mean)
+from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State, weighted_mean
 from ravan_ray.methods.budget import layer_summary, method_rank
+from ravan_ray.methods.private_terms import PrivateTerms, gather_slices, noise_per_trainer, scatter_slices
 from ravan_ray.scoring import head_scores, top_k
 
 
@@ -57,7 +57,7 @@ class RavanOptions(Options):
     scoring: Literal["random", "weight", "gradient"] = "random"
 
 
-class Ravan(FederatedMethod):
+class Ravan(PrivateTerms, FederatedMethod):
     name = "ravan"
     exact = True
     report_tables = {"method.heads": "number of heads", "method.init": "initialisation",
@@ -110,9 +110,11 @@ class Ravan(FederatedMethod):
         return new_state
 
     # ----------------------------------------------------------------- differential privacy
-    def check_privacy(self) -> None:
-        super().check_privacy()
-        if self.config.privacy.mode != "none" and self.options.scoring == "gradient":
+    def check_privacy(self, mechanism) -> None:
+        """Under any differential privacy the heads a client trained are public; gradient scoring picks them from a
+        local batch, so it is refused."""
+        super().check_privacy(mechanism)
+        if self.options.scoring == "gradient":
             raise ConfigError("privacy: method.scoring=gradient picks Ravan's heads from a local batch and sends the "
                               "choice in the clear; use method.scoring=random or weight under differential privacy")
 

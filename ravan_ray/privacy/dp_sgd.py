@@ -1,0 +1,172 @@
+"""Sample-level differential privacy: DP-SGD in each client's local training.
+
+**Sample level** (``privacy.mode: sample``): DP-SGD (Abadi et al. 2016) in local training through Opacus'
+``GradSampleModule`` (per-example gradients; the adapter layers, which Opacus has no rule for and whose constant
+buffers its functorch fallback refuses, get a registered rule that is that fallback with the buffers passed in:
+:func:`adapter_grad_sample`) and ``DPOptimizer`` (per-example clipping to C, noise z C on the sum).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ravan_ray.config import ConfigError
+from ravan_ray.methods.base import ClientTask, ClientUpdate, State
+from ravan_ray.methods.private_terms import PrivateTerms
+from ravan_ray.privacy.accounting import PerStepBudget, PrivacyBudget, plan_budget
+from ravan_ray.privacy.mechanism import DifferentialPrivacy
+
+
+class SampleLevel(DifferentialPrivacy):
+    """``privacy.mode: sample``: every client's local steps are DP-SGD (:class:`DPSGD`); the server aggregates the
+    uploads as they are and reports the clients' share of clipped examples."""
+
+    name = "sample"
+    per_example_gradients = True
+
+    def plan_budget(self, client_sizes: Sequence[int],
+                    sampled_rounds: Sequence[Sequence[int]]) -> Optional[PrivacyBudget]:
+        privacy, fed = self.config.privacy, self.config.federation
+        smallest = int(min(client_sizes))
+        if privacy.delta >= 1.0 / smallest:
+            raise ConfigError(f"privacy.delta ({privacy.delta:g}) must be < 1 / the smallest client's sample count "
+                              f"({smallest}, so < {1.0 / smallest:g}): sample-level DP protects examples")
+        rates = tuple(min(1.0, fed.batch_size / max(1, int(n))) for n in client_sizes)
+        participation = tuple(tuple(int(r) for r in rounds) for rounds in sampled_rounds)
+        return plan_budget(self.config, PerStepBudget(0.0, privacy.delta, rates, participation, fed.local_steps))
+
+    def train_steps(self, model: torch.nn.Module, method: PrivateTerms, optimizer: torch.optim.Optimizer,
+                    batches: list[torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor], task: ClientTask,
+                    scaler: torch.amp.GradScaler) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """The local steps under DP-SGD, without loss scaling; the upload carries the share of clipped examples.
+        The noise is drawn from the client task's own stream, as the batches are."""
+        privacy = self.config.privacy
+        method.before_private_steps(model)
+        dp = DPSGD(model, optimizer, float(privacy.noise_multiplier), float(privacy.clip_norm), len(batches[0]),
+                   task.generator(stream=4), after_noise=lambda: method.after_private_noise(model))
+        losses = []
+        with warnings.catch_warnings():
+            # Opacus' backward hooks on a model whose inputs need no gradient (a frozen base): expected, harmless
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            try:
+                for batch in batches:
+                    dp.zero_grad()
+                    value = loss(batch)
+                    value.backward()
+                    dp.step()
+                    losses.append(value.detach())
+            finally:
+                dp.close()
+        return losses, {"clip_fraction": dp.clip_fraction}
+
+    def privatize(self, method: PrivateTerms, state: State, updates: list[ClientUpdate],
+                  round_index: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
+        """The uploads as they are (DP-SGD made them private); the round's mean share of clipped examples."""
+        return updates, {"clip_fraction": float(np.mean([u.meta["clip_fraction"] for u in updates])),
+                         "clip_norm": self.config.privacy.clip_norm}
+
+
+def adapter_grad_sample(layer: torch.nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
+    """Per-example gradients of an adapter layer's own trainable parameters (Ravan's cores and scales, LoRA's factors)
+    for Opacus: ``vmap(grad(...))`` over the batch of the layer's functional forward, which is what Opacus' functorch
+    fallback does, except that the layer's buffers go in as constants. Opacus refuses any layer with buffers there,
+    because BatchNorm's running statistics are data; ours (the seeded frozen bases, the head and rank masks) are
+    not, so this rule, registered for the two adapter classes, is the fallback without that refusal."""
+    from torch.func import functional_call, grad, vmap
+
+    trainable = {name: p for name, p in layer.named_parameters(recurse=False) if p.requires_grad}
+    constants = {**{n: p.detach() for n, p in layer.named_parameters() if n not in trainable},
+                 **dict(layer.named_buffers())}
+    unhooked = without_hooks(layer)
+
+    def example_loss(params, x, g):
+        out = functional_call(unhooked, {**params, **constants}, (x.unsqueeze(0),))
+        return (out * g.unsqueeze(0)).sum()
+
+    x = activations[0]
+    if x.dtype != backprops.dtype and x.is_floating_point():
+        x = x.to(backprops.dtype)
+    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))({n: p.detach() for n, p in trainable.items()}, x,
+                                                                  backprops)
+    return {trainable[name]: per_example[name] for name in trainable}
+
+
+def without_hooks(layer: torch.nn.Module) -> torch.nn.Module:
+    """A shallow copy of ``layer`` (same tensors, same settings) without Opacus' hooks, to run its forward inside
+    the per-example gradient: the hooks would capture that inner call as if it were a training step. (Opacus' own
+    fallback deep-copies the layer once; a copy made per call also sees settings that change between clients,
+    such as a LoRA layer's scale.)"""
+    from collections import OrderedDict
+
+    clone = copy.copy(layer)
+    clone._parameters, clone._buffers, clone._modules = (dict(layer._parameters), dict(layer._buffers),
+                                                         dict(layer._modules))
+    for hooks in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+                  "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks"):
+        setattr(clone, hooks, OrderedDict())
+    return clone
+
+
+_REGISTERED = False
+
+
+def register_adapter_samplers() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from opacus.grad_sample import register_grad_sampler
+
+    from ravan_ray.adapters import LoRALinear, RavanLinear
+
+    register_grad_sampler([RavanLinear, LoRALinear])(adapter_grad_sample)
+    _REGISTERED = True
+
+
+class DPSGD:
+    """DP-SGD for one client task: Opacus' per-example gradients on ``model`` and its DPOptimizer around
+    ``optimizer`` (per-example clipping to C, N(0, (z C)^2) on the sum, divided by the batch size). The noise comes
+    from ``generator`` (the client task's own stream), so a resumed run is bit-identical. ``close()`` removes the
+    hooks: the process's model serves the next client task."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, noise_multiplier: float,
+                 clip_norm: float, batch_size: int, generator: torch.Generator, after_noise=None):
+        from opacus import GradSampleModule
+        from opacus.optimizers import DPOptimizer
+
+        register_adapter_samplers()
+        self.clip_norm = clip_norm
+        # strict=False: the adapter layers' buffers are constants (see adapter_grad_sample), not data.
+        self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+        self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=clip_norm,
+                                     expected_batch_size=batch_size, loss_reduction="mean", generator=generator)
+        if after_noise is not None:
+            self.optimizer.attach_step_hook(lambda _optimizer: after_noise())
+        self.examples = 0
+        self.clipped = 0
+
+    def step(self) -> None:
+        """Count the examples whose gradient norm exceeds C (for clip_fraction), then clip, noise and step."""
+        norms = [p.grad_sample.flatten(1).double().norm(dim=1) for p in self.optimizer.params
+                 if getattr(p, "grad_sample", None) is not None]
+        if norms:
+            per_example = torch.stack(norms, dim=1).norm(dim=1)
+            self.examples += int(per_example.numel())
+            self.clipped += int((per_example > self.clip_norm).sum())
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    @property
+    def clip_fraction(self) -> float:
+        return self.clipped / self.examples if self.examples else math.nan
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.module._close()

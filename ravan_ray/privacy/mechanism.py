@@ -1,0 +1,128 @@
+"""The privacy mechanism protocol: everything the rest of the platform asks of differential privacy.
+
+A mechanism wraps a run as Flower's DP wrappers (``DifferentialPrivacyServerSideFixedClipping``, ...) wrap a
+strategy: the method aggregates as it always does, and the mechanism acts around it. It is built from the config
+(:func:`ravan_ray.privacy.build_mechanism`, one class per ``privacy.mode``) and called at five places:
+
+- before the run (:meth:`PrivacyMechanism.check_config` from the CLI, :meth:`PrivacyMechanism.check` in the
+  driver's preflight): a setting the method cannot run privately is one ConfigError;
+- in the driver (:meth:`PrivacyMechanism.plan_budget`): the accountant's budget, with the noise multiplier given or
+  calibrated, whose ``epsilon(round)`` fills metrics.csv's ``epsilon`` column;
+- in each client's local training (:meth:`PrivacyMechanism.train_steps`, from ``ModelHost``): the S local steps;
+- on the parameter server (:meth:`PrivacyMechanism.privatize` before the method's aggregate,
+  :meth:`PrivacyMechanism.state_entries` after it): the uploads the method aggregates and the round's metrics;
+- in summary.json (:meth:`PrivacyMechanism.summary`, read back by :func:`summary_line`).
+
+Three implementations: :class:`NoPrivacy` (here), client level (DP-FedAvg, ``client_level.ClientLevel``) and
+sample level (DP-SGD, ``dp_sgd.SampleLevel``). What a method says under privacy is its own protocol,
+:class:`ravan_ray.methods.private_terms.PrivateTerms`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ravan_ray.config import ConfigError, RunConfig
+from ravan_ray.methods import build_method
+from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State
+from ravan_ray.methods.private_terms import PrivateTerms
+from ravan_ray.privacy.accounting import PrivacyBudget
+
+
+class PrivacyMechanism:
+    """The protocol, with the behaviour of a run without privacy as its defaults: the plain local-step loop, the
+    uploads aggregated as they are, no budget, nothing in the summary."""
+
+    #: the ``privacy.mode`` this mechanism implements (summary.json's ``privacy_mode``)
+    name: ClassVar[str] = ""
+    #: True when local training clips and noises per-example gradients (DP-SGD): a loss term that is a function of
+    #: the weights alone (HetLoRA's pruning penalty) has no per-example gradient and drops out
+    per_example_gradients: ClassVar[bool] = False
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    # ----------------------------------------------------------------- before the run
+    def check_config(self) -> None:
+        """The checks that need no model and no data (the CLI's ``run``, ``--dry-run`` included)."""
+
+    def check(self, method: FederatedMethod) -> None:
+        """Raise ConfigError when ``method`` cannot run under this mechanism (the driver's preflight)."""
+
+    def plan_budget(self, client_sizes: Sequence[int],
+                    sampled_rounds: Sequence[Sequence[int]]) -> Optional[PrivacyBudget]:
+        """The run's privacy budget, checked against its data, with the noise multiplier computed for the run's
+        rounds when the config gives ``target_epsilon``; None without privacy. ``client_sizes[c]``: client c's
+        sample count; ``sampled_rounds[c]``: the rounds client c is sampled in (the driver's seeded draw)."""
+        return None
+
+    # ----------------------------------------------------------------- a client's local training
+    def train_steps(self, model: nn.Module, method: PrivateTerms, optimizer: torch.optim.Optimizer,
+                    batches: list[torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor], task: ClientTask,
+                    scaler: torch.amp.GradScaler) -> tuple[list[torch.Tensor], dict[str, Any]]:
+        """The client's local steps, one per batch of row indices (``loss(rows)``: the loss on those rows); returns
+        (the steps' losses, metadata the upload carries). Default: plain steps (with loss scaling under float16)."""
+        losses = []
+        for batch in batches:
+            optimizer.zero_grad(set_to_none=True)
+            value = loss(batch)
+            scaler.scale(value).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(value.detach())
+        return losses, {}
+
+    # ----------------------------------------------------------------- the server's round
+    def privatize(self, method: PrivateTerms, state: State, updates: list[ClientUpdate],
+                  round_index: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
+        """The uploads the method aggregates this round, and the round's privacy metrics (metrics.csv's
+        ``clip_fraction``, ``clip_norm``, ``update_norm``). Default: the uploads as they are, no metrics."""
+        return updates, {}
+
+    def state_entries(self, old_state: State, metrics: dict[str, Any]) -> State:
+        """Entries the mechanism keeps in the server's new state after the aggregation (``eval/`` keys: checkpointed,
+        never broadcast), from the state before it and :meth:`privatize`'s metrics. Default: none."""
+        return {}
+
+    # ----------------------------------------------------------------- results
+    def summary(self, epsilon: Optional[float]) -> dict[str, Any]:
+        """summary.json's privacy entries, ``epsilon``: the last round's spent epsilon (None if none was recorded)."""
+        return {}
+
+
+class NoPrivacy(PrivacyMechanism):
+    """``privacy.mode: none``."""
+
+    name = "none"
+
+
+class DifferentialPrivacy(PrivacyMechanism):
+    """What both DP mechanisms share: the method must implement the private terms and may refuse the setting, and
+    the summary reports epsilon at delta."""
+
+    def check_config(self) -> None:
+        self.check(build_method(self.config))
+
+    def check(self, method: FederatedMethod) -> None:
+        if not isinstance(method, PrivateTerms):
+            raise ConfigError(f"privacy.mode={self.name}: method {self.config.method.name} does not implement "
+                              f"differential privacy (ravan_ray.methods.private_terms.PrivateTerms)")
+        method.check_privacy(self)
+
+    def summary(self, epsilon: Optional[float]) -> dict[str, Any]:
+        privacy = self.config.privacy
+        return {"privacy_mode": self.name, "epsilon": epsilon, "delta": privacy.delta,
+                "noise_multiplier": privacy.noise_multiplier}
+
+
+def summary_line(summary: dict[str, Any]) -> Optional[str]:
+    """The privacy line of the end-of-run summary from summary.json's entries (:meth:`PrivacyMechanism.summary`);
+    None for a run without privacy."""
+    if not summary.get("privacy_mode"):
+        return None
+    epsilon = summary.get("epsilon")
+    return (f"{summary['privacy_mode']} level, epsilon {'-' if epsilon is None else f'{epsilon:.3g}'} at delta "
+            f"{summary['delta']:g} (noise multiplier {summary['noise_multiplier']:.3g})")

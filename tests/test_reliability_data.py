@@ -138,7 +138,7 @@ def test_a_second_run_on_a_directory_in_use_is_refused_before_it_writes(tmp_path
     with run_lock(run_dir):
         assert main(["run", "--output", str(run_dir), *sum((["--set", o] for o in TINY_OVERRIDES), [])]) == 2
         assert f"{run_dir} is in use by another run (pid {os.getpid()})" in one_error_line(capsys)
-    assert [p.name for p in run_dir.iterdir()] == [".lock"]  # the holder's lock alone: nothing was written
+        assert [p.name for p in run_dir.iterdir()] == [".lock"]  # the holder's lock alone: nothing was written
 
 
 def test_a_resume_of_a_run_in_progress_is_refused_and_its_files_stay(runs, tmp_path, capsys):
@@ -187,3 +187,122 @@ def test_report_on_a_summary_that_is_not_an_object_is_one_line(runs, tmp_path, c
     (run_dir / "summary.json").write_text(content)
     assert main(["report", str(run_dir)]) == 2
     assert "summary.json" in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------- data and models that mean the wrong thing
+WORDS = ["the card was declined", "my transfer is late", "how do I reset my pin", "the app will not open"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))  # json writes NaN as NaN, as pandas does
+
+
+def text_data(folder: Path, train_labels: list, test_labels: list) -> Path:
+    write_jsonl(folder / "train.jsonl", [{"text": WORDS[i % 4], "label": v} for i, v in enumerate(train_labels)])
+    write_jsonl(folder / "test.jsonl", [{"text": WORDS[i % 4], "label": v} for i, v in enumerate(test_labels)])
+    return folder
+
+
+def run_on(tmp_path: Path, *overrides: str) -> int:
+    sets = [*TINY_OVERRIDES, *overrides]
+    return main(["run", *[a for s in sets for a in ("--set", s)], "--output", str(tmp_path / "run")])
+
+
+@pytest.mark.parametrize("train,test,mentions", [
+    pytest.param([0, 1, 2, 3.5] * 6, [0, 1, 2, 1], "not class ids (e.g. 3.5 in row 4)", id="a-fraction"),
+    pytest.param([0, 1, float("nan"), 2] * 6, [0, 1, 2, 1], "not class ids (e.g. nan in row 3)", id="a-nan"),
+    pytest.param([0, 1, 2, 1] * 6, ["a", "b", "a", "b"], "class ids in the train split but class names in the test",
+                 id="ids-in-train-names-in-test"),
+    pytest.param([0, 1, 2, -1] * 6, [0, 1, 2, 1], "negative class ids", id="negative"),
+])
+def test_labels_whose_types_differ_within_or_across_splits_exit_2(tmp_path, capsys, train, test, mentions):
+    folder = text_data(tmp_path / "data", train, test)
+    assert run_on(tmp_path, f"data.path={folder}") == 2
+    line = one_error_line(capsys)
+    assert mentions in line and str(folder) in line
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_test_classes_missing_from_training_are_named_in_a_warning(tmp_path, capsys):
+    from ravan_ray.config import load_config
+    from ravan_ray.federation import prepare_data
+
+    folder = text_data(tmp_path / "data", ["card", "transfer"] * 12, ["card", "pin", "app", "transfer"])
+    prepare_data(load_config(None, [*TINY_OVERRIDES, f"data.path={folder}", "data.partition.kind=iid"]))
+    err = capsys.readouterr().err
+    assert "2 classes of the test split" in err and "'app', 'pin'" in err
+
+
+def test_a_model_directory_without_tokenizer_files_exits_2(tiny, tmp_path, capsys):
+    model = tmp_path / "bert-config-only"
+    model.mkdir()
+    shutil.copy(tiny / "models" / "bert" / "config.json", model)
+    assert run_on(tmp_path, f"model.name={model}", f"data.path={text_data(tmp_path / 'data', [0, 1] * 12, [0, 1])}") == 2
+    assert "only its 5 special tokens, no vocabulary" in one_error_line(capsys)
+
+
+def test_a_tokenizer_that_reads_most_words_as_unknown_exits_2(tiny, tmp_path, capsys):
+    model = tmp_path / "bert-other-vocabulary"
+    model.mkdir()
+    shutil.copy(tiny / "models" / "bert" / "config.json", model)
+    (model / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "bonjour", "merci"]))
+    folder = text_data(tmp_path / "data", [0, 1] * 12, [0, 1])
+    assert run_on(tmp_path, f"model.name={model}", f"data.path={folder}") == 2
+    line = one_error_line(capsys)
+    assert "reads 100% of the tokens" in line and str(folder) in line
+
+
+def squad_rows(tiny: Path, split: str) -> list[dict]:
+    return [json.loads(line) for line in (tiny / "data" / "squad" / f"{split}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("shift", [3, -10_000, 100_000])
+def test_qa_answers_not_at_their_offsets_exit_2(tiny, tmp_path, capsys, shift):
+    folder = tmp_path / "squad"
+    rows = squad_rows(tiny, "train")
+    rows[5]["answers"]["answer_start"] = [rows[5]["answers"]["answer_start"][0] + shift]
+    write_jsonl(folder / "train.jsonl", rows)
+    write_jsonl(folder / "test.jsonl", squad_rows(tiny, "test"))
+    assert run_on(tmp_path, "model.task=question_answering", f"model.name={tiny / 'models' / 'bert'}",
+                  f"data.path={folder}", "data.max_length=32", "data.doc_stride=8", "data.max_train_samples=1000") == 2
+    line = one_error_line(capsys)
+    assert "1 answers of" in line and "(train split)" in line and "row 6" in line
+
+
+# ------------------------------------------------------------------------- unreadable images
+@pytest.mark.parametrize("damage", [
+    pytest.param(lambda p: p.write_text("not an image"), id="text-named-png"),
+    pytest.param(lambda p: p.write_bytes(p.read_bytes()[:60]), id="truncated"),
+    pytest.param(lambda p: p.write_bytes(b""), id="empty"),
+])
+def test_an_image_that_does_not_decode_is_one_line_naming_the_file(tiny, tmp_path, capsys, damage):
+    folder = tmp_path / "images"
+    shutil.copytree(tiny / "data" / "images", folder)
+    bad = sorted((folder / "train").glob("*/*.png"))[3]
+    damage(bad)
+    assert run_on(tmp_path, "model.task=image_classification", f"model.name={tiny / 'models' / 'vit'}",
+                  f"data.path={folder}") == 2
+    assert str(bad) in one_error_line(capsys)
+
+
+# ------------------------------------------------------------------------- unreadable data files, with the row
+@pytest.mark.parametrize("name,content,mentions", [
+    pytest.param("train.jsonl", b'{"text": "a", "label": 0}\n{"text": "b", "label": 1\n{"text": "c", "label": 0}\n',
+                 "line 2 is not JSON", id="jsonl-line-cut"),
+    pytest.param("train.jsonl", b'{"text": "a", "label": 0}\n\n\nnot json\n', "line 4 is not JSON", id="jsonl-text-line"),
+    pytest.param("train.csv", b"text,label\nhello,0\nbye,1\n\xff\xfeoops,1\n", "line 4 (byte 25) is not UTF-8",
+                 id="csv-not-utf8"),
+    pytest.param("train.csv", b"text,label\nhello,0\nbye,1,2\n", "line 3 has 3 cells, the header 2", id="csv-extra-cell"),
+    pytest.param("train.json", b'[{"text": "a", "label": 0},\n {"text": "b" "label": 1}]', "not JSON at line 2",
+                 id="json-broken"),
+    pytest.param("train.parquet", b'{"text": "a", "label": 0}\n', "not a parquet file", id="json-named-parquet"),
+])
+def test_an_unreadable_data_file_is_one_line_naming_the_file_and_row(tmp_path, capsys, name, content, mentions):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / name).write_bytes(content)
+    assert run_on(tmp_path, f"data.path={folder}") == 2
+    line = one_error_line(capsys)
+    assert str(folder / name) in line and mentions in line
+    assert "An error occurred while generating the dataset" not in line

@@ -36,7 +36,8 @@ def save_checkpoint(run_dir: str | Path, round_index: int, state: dict[str, torc
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "state.safetensors"))
     flat = {f"{cid}/{k}": v.contiguous() for cid, cs in client_states.items() for k, v in cs.items()}
     save_file(flat, str(tmp / "client_states.safetensors"))
-    (tmp / "meta.json").write_text(json.dumps({**meta, "round": round_index}, indent=2))
+    # numpy numbers among the metrics rows as the Python numbers they hold (NaN stays: an empty cell is one)
+    (tmp / "meta.json").write_text(json.dumps({**meta, "round": round_index}, indent=2, default=lambda v: v.item()))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep]:
@@ -64,6 +65,25 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[int
         cid, name = key.split("/", 1)
         client_states.setdefault(int(cid), {})[name] = value
     return state, client_states, meta
+
+
+def checkpoint_at(run_dir: str | Path, round_index: int) -> Path:
+    """Round ``round_index``'s checkpoint (``resume --from-round``); one line listing the rounds there are
+    when it has none."""
+    found = _dir_for(Path(run_dir), round_index)
+    if not found.is_dir():
+        rounds = [int(p.name.removeprefix("round_")) for p in list_checkpoints(run_dir)]
+        raise CheckpointError(f"{run_dir} has no checkpoint of round {round_index}; checkpoints: "
+                              f"{', '.join(map(str, rounds)) or 'none'}")
+    return found
+
+
+def discard_checkpoints_after(run_dir: str | Path, round_index: int) -> None:
+    """A run resumed from an earlier checkpoint plays the later rounds again: their checkpoints go, so the
+    last checkpoint is always the newest round played."""
+    for path in list_checkpoints(run_dir):
+        if int(path.name.removeprefix("round_")) > round_index:
+            shutil.rmtree(path)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:

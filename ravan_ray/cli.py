@@ -59,7 +59,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
     config = load_config(run_dir / "config.yaml")
     with _quiet_progress(args.quiet or args.json):
-        summary = run_federation(config, run_dir, resume=True)
+        summary = run_federation(config, run_dir, resume=True, from_round=args.from_round)
     _draw_curves(summary, run_dir)
     _print_summary(summary, run_dir, args)
     return 0
@@ -214,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     resume.add_argument("run_dir")
+    resume.add_argument("--from-round", type=int, metavar="N",
+                        help="continue from round N's checkpoint instead of the last one (the later checkpoints "
+                             "are discarded and their rounds played again), e.g. when the last one is damaged")
     _output_choices(resume)
     resume.set_defaults(func=cmd_resume)
 
@@ -256,10 +259,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("ravan-ray: interrupted; 'ravan-ray resume DIR' continues from the last checkpoint", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError) as error:  # every user-facing error class derives from ValueError
+    except (ValueError, OSError) as error:  # every user-facing error class derives from ValueError
         if os.environ.get("RAVAN_DEBUG"):
             raise
-        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, OSError) and error.filename is not None:  # an unwritable --output, a vanished file
+            message = f"{error.filename}: {error.strerror or type(error).__name__}"
+        else:
+            message = " ".join(str(error).split()) or type(error).__name__
         print(f"ravan-ray: error: {message}", file=sys.stderr)
         return EXIT_USAGE
 

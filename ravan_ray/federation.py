@@ -7,8 +7,8 @@
     driver: every eval_every rounds the server evaluates the global model (on its own thread, while the
             clients already train the next round: overlap_evaluation) -> one metrics.csv row per round,
             written in order once the round's evaluation is in
-            every checkpoint_every rounds the server writes a checkpoint (safetensors + JSON) of a round
-            whose row is written, so a resumed run never lacks a row
+            every checkpoint_every rounds the server writes a checkpoint (safetensors + JSON) of a round,
+            holding the metrics.csv rows up to it, so a resumed run never lacks a row
 
 Nothing here knows which method runs. All randomness derives from (seed, round, client id), so a run
 resumed from a checkpoint, or run with another actor mode, produces the same numbers.
@@ -32,7 +32,8 @@ import ray
 
 from actors import ClientFleet, ParameterServer
 from ravan_ray.budgets import client_levels, heads_for_level
-from ravan_ray.checkpoints import latest_checkpoint, load_checkpoint
+from ravan_ray.checkpoints import (CheckpointError, checkpoint_at, discard_checkpoints_after, latest_checkpoint,
+                                   list_checkpoints, load_checkpoint)
 from ravan_ray.cluster import ray_runtime, shortfall, total
 from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, save_config
@@ -43,7 +44,7 @@ from ravan_ray.models import export_weights
 from ravan_ray.privacy import PrivacyBudget, build_mechanism
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
-from ravan_ray.results import RunLog, with_validation
+from ravan_ray.results import RunLog, run_lock, with_validation
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any], Optional[str]], None]
@@ -154,9 +155,17 @@ def started(actor: Any, what: str) -> Any:
 
 
 def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
-                   on_round: Optional[RoundCallback] = None) -> dict[str, Any]:
-    """Run the federation described by ``config`` into ``run_dir`` (or continue it with ``resume``)."""
+                   on_round: Optional[RoundCallback] = None, from_round: Optional[int] = None) -> dict[str, Any]:
+    """Run the federation described by ``config`` into ``run_dir`` (or continue it with ``resume``: from the
+    last checkpoint, or from round ``from_round``'s, whose later checkpoints are then discarded). One run at a
+    time writes to a run directory (:func:`ravan_ray.results.run_lock`)."""
     run_dir = Path(run_dir)
+    with run_lock(run_dir):
+        return _run_federation(config, run_dir, resume, on_round, from_round)
+
+
+def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Optional[RoundCallback],
+                    from_round: Optional[int]) -> dict[str, Any]:
     fed = config.federation
     data = prepare_data(config)
     resolved = preflight(config, data.task_info)
@@ -170,8 +179,10 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
     record_setup(config, run_dir, data, resolved, levels)
     config = with_noise_multiplier(config, budget)  # what the actors run: the noise multiplier, given or calibrated
-    first_round, state, client_states = last_checkpoint(run_dir) if resume else (1, None, {})
-    run_log = RunLog(config, run_dir, metric_columns, first_round)
+    first_round, state, client_states, rows = last_checkpoint(run_dir, from_round) if resume else (1, None, {}, None)
+    if from_round is not None:
+        discard_checkpoints_after(run_dir, from_round)
+    run_log = RunLog(config, run_dir, metric_columns, first_round, rows)
 
     with ray_runtime(config.resources):
         task_info = data.task_info
@@ -202,10 +213,13 @@ def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                     while unfinished and (unfinished[0].evaluated() or round_index > fed.rounds
                                           or not fed.overlap_evaluation):
                         played = unfinished.popleft()
-                        checkpoint_path = finish_round(config, run_dir, played, server.actor)
+                        if played.evaluation is not None:
+                            played.row.update(ray.get(played.evaluation))
                         if budget is not None:
                             played.row["epsilon"] = budget.epsilon(played.row["round"])
-                        run_log.append(played.row, played.outcome.log, server.restarts)
+                        run_log.record(played.row, played.outcome.log, server.restarts)
+                        checkpoint_path = finish_round(config, run_dir, played, server.actor, run_log.rows)
+                        run_log.write()
                         if on_round is not None:
                             on_round(played.row, checkpoint_path)
                 except ray.exceptions.RayActorError:  # the parameter server died: restart it from its checkpoint
@@ -274,17 +288,17 @@ def play_round(config: RunConfig, round_index: int, server, fleet: ClientFleet, 
     return PlayedRound(row, outcome, evaluation, dict(client_state_refs))
 
 
-def finish_round(config: RunConfig, run_dir: Path, played: PlayedRound, server) -> Optional[str]:
-    """Complete the round's row with its evaluation and write its checkpoint when one is due; returns the
-    checkpoint's path or None. The server then drops the round's state."""
+def finish_round(config: RunConfig, run_dir: Path, played: PlayedRound, server,
+                 rows: list[dict[str, Any]]) -> Optional[str]:
+    """Write the round's checkpoint when one is due, with ``rows`` (metrics.csv's rows up to this round, its
+    own row complete) in its meta; returns the checkpoint's path or None. The server then drops the round's
+    state."""
     round_index = played.row["round"]
-    if played.evaluation is not None:
-        played.row.update(ray.get(played.evaluation))
     checkpoint_path = None
     if round_index % config.output.checkpoint_every == 0 or round_index == config.federation.rounds:
         ids = sorted(played.client_state_refs)
         checkpoint_path = ray.get(server.checkpoint.remote(
-            str(run_dir), round_index, {"seed": config.seed}, config.output.keep_checkpoints,
+            str(run_dir), round_index, {"seed": config.seed, "rows": rows}, config.output.keep_checkpoints,
             ids, *[played.client_state_refs[i] for i in ids]))
     server.release.remote(round_index)
     return checkpoint_path
@@ -319,7 +333,7 @@ class RestartableServer:
         every client's state then, in the object store). Every round is a function of (state, seed, round),
         so the rounds played again since that checkpoint come out the same."""
         self.restarts += 1
-        next_round, state, client_states = last_checkpoint(run_dir)
+        next_round, state, client_states, _ = last_checkpoint(run_dir)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         self.actor = self._start(state, f"{self.name}-{self.restarts}")
         return next_round, client_state_refs
@@ -328,14 +342,25 @@ class RestartableServer:
         ray.kill(self.actor, no_restart=True)
 
 
-def last_checkpoint(run_dir: Path) -> tuple[int, Optional[dict], dict[int, Any]]:
-    """(next round, state, client states) from the run's last checkpoint; round 1 and an empty state when
-    there is none yet."""
-    checkpoint = latest_checkpoint(run_dir)
+def last_checkpoint(run_dir: Path, at_round: Optional[int] = None
+                    ) -> tuple[int, Optional[dict], dict[int, Any], Optional[list[dict[str, Any]]]]:
+    """(next round, state, client states, metrics rows up to it) from the run's last checkpoint, or from
+    round ``at_round``'s; round 1 and an empty state when there is none yet. The rows are None in a
+    checkpoint written before checkpoints kept them. A damaged last checkpoint is refused with the
+    command that continues from the one before it."""
+    checkpoint = latest_checkpoint(run_dir) if at_round is None else checkpoint_at(run_dir, at_round)
     if checkpoint is None:
-        return 1, None, {}
-    state, client_states, meta = load_checkpoint(checkpoint)
-    return int(meta["round"]) + 1, state, client_states
+        return 1, None, {}, None
+    try:
+        state, client_states, meta = load_checkpoint(checkpoint)
+    except CheckpointError as error:
+        earlier = [p for p in list_checkpoints(run_dir) if p < checkpoint]
+        if not earlier:
+            raise
+        previous = int(earlier[-1].name.removeprefix("round_"))
+        raise CheckpointError(f"{error}; 'ravan-ray resume {run_dir} --from-round {previous}' continues from "
+                              f"the checkpoint before it (round {previous})") from None
+    return int(meta["round"]) + 1, state, client_states, meta.get("rows")
 
 
 @dataclass

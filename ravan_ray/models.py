@@ -78,9 +78,15 @@ def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(model_source(name))
+        tokenizer = AutoTokenizer.from_pretrained(model_source(name))
     except (OSError, ValueError, TypeError) as error:
         raise ModelError(f"model.name '{name}': could not load its tokenizer ({_first_line(error)})") from None
+    # A model directory with a config but no vocabulary files still loads a tokenizer: one that knows only its
+    # special tokens and reads every word as the unknown token.
+    if len(tokenizer) <= len(set(tokenizer.all_special_tokens)):
+        raise ModelError(f"model.name '{name}': its tokenizer has only its {len(tokenizer)} special tokens, no "
+                         f"vocabulary (are the tokenizer files, e.g. tokenizer.json or vocab.txt, missing?)")
+    return tokenizer
 
 
 def load_image_processor(name: str):

@@ -8,14 +8,16 @@ leaves the previous complete file, never a half-written one.
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import math
 import os
 import sys
+import contextlib
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Optional
 
 import pandas as pd
 
@@ -80,13 +82,24 @@ def write_metrics(path: str | Path, rows: Iterable[dict[str, Any]],
     atomic_write_text(path, buffer.getvalue())
 
 
+class RunFilesError(ValueError):
+    """A run directory's result files are damaged, or another run is writing to it; one line."""
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """metrics.csv back as dicts of floats (empty cells -> NaN); round as int."""
+    """metrics.csv back as dicts of floats (empty cells -> NaN); round as int. A damaged file (a row cut
+    mid-line, a cell that is not a number) raises :class:`RunFilesError` naming the file and line."""
     with open(path, newline="") as handle:
         rows = []
-        for raw in csv.DictReader(handle):
-            row = {k: (float(v) if v != "" else math.nan) for k, v in raw.items()}
-            row["round"] = int(row["round"])
+        reader = csv.DictReader(handle)
+        for raw in reader:
+            try:
+                if None in raw or None in raw.values():  # a row with too many or too few cells
+                    raise ValueError("wrong number of cells")
+                row = {k: (float(v) if v != "" else math.nan) for k, v in raw.items()}
+                row["round"] = int(row["round"])
+            except ValueError as error:
+                raise RunFilesError(f"{path} is damaged at line {reader.line_num} ({error})") from None
             rows.append(row)
         return rows
 
@@ -101,7 +114,12 @@ def read_table(path: str | Path, before_round: int) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return []
-    frame = pd.read_csv(path)
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as error:
+        raise RunFilesError(f"{path} is damaged ({' '.join(str(error).split())})") from None
+    if "round" not in frame.columns:
+        raise RunFilesError(f"{path} is damaged (no round column)")
     return frame[frame["round"] < before_round].to_dict("records")
 
 
@@ -147,20 +165,58 @@ def _missing(value: Any) -> bool:
     return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory for one writer: a second run or resume on it is refused instead of overwriting
+    the first's files. An flock dies with its process, so a killed run leaves no lock behind; the pid written
+    into the lock file only names the holder in the message."""
+    created = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK_FILE
+    try:
+        with _locked(run_dir, path):
+            yield
+    finally:
+        if created and [p.name for p in run_dir.iterdir()] == [LOCK_FILE]:  # refused before it wrote anything
+            with contextlib.suppress(OSError):  # another process took the directory over meanwhile
+                path.unlink()
+                run_dir.rmdir()
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path, path: Path) -> Iterator[None]:
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunFilesError(f"{run_dir} is in use by another run (pid {holder}); wait for it to end or use "
+                                f"another --output") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class RunLog:
     """A run's record as its rounds finish: each finished round's row appended to metrics.csv, its clients'
     attempts to clients.csv, summary.json rewritten, and the progress line (a bar on a terminal; one line per
     round on stderr without one, as in a Ray job or CI, unless TQDM_DISABLE is set)."""
 
-    def __init__(self, config: Any, run_dir: Path, task_metrics: Iterable[str], first_round: int = 1):
+    def __init__(self, config: Any, run_dir: Path, task_metrics: Iterable[str], first_round: int = 1,
+                 checkpoint_rows: Optional[list[dict[str, Any]]] = None):
         from ravan_ray.tasks import task_class
 
         self.config, self.run_dir, self.task_metrics = config, Path(run_dir), list(task_metrics)
         self.first_round = first_round
-        # A resumed run continues what its earlier attempt wrote, up to the round it resumes at.
-        metrics = self.run_dir / "metrics.csv"
-        self.rows = [r for r in read_metrics(metrics) if r["round"] < first_round] \
-            if first_round > 1 and metrics.exists() else []
+        self.rows = self._earlier_rows(checkpoint_rows)
         self.clients = read_table(self.run_dir / "clients.csv", before_round=first_round)
         self.wall_offset = self.rows[-1]["wall_s"] if self.rows else 0.0
         primary = task_class(config.model.task).primary_metric
@@ -175,12 +231,32 @@ class RunLog:
         self.progress = tqdm(total=self.config.federation.rounds, initial=self.first_round - 1,
                              desc=self.config.method.name, unit="round", disable=None)
 
-    def append(self, row: dict[str, Any], client_log: list[dict[str, Any]], server_restarts: int) -> None:
-        """Record a finished round (its row gets the run's wall clock and the server restarts so far)."""
+    def _earlier_rows(self, checkpoint_rows: Optional[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The rows of the rounds before ``first_round`` that a resumed run continues: those its checkpoint
+        holds (metrics.csv may have lost rows since, or be gone), else metrics.csv's, which must then hold
+        every one of them: a resumed run never continues a shorter history."""
+        if self.first_round == 1:
+            return []
+        if checkpoint_rows is not None:
+            return [row for row in checkpoint_rows if row["round"] < self.first_round]
+        metrics = self.run_dir / "metrics.csv"
+        rows = [r for r in read_metrics(metrics) if r["round"] < self.first_round] if metrics.exists() else []
+        if [r["round"] for r in rows] != list(range(1, self.first_round)):
+            raise RunFilesError(f"{metrics} lacks rows of rounds 1-{self.first_round - 1}, which its checkpoint "
+                                f"(written before checkpoints kept them) cannot restore; start the run again")
+        return rows
+
+    def record(self, row: dict[str, Any], client_log: list[dict[str, Any]], server_restarts: int) -> None:
+        """Add a finished round (its row gets the run's wall clock and the server restarts so far); ``write``
+        puts it in the files."""
         row["wall_s"] = self.wall_offset + time.perf_counter() - self.started
         row["server_restarts"] = server_restarts
         self.rows.append(row)
         self.clients.extend(client_log)
+
+    def write(self) -> None:
+        """Rewrite the files with the rounds recorded so far, and show the last one on the progress line."""
+        row = self.rows[-1]
         write_metrics(self.run_dir / "metrics.csv", self.rows, self.task_metrics)
         write_table(self.run_dir / "clients.csv", self.clients)
         write_summary(self.run_dir / "summary.json", self.summary())

@@ -28,7 +28,7 @@ from ravan_ray.data.errors import DataError
 from ravan_ray.data.partition import PARTITION_KINDS, label_histogram, partition
 from ravan_ray.data.sources import Splits, encode_labels, is_class_id, load_splits
 from ravan_ray.data.synthetic import make_synthetic
-from ravan_ray.data.text import TextClassificationData, as_texts, tokenize
+from ravan_ray.data.text import TextClassificationData, as_texts, check_vocabulary, tokenize
 
-__all__ = ["DataError", "PARTITION_KINDS", "Splits", "TextClassificationData", "as_texts", "encode_labels",
+__all__ = ["DataError", "PARTITION_KINDS", "Splits", "TextClassificationData", "as_texts", "check_vocabulary", "encode_labels",
            "is_class_id", "label_histogram", "load_splits", "make_synthetic", "partition", "tokenize"]

@@ -201,14 +201,21 @@ def _load_local(path: Path, d: Any, seed: int) -> Splits:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """A local file loads in a blink; its progress bars are only noise."""
+    """A local file loads in a blink; its progress bars are only noise, and so is the builders' log line
+    about a file it cannot read (our one line says it, naming the row)."""
+    import logging
+
     import datasets.utils
 
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        logger.setLevel(level)
         if bars_were_on:
             datasets.utils.enable_progress_bars()
 
@@ -227,10 +234,47 @@ def _read_file(file: Path) -> Any:
     except Exception as e:  # the builders raise many types (ArrowInvalid, DatasetGenerationError, ...)
         if "corresponds to no data" in str(e):  # a header-only csv
             raise DataError(f"{file} has no rows") from e
-        raise DataError(f"could not read {file}: {one_line(e)}") from e
+        # our own account of where it goes wrong, else the library's (whose row numbers count within a block)
+        raise DataError(f"could not read {file}: {_first_bad_line(file, builder) or one_line(e)}") from e
     if ds.num_rows == 0:
         raise DataError(f"{file} has no rows")
     return ds
+
+
+def _first_bad_line(file: Path, builder: str) -> str:
+    """Where a text data file the builder could not read goes wrong, as "line N ...": the first byte that is
+    not UTF-8, the first JSON Lines line that is not JSON, the first CSV row whose number of cells differs
+    from the header's. The builders read in blocks, and the row numbers in their messages count from a
+    block's start. "" where it is not found this way (a parquet file, a damaged block of a valid-looking one)."""
+    if builder == "parquet":
+        return ""
+    raw = file.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        return f"line {line} (byte {error.start}) is not UTF-8 text"
+    if builder == "json" and file.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as error:
+                    return f"line {number} is not JSON ({error.msg}, column {error.colno})"
+    elif builder == "json":
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as error:
+            return f"not JSON at line {error.lineno}, column {error.colno} ({error.msg})"
+    elif builder == "csv":
+        import csv
+
+        rows = csv.reader(text.splitlines())
+        width = len(next(rows, []))
+        for row in rows:
+            if row and len(row) != width:
+                return f"line {rows.line_num} has {len(row)} cells, the header {width}"
+    return ""
 
 
 def _load_image_folder(path: Path) -> Splits:
@@ -337,6 +381,13 @@ def encode_labels(raw: list, label_field: str, where: str, known_names: list[str
     if missing:
         raise DataError(f"{missing} rows of {where} have no value in label field '{label_field}'")
 
+    # A number that is not a class id (3.5, NaN) would make every label a name: "1.0" in one split and "1"
+    # in another then become two classes. Numbers are class ids, or the column is refused.
+    not_ids = [(row, v) for row, v in enumerate(raw) if _is_number(v) and not is_class_id(v)]
+    if not_ids:
+        row, value = not_ids[0]
+        raise DataError(f"label field '{label_field}' of {where} has {len(not_ids)} values that are not class ids "
+                        f"(e.g. {value!r} in row {row + 1}); labels must be integer class ids or class names")
     if all(is_class_id(v) for v in raw):
         ids = np.asarray(raw, dtype=np.int64)
         if ids.min() < 0:
@@ -355,6 +406,10 @@ def encode_labels(raw: list, label_field: str, where: str, known_names: list[str
     names = list(known_names) if known_names is not None and distinct <= set(known_names) else sorted(distinct)
     index = {n: i for i, n in enumerate(names)}
     return np.array([index[s] for s in strings], dtype=np.int64), names
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
 
 
 def is_class_id(value: Any) -> bool:

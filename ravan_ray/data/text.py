@@ -43,6 +43,25 @@ def as_texts(values: list) -> list[str]:
 
 
 
+# Beyond this share of unknown tokens a tokenizer does not fit the text (a vocabulary of another language,
+# files of another model): most words would train as one and the same token.
+UNKNOWN_TOKEN_LIMIT = 0.5
+
+
+def check_vocabulary(tokenizer: Any, texts: list[str], where: str, model_name: str, sample: int = 200) -> None:
+    """Refuse a tokenizer that reads most of the first ``sample`` texts as its unknown token."""
+    unknown_id = tokenizer.unk_token_id
+    if unknown_id is None:  # byte-level tokenizers (GPT-2, LLaMA's) have none: they cover every text
+        return
+    ids = tokenizer([str(t) for t in texts[:sample]], add_special_tokens=False)["input_ids"]
+    total = sum(len(row) for row in ids)
+    unknown = sum(token == unknown_id for row in ids for token in row)
+    if total and unknown / total > UNKNOWN_TOKEN_LIMIT:
+        raise DataError(f"the tokenizer of model.name '{model_name}' reads {unknown / total:.0%} of the tokens of "
+                        f"{where} as its unknown token {tokenizer.unk_token!r}: it does not fit this text (another "
+                        f"model's or language's vocabulary?)")
+
+
 def tokenize(texts: list[str], tokenizer: Any, max_length: int, text_pairs: list[str] | None = None,
              chunk_size: int = 4096) -> dict[str, np.ndarray]:
     """Pad/truncate to exactly ``max_length`` with the tokenizer's batch call, in chunks so a large

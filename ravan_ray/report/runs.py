@@ -109,6 +109,10 @@ def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple
             metrics = pd.read_csv(run_dir / "metrics.csv")
         except (ConfigError, OSError, ValueError) as error:
             raise ReportError(f"cannot read run {run_dir}: {' '.join(str(error).split())}") from None
+        for name, content in (("config.yaml", config), ("summary.json", summary)):
+            if not isinstance(content, dict):  # valid YAML / JSON, but a list or a number, not a run's record
+                raise ReportError(f"cannot read run {run_dir}: {run_dir / name} holds a {type(content).__name__}, "
+                                  f"not a mapping of names to values")
         label = str(run_dir.relative_to(common_root)) if common_root and run_dir.is_relative_to(common_root) \
             else str(run_dir)
         d = model_dim(config)

@@ -21,6 +21,7 @@ is adding one file and one line in ``tasks/__init__.py``.
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional, Sequence
@@ -32,7 +33,7 @@ from torch import nn
 from pydantic import Field
 
 from ravan_ray.config import Options, RunConfig
-from ravan_ray.data import DataError, Splits, encode_labels, load_splits
+from ravan_ray.data import DataError, Splits, encode_labels, is_class_id, load_splits
 from ravan_ray.models import LoadedModel, check_model_fits, load_model, model_skeleton, torch_dtype
 
 Arrays = dict[str, np.ndarray]
@@ -286,12 +287,27 @@ class ClassificationTask(Task):
         field_name = self.options.label_field
         names_in_order = ("train", *splits.evaluation_splits)
         raw = {split: splits.column(split, field_name) for split in names_in_order}
+        for split in names_in_order:  # each split on its own first: the row numbers are then its own
+            encode_labels(raw[split], field_name, f"{splits.where} ({split} split)", splits.label_names)
+        kinds = {split: "class ids" if all(is_class_id(v) for v in raw[split]) else "class names"
+                 for split in names_in_order}
+        if len(set(kinds.values())) > 1:  # 1 and "1" would be two classes
+            raise DataError(f"label field '{field_name}' of {splits.where} holds "
+                            + " but ".join(f"{kind} in the {split} split" for split, kind in kinds.items())
+                            + "; use one kind of label in every split")
         ids, names = encode_labels(sum(raw.values(), []), field_name, splits.where, splits.label_names)
         if len(np.unique(ids)) < 2:
             raise DataError(f"{splits.where} has fewer than 2 classes in '{field_name}'; classification needs at least 2")
         self.info["label_names"] = names
         ends = np.cumsum([len(raw[s]) for s in names_in_order])
-        return dict(zip(names_in_order, np.split(ids, ends[:-1]))), names
+        by_split = dict(zip(names_in_order, np.split(ids, ends[:-1])))
+        for split in splits.evaluation_splits:
+            unseen = sorted(set(by_split[split].tolist()) - set(by_split["train"].tolist()))
+            if unseen:  # the model cannot learn them: their rows count as errors whatever it learns
+                shown = ", ".join(repr(names[i]) for i in unseen[:10]) + (", ..." if len(unseen) > 10 else "")
+                print(f"ravan-ray: warning: {len(unseen)} classes of the {split} split of {splits.where} are not in "
+                      f"its training rows: {shown}", file=sys.stderr)
+        return by_split, names
 
     def row_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                    widths: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

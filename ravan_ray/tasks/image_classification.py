@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ravan_ray.data import DataError
+from ravan_ray.data.errors import one_line
 from ravan_ray.models import load_image_processor
 from ravan_ray.tasks.base import Arrays, ClassificationOptions, ClassificationTask, TaskData, to_device
 
@@ -78,12 +79,37 @@ def decode_images(ds: Any, field: str, size: tuple[int, int], where: str) -> np.
 
     images = []
     for start in range(0, ds.num_rows, DECODE_CHUNK):
-        for image in ds[start:start + DECODE_CHUNK][field]:
+        try:
+            chunk = [image.convert("RGB") if isinstance(image, Image.Image) else image
+                     for image in ds[start:start + DECODE_CHUNK][field]]
+        except Exception:  # PIL's UnidentifiedImageError, "image file is truncated" (OSError), ...: name the file
+            raise DataError(_unreadable_image(ds, field, range(start, min(start + DECODE_CHUNK, ds.num_rows)),
+                                              where)) from None
+        for image in chunk:
             if not isinstance(image, Image.Image):
                 raise DataError(f"data.image_field '{field}' of {where} does not hold images "
                                 f"(found a {type(image).__name__})")
-            images.append(image.convert("RGB"))
+            images.append(image)
     if len({image.size for image in images}) > 1:
         height, width = size
         images = [image.resize((width, height), Image.Resampling.BILINEAR) for image in images]
     return np.stack([np.asarray(image, dtype=np.uint8) for image in images])
+
+
+def _unreadable_image(ds: Any, field: str, rows: range, where: str) -> str:
+    """One line naming the first of these rows' images that does not decode (the file where it has one)."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    stored = ds.cast_column(field, datasets.Image(decode=False))
+    for row in rows:
+        entry = stored[row][field]
+        try:
+            with Image.open(entry["path"] if entry.get("bytes") is None else io.BytesIO(entry["bytes"])) as image:
+                image.convert("RGB")
+        except Exception as error:
+            name = entry.get("path") or f"row {row}"
+            return f"{where}: image {name} cannot be read ({type(error).__name__}: {one_line(error)})"
+    return f"{where}: an image in rows {rows.start}-{rows.stop - 1} cannot be read"

@@ -35,7 +35,7 @@ from pydantic import Field
 from torch import nn
 
 from ravan_ray.config import Options
-from ravan_ray.data import DataError, Splits, as_texts
+from ravan_ray.data import DataError, Splits, as_texts, check_vocabulary
 from ravan_ray.models import load_tokenizer
 from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, object_array
 
@@ -85,6 +85,8 @@ class QuestionAnswering(Task):
         splits.require({"question_field": d.question_field, "context_field": d.context_field,
                         "answers_field": d.answers_field})
         tokenizer = self.tokenizer()
+        check_vocabulary(tokenizer, as_texts(splits.column("train", d.context_field)), splits.where,
+                         self.config.model.name)
         train, train_examples = self.windows(splits, "train", tokenizer)
         prepared = {}
         for split in splits.evaluation_splits:
@@ -113,6 +115,7 @@ class QuestionAnswering(Task):
         questions = [q.strip() for q in as_texts(splits.column(split, o.question_field))]
         contexts = as_texts(splits.column(split, o.context_field))
         answers = [answer_spans(a, splits.where) for a in splits.column(split, o.answers_field)]
+        check_answer_offsets(contexts, answers, f"{splits.where} ({split} split)")
         stride = o.doc_stride or d.max_length // 4
         longest = max(len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"])
         room = d.max_length - longest - tokenizer.num_special_tokens_to_add(pair=True)
@@ -179,6 +182,18 @@ def answer_spans(value: Any, where: str) -> list[tuple[str, int]]:
         return [(str(v["text"]), int(v["answer_start"])) for v in value]
     raise DataError(f"the answers of {where} are not in SQuAD format ({{'text': [...], 'answer_start': [...]}}); "
                     f"found {str(value)[:80]!r}")
+
+
+def check_answer_offsets(contexts: list[str], answers: list[list[tuple[str, int]]], where: str) -> None:
+    """Refuse answers that are not at their start offset in the context: training would label other text."""
+    wrong = [(row, text, start) for row, (context, spans) in enumerate(zip(contexts, answers))
+             for text, start in spans if start < 0 or context[start:start + len(text)] != text]
+    if wrong:
+        row, text, start = wrong[0]
+        found = contexts[row][max(start, 0):max(start, 0) + len(text)]
+        raise DataError(f"{len(wrong)} answers of {where} are not at their answer_start in the context (e.g. row "
+                        f"{row + 1}: {text!r} at {start}, where the context has {found!r}); answer_start must be "
+                        f"the answer's character offset")
 
 
 def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, offsets: np.ndarray, window_example: np.ndarray,

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from ravan_ray.data import DataError, TextClassificationData, as_texts, tokenize
+from ravan_ray.data import DataError, TextClassificationData, as_texts, check_vocabulary, tokenize
 from ravan_ray.models import load_tokenizer
 from ravan_ray.tasks.base import ClassificationOptions, ClassificationTask, TaskData
 
@@ -38,6 +38,7 @@ class TextClassification(ClassificationTask):
         data = self.load_texts()
         d = self.config.data
         tokenizer = self.tokenizer()
+        check_vocabulary(tokenizer, data.train_texts, self.splits.where, self.config.model.name)
         train = {**tokenize(data.train_texts, tokenizer, d.max_length, data.train_pairs), "labels": data.train_labels}
         test = {**tokenize(data.test_texts, tokenizer, d.max_length, data.test_pairs), "labels": data.test_labels}
         validation = None if data.validation_texts is None else {

@@ -26,7 +26,7 @@ def ray_runtime(resources, address: Optional[str] = None) -> Iterator[None]:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        from ravan_ray.models import quiet_logger
+        from ravan_ray.logs import quiet_logger
 
         # No dashboard (nothing listens for HTTP). Ray core's own gRPC servers choose their interfaces
         # themselves; ray.init resolves 127.0.0.1 to the node's address, so there is nothing to pass.

@@ -100,6 +100,11 @@ class _PluginSection(_Section):
     plugin_kind: ClassVar[str]
     _given: Optional[frozenset[str]] = PrivateAttr(None)  # None until checked: every extra key is then given
 
+    def __eq__(self, other: object) -> bool:
+        # two sections are the same config when they hold the same values (a run's config.yaml lists every option,
+        # so which keys were given differs from the config it was written from)
+        return type(self) is type(other) and self.model_dump() == other.model_dump()
+
     def options(self, model: type[OptionsT]) -> OptionsT:
         """``model``'s options: the values given in this section, its defaults for the others."""
         given = {key: value for key, value in (self.model_extra or {}).items()

@@ -173,7 +173,7 @@ class ModelHost:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params, self.method.lr)
         losses, privacy_meta = self.privacy.train_steps(self.model, self.method, optimizer, batches,
-                                                        lambda rows: self._objective(data, rows), task, self.scaler)
+                                                        lambda rows: self._loss(data, rows), task, self.scaler)
         if privacy_meta:  # DP-SGD's share of clipped examples
             meta = {**meta, **privacy_meta}
         self.model.eval()
@@ -198,11 +198,8 @@ class ModelHost:
         return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
     def _loss(self, data: Batch, rows: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            return self.task.loss(self.model, self.task.batch(data, rows.numpy(), self.device))
-
-    def _objective(self, data: Batch, rows: torch.Tensor) -> torch.Tensor:
-        """What a local step minimises: the task's loss on these rows plus the method's penalty, if it has one."""
+        """What a local step minimises: the task's loss on these rows plus the method's penalty, if it has one
+        (a method has one only while a client trains: between its begin_training and its upload)."""
         with self.autocast():
             loss = self.task.loss(self.model, self.task.batch(data, rows.numpy(), self.device))
             penalty = self.method.local_penalty(self.model)

@@ -115,6 +115,7 @@ class HetLoRA(HeterogeneousRankLoRA):
 
     # ----------------------------------------------------------------- client
     def load_state(self, model: nn.Module, state: State, client_state: Optional[State]) -> None:
+        self._tails = {}  # no penalty outside a client's local training
         self._pruned = {} if client_state is None else {
             layer: int(client_state[rank_key(layer)]) for layer in self.ranks if rank_key(layer) in client_state}
         super().load_state(model, state, client_state)
@@ -159,6 +160,7 @@ class HetLoRA(HeterogeneousRankLoRA):
         meta["pruned"] = pruned
         tensors, _ = super().upload(model, task, meta)
         ranks = {rank_key(name): torch.tensor(rank, dtype=torch.int64) for name, rank in meta["rank"].items()}
+        self._tails = {}  # the penalty goes with the task
         return tensors, ranks
 
     # ----------------------------------------------------------------- server

@@ -9,11 +9,12 @@ import warnings
 
 
 @contextlib.contextmanager
-def quiet_logger(name: str):
-    """Only errors from the logger ``name`` while inside (a library's warning that means nothing for the run)."""
+def quiet_logger(name: str, least: int = logging.ERROR):
+    """Only messages of level ``least`` and above from the logger ``name`` while inside (a library's warning that
+    means nothing for the run)."""
     logger = logging.getLogger(name)
     level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(least)
     try:
         yield
     finally:

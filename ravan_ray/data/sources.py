@@ -13,6 +13,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ravan_ray.data.errors import DataError, one_line
+from ravan_ray.logs import quiet_logger
 from ravan_ray.data.synthetic import make_synthetic
 
 SUPPORTED_EXTENSIONS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -209,13 +210,10 @@ def _quiet_datasets() -> Iterator[None]:
 
     bars_were_on = not datasets.utils.are_progress_bars_disabled()
     datasets.utils.disable_progress_bars()
-    logger = logging.getLogger("datasets")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with quiet_logger("datasets", logging.CRITICAL):
+            yield
     finally:
-        logger.setLevel(level)
         if bars_were_on:
             datasets.utils.enable_progress_bars()
 

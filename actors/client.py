@@ -49,10 +49,7 @@ class ClientActor:
         self._inject_faults(task, update)
         # The simulated server also sees the client state, for the agg_error diagnostic and evaluation
         # only; it is not uplink and no aggregation rule reads it.
-        status = {"train_loss": update.train_loss, "has_client_state": update.client_state is not None,
-                  "pid": os.getpid(), "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
-                  "started": started, "finished": time.time()}
-        return update, update.client_state, status
+        return update, update.client_state, self._status(update, started)
 
     def train_cohort(self, tasks: list[ClientTask], state: State, *client_states: Optional[State]) -> list:
         """Train several clients of one round as one cohort (ravan_ray/cohort.py). Returns three objects per
@@ -67,11 +64,15 @@ class ClientActor:
         returned = []
         for task, update in zip(tasks, updates):
             self._inject_faults(task, update)
-            status = {"train_loss": update.train_loss, "has_client_state": update.client_state is not None,
-                      "pid": os.getpid(), "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
-                      "started": started, "finished": time.time(), "cohort": len(tasks), "notes": notes}
-            returned += [update, update.client_state, status]
+            returned += [update, update.client_state, self._status(update, started, cohort=len(tasks), notes=notes)]
         return returned
+
+    @staticmethod
+    def _status(update: ClientUpdate, started: float, **extra) -> dict:
+        """The small status the driver reads of one client's task (its loss, where and when it ran)."""
+        return {"train_loss": update.train_loss, "has_client_state": update.client_state is not None,
+                "pid": os.getpid(), "gpu_ids": ray.get_runtime_context().get_accelerator_ids().get("GPU", []),
+                "started": started, "finished": time.time(), **extra}
 
     def _inject_faults(self, task: ClientTask, update: ClientUpdate) -> None:
         faults = self.config.faults

@@ -3,6 +3,7 @@
     python benchmarks/cohort.py peer  --out benchmarks/out/cohort   # the peer workload, cohort 1 vs 3, FedIT + Ravan
     python benchmarks/cohort.py scale --out benchmarks/out/cohort   # 10,000 clients, 100 a round, pool mode
     python benchmarks/cohort.py step  --out benchmarks/out/cohort   # client-steps/s and peak memory vs cohort size
+    python benchmarks/cohort.py shapes --out DIR                    # BERT-base / ViT-B/16 / tiny BERT, config only
 
 ``peer``: the peer workload of benchmarks/peer.py (MiniLM, Banking77, LoRA r=8 / Ravan at the same budget, 3
 clients a round x 10 local steps of 32) through ``ravan-ray run``, once with every client alone (three
@@ -17,7 +18,10 @@ what was in use before the run).
 ``step``: Ray-free, one ModelHost: the client-steps per second of a cohort of k clients (k = 1, 3, 8, 32, 100
 by default) for the shapes named by ``--models`` (config directories or hub ids; weights are random when a
 directory has only a config), in the precisions of ``--dtypes``, for Ravan and FedIT, with the peak memory
-(CUDA's allocator peak; on a CPU the process's peak RSS). Meant for a GPU; on a CPU it measures the CPU.
+(CUDA's allocator peak; on a CPU the process's peak RSS). Meant for a GPU; on a CPU it measures the CPU. A
+directory whose config names an ``image_size`` is measured as image classification (uint8 images through its image
+processor, as a run does), any other as text classification (64 tokens a row). ``shapes`` writes the directories
+``--shapes`` measures; benchmarks/gpu.sh runs all of it, and a federation, on a GPU machine.
 
 ``process_s``: the command's wall time (start-up, data preparation and model loads included); ``run_s``: the
 run's own wall time (metrics.csv's last wall_s). Writes OUT/<kind>.csv and OUT/<kind>.md.
@@ -26,8 +30,10 @@ run's own wall time (metrics.csv's last wall_s). Writes OUT/<kind>.csv and OUT/<
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -119,6 +125,32 @@ def scale(out: Path, rounds: int, cohort_size: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def write_shapes(folder: Path) -> list[str]:
+    """Config-only directories (random weights, no hub download) of the shapes the GPU plan names: BERT-base
+    (bert-base-uncased's config, with MiniLM's tokenizer files: the same uncased WordPiece vocabulary), ViT-B/16 at
+    224 px (google/vit-base-patch16-224's config and image processor), and the tests' tiny BERT as the launch-bound
+    extreme. A directory with a config and no weights builds its model from the config (ravan_ray/models.py), so
+    the folder is all a machine without network access needs."""
+    from transformers import BertConfig, ViTConfig, ViTImageProcessor
+
+    from ravan_ray.tiny import write_bert
+
+    bert, vit, tiny = folder / "bert-base", folder / "vit-b16", folder / "tiny-bert"
+    write_bert(tiny)
+    BertConfig().save_pretrained(bert)  # the defaults are bert-base: 12 layers, 768 wide, vocab 30,522
+    for tokenizer_file in tiny.glob("*"):
+        if tokenizer_file.name != "config.json":
+            shutil.copy(tokenizer_file, bert / tokenizer_file.name)
+    ViTConfig().save_pretrained(vit)  # the defaults are ViT-B/16 at 224 x 224
+    ViTImageProcessor().save_pretrained(vit)
+    return [str(bert), str(vit), str(tiny)]
+
+
+def is_image_model(model: str) -> bool:
+    config = Path(model) / "config.json"
+    return config.exists() and "image_size" in json.loads(config.read_text())
+
+
 def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], steps: int) -> pd.DataFrame:
     import numpy as np
     import torch
@@ -131,16 +163,23 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
     for model in models:
         for dtype in dtypes:
             for method in ("ravan", "fedit"):
+                image = is_image_model(model)
                 config = load_config(None, [f"model.name={model}", f"model.dtype={dtype}", f"method.name={method}",
                                             f"federation.local_steps={steps}", "federation.batch_size=32",
-                                            "model.dropout=0"])
+                                            "model.dropout=0"]
+                                     + (["model.task=image_classification"] if image else []))
                 host = ModelHost(config, {"label_names": [str(i) for i in range(10)], "pad_token_id": 0})
                 state = host.initial_state()
                 rng = np.random.default_rng(0)
 
                 def data():
+                    labels = rng.integers(0, 10, 64)
+                    if image:
+                        # uint8 pixels at the processor's size, as the image task keeps them; the processor's
+                        # normalisation on the CPU is part of every step, as in a run
+                        return {"pixels": rng.integers(0, 256, (64, 224, 224, 3), dtype=np.uint8), "labels": labels}
                     ids = rng.integers(1000, 20000, (64, 64))
-                    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": rng.integers(0, 10, 64)}
+                    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
                 for k in sizes:
                     tasks = [ClientTask(c, 1, 1.0, 0) for c in range(k)]
@@ -156,7 +195,7 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
                     else:
                         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                     seconds = time.perf_counter() - started
-                    rows.append({"model": model, "dtype": dtype, "method": method, "cohort": k,
+                    rows.append({"model": Path(model).name, "dtype": dtype, "method": method, "cohort": k,
                                  "client_steps_per_s": round(k * steps / seconds, 2), "peak_memory_gb": round(peak, 2),
                                  "device": host.device.type})
                     print(rows[-1], flush=True)
@@ -165,22 +204,29 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["peer", "scale", "step"])
+    parser.add_argument("kind", choices=["peer", "scale", "step", "shapes"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "cohort")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--cohort-size", type=int, default=50, help="scale: the cohort size compared with 1")
-    parser.add_argument("--models", nargs="+", default=["minilm"])
+    parser.add_argument("--models", nargs="*", default=["minilm"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1, 3, 8, 32, 100])
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--shapes", type=Path, default=None,
+                        help="step: also measure the directories `shapes` wrote there (BERT-base, ViT-B/16, tiny BERT)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.kind == "shapes":
+        print("\n".join(write_shapes(args.out)))
+        return
     if args.kind == "peer":
         table = peer(args.out, args.rounds)
     elif args.kind == "scale":
         table = scale(args.out, args.rounds, args.cohort_size)
     else:
-        table = step(args.out, args.models, args.dtypes, args.sizes, args.steps)
+        shapes = [str(args.shapes / name) for name in ("bert-base", "vit-b16", "tiny-bert")] if args.shapes else []
+        models = args.models + shapes
+        table = step(args.out, models, args.dtypes, args.sizes, args.steps)
     table.to_csv(args.out / f"{args.kind}.csv", index=False)
     markdown = md_table(list(table.columns), table.astype(object).values.tolist())
     (args.out / f"{args.kind}.md").write_text(markdown + "\n")

@@ -274,10 +274,12 @@ class RavanLinear(_MergeableAdapter):
     """y = W x + sum_i s_i B_i H_i A_i x with frozen W, B_i, A_i and trainable H_i (cores), s_i (scales).
 
     ``head_mask`` selects the heads a client trains this round: every head takes part in the forward
-    pass, but only selected heads receive gradient, so an optimiser with fresh state leaves the
-    others bit-identical. The mask is applied inside the forward pass (a detach on the unselected
-    heads) rather than with a gradient hook, because tensor hooks are silently dropped when a module
-    is deep-copied or pickled (which is how Ray moves objects between processes).
+    pass, but only selected heads receive gradient, and the forward reads the unselected heads from
+    ``held_cores`` / ``held_scales``, their values when the mask was set. An optimiser may still move
+    an unselected entry of the parameters (weight decay does, with a zero gradient), but that never
+    reaches the output, and only the selected heads are uploaded. The mask is applied inside the
+    forward pass rather than with a gradient hook, because tensor hooks are silently dropped when a
+    module is deep-copied or pickled (which is how Ray moves objects between processes).
 
     Two equivalent forwards: ``factorised`` (x -> stacked A -> per-head s_i H_i -> stacked B, cost
     grows with h r) and ``dense`` (one GEMM with W + delta_weight(), cost grows with d^2). With
@@ -319,6 +321,8 @@ class RavanLinear(_MergeableAdapter):
         self.scales = nn.Parameter(
             torch.ones(heads, dtype=dtype, device=device), requires_grad=scaling == "trainable"
         )
+        self.register_buffer("held_cores", torch.zeros_like(self.cores), persistent=False)
+        self.register_buffer("held_scales", torch.ones_like(self.scales), persistent=False)
         self.merged = False
         # "auto" picks the cheaper of the two equivalent forwards per call; "factorised" / "dense"
         # force one (tests compare them; benchmarks time them).
@@ -331,11 +335,11 @@ class RavanLinear(_MergeableAdapter):
     # -- the update ----------------------------------------------------------------------------
 
     def _scaled_cores(self) -> Tensor:
-        """s_i H_i per head (h, r, r), with the gradient of unselected heads cut."""
+        """s_i H_i per head (h, r, r): the selected heads' parameters, the unselected heads' held values."""
         # Always the same ops (no data-dependent branch): no host sync on a GPU, same graph each step.
         keep = self.head_mask
-        cores = torch.where(keep[:, None, None], self.cores, self.cores.detach())
-        scales = torch.where(keep, self.scales, self.scales.detach())
+        cores = torch.where(keep[:, None, None], self.cores, self.held_cores)
+        scales = torch.where(keep, self.scales, self.held_scales)
         return scales[:, None, None] * cores
 
     def forward(self, x: Tensor) -> Tensor:
@@ -389,8 +393,12 @@ class RavanLinear(_MergeableAdapter):
     # -- round bookkeeping ---------------------------------------------------------------------
 
     def set_head_mask(self, selected: Sequence[int] | Tensor) -> None:
-        """Heads that train this round: indices, or a bool tensor of shape (heads,)."""
+        """Heads that train this round: indices, or a bool tensor of shape (heads,). The unselected heads are held
+        at their present values (call it after loading the round's cores and scales)."""
         self.head_mask.copy_(_index_mask(selected, self._heads, "head"))
+        with torch.no_grad():
+            self.held_cores.copy_(self.cores)
+            self.held_scales.copy_(self.scales)
 
     @torch.no_grad()
     def reset_scales(self) -> None:

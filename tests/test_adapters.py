@@ -289,6 +289,31 @@ def test_head_mask_1010_leaves_unselected_cores_and_scales_bit_identical_under_a
         assert not torch.equal(after["scales"][i], before["scales"][i])
 
 
+@pytest.mark.parametrize("optimizer", [torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD])
+def test_unselected_heads_do_not_change_the_output_under_weight_decay(optimizer):
+    # weight decay moves an unselected entry of the cores parameter (its gradient is zero, its decay is not); the
+    # forward reads the held value, so the layer's output is what the selected heads alone make of it
+    layer = randomise(ravan(d_in=12, d_out=10, heads=4, rank=2))
+    x = torch.randn(8, 12, generator=torch.Generator().manual_seed(1))
+    layer.set_head_mask([0, 2])
+    held = layer.trainable_state()
+    opt = optimizer([layer.cores, layer.scales], lr=1e-2, weight_decay=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        opt.step()
+    trained = {k: v.detach().clone() for k, v in layer.trainable_state().items()}
+    assert not torch.equal(trained["cores"][1], held["cores"][1])  # the decay did reach the parameter
+    expected = {k: v.clone() for k, v in trained.items()}
+    for i in (1, 3):
+        expected["cores"][i], expected["scales"][i] = held["cores"][i], held["scales"][i]
+    reference = randomise(ravan(d_in=12, d_out=10, heads=4, rank=2))
+    with torch.no_grad():
+        reference.cores.copy_(expected["cores"])
+        reference.scales.copy_(expected["scales"])
+        assert torch.allclose(layer(x), reference(x), atol=1e-6)
+
+
 def test_head_mask_survives_a_deepcopy():
     import copy
 

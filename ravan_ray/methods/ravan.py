@@ -170,6 +170,7 @@ class Ravan(PrivateTerms, FederatedMethod):
             for name, layer in self.adapted_modules(model).items():
                 layer.cores.copy_(state[f"{name}/cores"])
                 layer.reset_scales()
+                layer.set_head_mask(range(layer.heads))  # every head live until a client selects its own
 
     def begin_training(self, model: nn.Module, task: ClientTask, batch_loss: Callable[[], torch.Tensor]) -> dict:
         super().begin_training(model, task, batch_loss)

@@ -4,6 +4,7 @@
     python benchmarks/cohort.py scale --out benchmarks/out/cohort   # 10,000 clients, 100 a round, pool mode
     python benchmarks/cohort.py step  --out benchmarks/out/cohort   # client-steps/s and peak memory vs cohort size
     python benchmarks/cohort.py shapes --out DIR                    # BERT-base / ViT-B/16 / tiny BERT, config only
+    python benchmarks/cohort.py layer --sizes 3 8 --steps 5        # one adapted layer: alone, vmap, cohort_forward
 
 ``peer``: the peer workload of benchmarks/peer.py (MiniLM, Banking77, LoRA r=8 / Ravan at the same budget, 3
 clients a round x 10 local steps of 32) through ``ravan-ray run``, once with every client alone (three
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import shutil
@@ -202,9 +204,58 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
     return pd.DataFrame(rows)
 
 
+def layer(sizes: list[int], reps: int) -> pd.DataFrame:
+    """Forward + backward of one adapted 384-wide layer (MiniLM's query) for a cohort of k clients, each with 32 rows
+    of 64 tokens: the clients one after another, the cohort through vmap of the layer's forward, and through the
+    layer's own ``cohort_forward``. Milliseconds per cohort step (best of ``reps``)."""
+    import torch
+    from torch.func import functional_call, vmap
+
+    from ravan_ray.adapters import LoRALinear, RavanLinear
+
+    torch.manual_seed(0)
+    rows, width = 32 * 64, 384
+    out = []
+    for kind in ("ravan", "lora"):
+        base = torch.nn.Linear(width, width)
+        adapted = RavanLinear(base, heads=4, rank=39) if kind == "ravan" else LoRALinear(base, rank=8)
+        for k in sizes:
+            x = torch.randn(k * rows, width, requires_grad=True)
+            stacked = {name: getattr(adapted, name).detach().expand(k, *getattr(adapted, name).shape).clone()
+                       .requires_grad_(True) for name in adapted.trainable_names}
+            stacked["lora_B" if kind == "lora" else "cores"].data.normal_(0, 0.01)
+
+            def alone():
+                for c in range(k):
+                    functional_call(adapted, {n: t[c] for n, t in stacked.items()}, (x[c * rows:(c + 1) * rows],),
+                                    strict=False).square().mean().backward()
+
+            def mapped():
+                blocks = x.unflatten(0, (k, -1))
+                vmap(lambda t, r: functional_call(adapted, t, (r,), strict=False))(stacked, blocks) \
+                    .square().mean().backward()
+
+            def batched():
+                adapted.cohort_forward(x.unflatten(0, (k, -1)), stacked).square().mean().backward()
+
+            timings = {}
+            for label, step_fn in (("alone", alone), ("vmap", mapped), ("cohort_forward", batched)):
+                step_fn()
+                best = math.inf
+                for _ in range(reps):
+                    started = time.perf_counter()
+                    step_fn()
+                    best = min(best, time.perf_counter() - started)
+                timings[label] = round(best * 1e3, 1)
+            out.append({"layer": kind, "cohort": k, **{f"{label}_ms": v for label, v in timings.items()},
+                        "torch_threads": torch.get_num_threads()})
+            print(out[-1], flush=True)
+    return pd.DataFrame(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["peer", "scale", "step", "shapes"])
+    parser.add_argument("kind", choices=["peer", "scale", "step", "shapes", "layer"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "cohort")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--cohort-size", type=int, default=50, help="scale: the cohort size compared with 1")
@@ -223,6 +274,8 @@ def main() -> None:
         table = peer(args.out, args.rounds)
     elif args.kind == "scale":
         table = scale(args.out, args.rounds, args.cohort_size)
+    elif args.kind == "layer":
+        table = layer(args.sizes, args.steps)
     else:
         shapes = [str(args.shapes / name) for name in ("bert-base", "vit-b16", "tiny-bert")] if args.shapes else []
         models = args.models + shapes

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -358,6 +358,38 @@ class RavanLinear(_MergeableAdapter):
         B_cat = self.bases_B.permute(1, 0, 2).reshape(self._d_out, h * r).to(dt)
         return self.base(x) + F.linear(z.flatten(-2), B_cat)
 
+    def cohort_forward(self, blocks: Tensor, tensors: dict[str, Tensor]) -> Optional[Tensor]:
+        """The forward of C clients at once (ravan_ray/cohort.py): ``blocks`` (C, ..., d_in) holds client c's rows
+        at c, ``tensors`` the tensors that differ between clients, stacked (C, ...); the rest are this layer's own.
+        The base GEMM runs once on every client's rows; the bases, shared by all clients, too; only the r x r cores
+        and scales are per client (a batched product). Dense or factorised by the same rule as ``forward`` (on one
+        client's rows); dense builds each client's W + delta and runs one batched GEMM. None when the frozen base
+        weight differs between clients (the caller then maps ``forward``)."""
+        if self.merged or any(name.startswith("base.") for name in tensors):
+            return None
+        own = lambda name: tensors.get(name, getattr(self, name))  # noqa: E731
+        h, r, dt, clients = self._heads, self._rank, blocks.dtype, blocks.shape[0]
+        keep = own("head_mask")
+        cores = torch.where(keep[..., None, None], own("cores"), own("held_cores"))
+        scaled = (torch.where(keep, own("scales"), own("held_scales"))[..., None, None] * cores).to(dt)
+        rows = blocks.reshape(clients, -1, self._d_in)
+        A, B = own("bases_A"), own("bases_B")
+        A_cat = A.reshape(*A.shape[:-3], h * r, self._d_in)
+        B_cat = B.transpose(-3, -2).reshape(*B.shape[:-3], self._d_out, h * r)
+        if self._dense_is_cheaper(blocks[0]):
+            # each client's B' (d_out, h r) with its s_i H_i folded in, then W + B' A' per client
+            BH = torch.einsum("...ohr,...hrs->...ohs", B_cat.unflatten(-1, (h, r)), scaled.to(B.dtype))
+            delta = BH.flatten(-2) @ A_cat
+            weights = (self.base.weight + delta.to(self.base.weight.dtype)).expand(clients, -1, -1)
+            out = _per_client_linear(rows, weights)
+            if self.base.bias is not None:
+                out = out + self.base.bias
+            return out.reshape(*blocks.shape[:-1], self._d_out)
+        z = _per_client_linear(rows, A_cat.to(dt))
+        z = torch.einsum("cmhr,chor->cmho" if scaled.dim() == 4 else "cmhr,hor->cmho", z.unflatten(-1, (h, r)), scaled)
+        update = _per_client_linear(z.flatten(-2), B_cat.to(dt))
+        return self.base(blocks) + update.reshape(*blocks.shape[:-1], self._d_out)
+
     def _dense_is_cheaper(self, x: Tensor) -> bool:
         """Pick the forward with fewer multiply-adds (shapes only, so every client picks the same).
 
@@ -498,6 +530,20 @@ class LoRALinear(_MergeableAdapter):
         z = F.linear(x, self.lora_A.to(dt))
         return y + F.linear(z, (self.scale * self._masked_B()).to(dt))
 
+    def cohort_forward(self, blocks: Tensor, tensors: dict[str, Tensor]) -> Optional[Tensor]:
+        """The forward of C clients at once (see RavanLinear.cohort_forward): one base GEMM for every client's rows,
+        a batched product with each client's own A and B (or the layer's, where they are the same for all, as
+        FFA-LoRA's A). None when the frozen base weight differs between clients."""
+        if self.merged or any(name.startswith("base.") for name in tensors):
+            return None
+        own = lambda name: tensors.get(name, getattr(self, name))  # noqa: E731
+        dt, clients = blocks.dtype, blocks.shape[0]
+        B = own("lora_B") * own("rank_mask").unsqueeze(-2).to(own("lora_B").dtype)
+        rows = blocks.reshape(clients, -1, self._d_in)
+        z = _per_client_linear(rows, own("lora_A").to(dt))
+        update = _per_client_linear(z, (self.scale * B).to(dt))
+        return self.base(blocks) + update.reshape(*blocks.shape[:-1], self._d_out)
+
     def delta_weight(self) -> Tensor:
         """scale * B A (masked ranks excluded), shape (d_out, d_in)."""
         return self.scale * (self._masked_B() @ self.lora_A)
@@ -511,6 +557,14 @@ class LoRALinear(_MergeableAdapter):
 
 # ----------------------------------------------------------------------------------------------
 # shared helpers
+
+
+def _per_client_linear(rows: Tensor, weight: Tensor) -> Tensor:
+    """rows (C, m, i) times a weight (o, i) shared by the C clients (one GEMM) or (C, o, i), one per client
+    (a batched GEMM): (C, m, o)."""
+    if weight.dim() == 2:
+        return F.linear(rows, weight)
+    return torch.bmm(rows, weight.transpose(1, 2))
 
 
 def _index_mask(selected: Sequence[int] | Tensor, n: int, what: str) -> Tensor:

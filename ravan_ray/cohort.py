@@ -7,7 +7,8 @@ rows each samples alone), runs the base once over them, and every module that ho
 each client's own tensors to that client's rows. Those tensors are stacked, one slice per client, and the module's
 forward is ``torch.func.vmap`` of its own forward (through ``functional_call``) over the stack, so every method's
 layer works unchanged: a frozen weight shared by the cohort stays one GEMM over all rows, a per-client LoRA factor
-becomes a batched matmul. The loss is the sum of the clients' own mean losses, so each client's gradient is its own
+becomes a batched matmul. The adapter layers also write that batched forward out by hand (``cohort_forward``,
+the same maths without vmap's per-operation overhead), and a layer that has one uses it. The loss is the sum of the clients' own mean losses, so each client's gradient is its own
 exactly, and Adam on the stacked tensors is Adam on each client's (its update is elementwise).
 
 What stays per client: the batches, scoring and head selection, K_c, ranks and rank masks (each client's
@@ -141,6 +142,14 @@ class StackedModule(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         blocks = x.unflatten(0, (self.clients, -1))
+        # A layer that knows how to run C clients at once (the adapters: one base GEMM for all, batched products
+        # for what differs) skips vmap's per-op dispatch, measured at 1.4-2x the layer's time on a CPU
+        # (benchmarks/RESULTS.md, "Cohort training").
+        batched = getattr(self.inner, "cohort_forward", None)
+        if batched is not None and not args and not kwargs:
+            out = batched(blocks, self.stacked)
+            if out is not None:
+                return out.flatten(0, 1)
 
         def one_client(tensors: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
             return functional_call(self.inner, tensors, (rows, *args), kwargs, strict=False)

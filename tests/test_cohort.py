@@ -113,6 +113,61 @@ def test_a_clients_unselected_heads_get_no_update_in_a_cohort(monkeypatch):
     assert sum(count for count, _ in seen) > 0 and all(same for _, same in seen)
 
 
+def _stacked_forward_and_grads(layer, stacked, blocks, batched):
+    from torch.func import functional_call, vmap
+
+    leaves = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in stacked.items()}
+    if batched:
+        out = layer.cohort_forward(blocks, leaves)
+    else:
+        out = vmap(lambda t, r: functional_call(layer, t, (r,), strict=False))(leaves, blocks)
+    out.square().sum().backward()
+    return out.detach(), {k: v.grad for k, v in leaves.items() if v.requires_grad}
+
+
+@pytest.mark.parametrize("case", ["ravan per-client heads", "ravan per-client heads, dense", "ravan shared cores",
+                                  "ravan shared cores, dense", "lora", "lora shared A and mask",
+                                  "lora per-client rank masks"])
+def test_the_adapters_hand_written_cohort_forward_equals_vmap_of_their_forward(case):
+    from ravan_ray.adapters import LoRALinear, RavanLinear
+
+    g = torch.Generator().manual_seed(0)
+    clients = 3
+    if case.startswith("ravan"):
+        layer = RavanLinear(torch.nn.Linear(12, 10).double(), heads=4, rank=2, seed=1, layer_name="q")
+        layer.compute = "dense" if case.endswith("dense") else "factorised"
+        stacked = {"scales": 1 + 0.1 * torch.randn(clients, 4, generator=g, dtype=torch.float64),
+                   "head_mask": torch.tensor([[1, 0, 1, 0], [1, 1, 1, 1], [0, 0, 0, 1]], dtype=torch.bool)}
+        if case.startswith("ravan per-client heads"):
+            stacked["cores"] = torch.randn(clients, 4, 2, 2, generator=g, dtype=torch.float64)
+        else:
+            with torch.no_grad():
+                layer.cores.normal_(generator=g)
+        stacked["held_cores"] = torch.randn(clients, 4, 2, 2, generator=g, dtype=torch.float64)
+    else:
+        layer = LoRALinear(torch.nn.Linear(12, 10).double(), rank=3, seed=1, layer_name="q", scale=0.5)
+        stacked = {"lora_B": torch.randn(clients, 10, 3, generator=g, dtype=torch.float64)}
+        if case != "lora shared A and mask":
+            stacked["lora_A"] = torch.randn(clients, 3, 12, generator=g, dtype=torch.float64)
+        if case == "lora per-client rank masks":
+            stacked["rank_mask"] = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    blocks = torch.randn(clients, 2, 5, 12, generator=g, dtype=torch.float64)
+    out, grads = _stacked_forward_and_grads(layer, stacked, blocks, batched=True)
+    reference, reference_grads = _stacked_forward_and_grads(layer, stacked, blocks, batched=False)
+    assert out.shape == reference.shape == (clients, 2, 5, 10)
+    assert torch.allclose(out, reference, atol=1e-12)
+    assert grads.keys() == reference_grads.keys() and grads
+    for name in grads:
+        assert torch.allclose(grads[name], reference_grads[name], atol=1e-10), name
+
+
+def test_a_cohort_whose_frozen_weight_differs_between_clients_maps_the_layers_forward():
+    from ravan_ray.adapters import LoRALinear
+
+    layer = LoRALinear(torch.nn.Linear(6, 4), rank=2)
+    assert layer.cohort_forward(torch.randn(2, 3, 6), {"base.weight": torch.randn(2, 4, 6)}) is None
+
+
 def test_adam_on_stacked_tensors_is_adam_on_each_clients_tensor():
     config = load_config(None, ["optimizer.name=adam", "optimizer.weight_decay=0.01"])
     generator = torch.Generator().manual_seed(0)

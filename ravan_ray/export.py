@@ -18,6 +18,7 @@ read and no Ray is started. Two formats:
   rank up to min(d_in, d_out), no adapter any more. As a guard beyond what methods declare, the export compares
   every weight of the global model outside its adapters and task head with the pretrained model's and refuses
   when one differs.
+  FedSA-LoRA's is the global model the platform evaluates (the mean of the round's clients' private B's).
   ``base_model_name_or_path`` names the pretrained model: its hub id or local path; a model the platform built
   from a config directory (no weights, seeded initialisation) is written to ``DIR/base`` and named by that
   absolute path, so the adapter has a base to load.
@@ -32,7 +33,9 @@ settings the task model needs (``num_labels``, ``pad_token_id``), i.e. how to lo
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -87,13 +90,23 @@ def export_run(run_dir: str | Path, output: str | Path, fmt: str, round_index: O
         host, played = global_model(run_dir, round_index)
         if fmt == "peft":
             refuse_non_lora(host)  # before anything is written
-        output.mkdir(parents=True, exist_ok=True)
-        info = export_peft(host, output) if fmt == "peft" else export_merged(host, output)
-    task = host.task
-    info = {"format": fmt, "run_dir": str(Path(run_dir).resolve()), "round": played, "method": host.method.name,
-            "task": task.name, "auto_class": task.auto_class, "model_config": _jsonable(task.model_overrides()),
-            **info}
-    (output / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        # Written under a temporary name and renamed into place (as checkpoints are): a failure or a kill leaves
+        # no half export at --output.
+        staging = output.with_name(output.name + ".tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        try:
+            info = export_peft(host, staging, output) if fmt == "peft" else export_merged(host, staging)
+            task = host.task
+            info = {"format": fmt, "run_dir": str(Path(run_dir).resolve()), "round": played,
+                    "method": host.method.name, "task": task.name, "auto_class": task.auto_class,
+                    "model_config": _jsonable(task.model_overrides()), **info}
+            (staging / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            if output.is_dir():
+                output.rmdir()  # empty (checked above)
+            os.replace(staging, output)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return output
 
 
@@ -136,8 +149,9 @@ def refuse_non_lora(host: ModelHost) -> None:
                           f"({method.merged_export_only}); export it with --format merged")
 
 
-def export_peft(host: ModelHost, output: Path) -> dict[str, Any]:
-    """The global model as a PEFT LoRA on a fresh pretrained model, saved with peft's own ``save_pretrained``."""
+def export_peft(host: ModelHost, output: Path, final: Path) -> dict[str, Any]:
+    """The global model as a PEFT LoRA on a fresh pretrained model, saved with peft's own ``save_pretrained`` in
+    ``output``, which will be renamed to ``final`` (what a config-built base is named by)."""
     from peft import LoraConfig, get_peft_model
 
     refuse_non_lora(host)
@@ -166,10 +180,9 @@ def export_peft(host: ModelHost, output: Path) -> dict[str, Any]:
         modules_to_save=head_modules or None)
     base_name = pretrained_name(host)
     if base_name is None:  # built from a config: the adapter needs this very base beside it (saved before wrapping)
-        base_dir = output / BASE_DIR
-        pretrained.model.save_pretrained(base_dir)
-        host.task.preprocessor().save_pretrained(base_dir)
-        base_name = str(base_dir.resolve())
+        pretrained.model.save_pretrained(output / BASE_DIR)
+        host.task.preprocessor().save_pretrained(output / BASE_DIR)
+        base_name = str((final / BASE_DIR).resolve())
     peft_model = get_peft_model(pretrained.model, lora_config)
     inner = peft_model.base_model.model
     with torch.no_grad():

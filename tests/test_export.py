@@ -3,7 +3,7 @@ platform's global model computes, and loads with the libraries a user has (peft,
 
 The run directories are made without Ray: a ModelHost trains two clients for two rounds, the method aggregates,
 and the run's config.yaml and checkpoint are written with the platform's own functions (what the federation
-driver writes, minus the orchestration, which export does not read). One test exports a real ``ravan-ray run``.
+driver writes, minus the orchestration, which export does not read).
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from ravan_ray.adapters import INITS, LoRALinear, RavanLinear
 from ravan_ray.checkpoints import save_checkpoint
 from ravan_ray.cli import main
 from ravan_ray.config import load_config, read_yaml, save_config
@@ -78,14 +81,11 @@ def global_outputs(config, task_info, state, inputs) -> torch.Tensor:
         return host.model(**inputs).logits
 
 
-def test_inputs(data_for) -> dict[str, torch.Tensor]:
+def probe_inputs(data_for) -> dict[str, torch.Tensor]:
     rows = data_for(999, n=4)
     inputs = {k: torch.as_tensor(v) for k, v in rows.items() if k in ("input_ids", "attention_mask")}
     inputs["attention_mask"][0, -3:] = 0  # a padded row too
     return inputs
-
-
-test_inputs.__test__ = False  # a helper, not a test
 
 
 def load_peft(out: Path, auto_class: str, model_config: dict):
@@ -101,7 +101,7 @@ def check_export(tmp_path: Path, config, task_info, data_for) -> dict[str, Path]
     """Export the run in every format its method has and compare each export's logits with the global model's;
     returns {format: directory}."""
     states = write_run(tmp_path / "run", config, task_info, data_for)
-    inputs = test_inputs(data_for)
+    inputs = probe_inputs(data_for)
     expected = global_outputs(config, task_info, states[ROUNDS], inputs)
     method = config.method.name
     formats = ["merged"] if method_class(method).merged_export_only else ["merged", "peft"]
@@ -162,7 +162,7 @@ def test_peft_directory_loads_in_peft_with_the_base_it_names(tmp_path):
     rank_per_head = read_yaml(tmp_path / "run" / "config.yaml")["resolved"]["method"]["rank_per_head"]
     assert {saved.r} == {config.method.heads * r for r in rank_per_head.values()} and saved.lora_alpha == saved.r
     model = AutoPeftModel.from_pretrained(tmp_path / "out")  # loads the base by its name, then the adapter
-    inputs = test_inputs(data_for)
+    inputs = probe_inputs(data_for)
     with torch.no_grad():
         got = model.eval()(**inputs).logits
     assert torch.allclose(got, global_outputs(config, info, states[ROUNDS], inputs), atol=TOLERANCE, rtol=0)
@@ -235,3 +235,33 @@ def test_export_bad_input_is_one_line_with_exit_code_2(one_round_run, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     assert case == "output_not_empty" or not out.exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 3), rank=st.integers(1, 2), init=st.sampled_from(INITS), seed=st.integers(0, 2**16))
+def test_ravan_layer_is_the_lora_of_its_stacked_heads(heads, rank, init, seed):
+    """B' = [s_1 B_1 H_1 ... s_h B_h H_h], A' = [A_1; ...; A_h], scale 1: scale B' A' is the layer's update."""
+    layer = RavanLinear(torch.nn.Linear(6, 7).double(), heads=heads, rank=rank, init=init, seed=seed, layer_name="q")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        layer.cores.copy_(torch.randn(layer.cores.shape, generator=generator, dtype=torch.float64))
+        layer.scales.copy_(torch.rand(heads, generator=generator, dtype=torch.float64) + 0.5)
+    B, A, scale = layer.lora_factors()
+    assert B.shape == (7, heads * rank) and A.shape == (heads * rank, 6) and scale == 1.0
+    expected = sum(layer.scales[i] * layer.bases_B[i] @ layer.cores[i] @ layer.bases_A[i] for i in range(heads))
+    assert torch.allclose(scale * B @ A, expected, atol=1e-12)
+
+
+@settings(max_examples=25, deadline=None)
+@given(rank=st.integers(1, 4), active=st.integers(1, 4), scale=st.floats(0.25, 4), seed=st.integers(0, 2**16))
+def test_lora_layer_factors_give_its_update_with_masked_ranks_out(rank, active, scale, seed):
+    layer = LoRALinear(torch.nn.Linear(6, 7).double(), rank=rank, seed=seed, layer_name="v", scale=scale)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(seed),
+                                       dtype=torch.float64))
+    layer.set_rank_mask(min(active, rank))
+    B, A, factor_scale = layer.lora_factors()
+    assert factor_scale == scale
+    assert torch.allclose(factor_scale * B @ A, layer.delta_weight(), atol=1e-12)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.allclose(layer(x), layer.base(x) + factor_scale * x @ A.T @ B.T, atol=1e-12)

@@ -18,7 +18,8 @@ read and no Ray is started. Two formats:
   rank up to min(d_in, d_out), no adapter any more. As a guard beyond what methods declare, the export compares
   every weight of the global model outside its adapters and task head with the pretrained model's and refuses
   when one differs.
-  FedSA-LoRA's is the global model the platform evaluates (the mean of the round's clients' private B's).
+  FedSA-LoRA, whose B's stay on the clients, exports the global model the platform evaluates (the mean of the
+  round's clients' B's).
   ``base_model_name_or_path`` names the pretrained model: its hub id or local path; a model the platform built
   from a config directory (no weights, seeded initialisation) is written to ``DIR/base`` and named by that
   absolute path, so the adapter has a base to load.

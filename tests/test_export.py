@@ -56,6 +56,18 @@ def lm_setup(method: str, tiny: Path):
     return config, {"pad_token_id": 2, "eos_token_ids": [2], "max_new_tokens": 0}, lm_data
 
 
+def image_setup(method: str, tiny: Path):
+    config = load_config(None, [*TINY_OVERRIDES, "model.task=image_classification",
+                                f"model.name={tiny / 'models' / 'vit'}", f"method.name={method}", "method.lora_rank=2",
+                                "method.heads=2", "model.dropout=0"])
+
+    def images(seed: int, n: int = 8) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {"pixels": rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8), "labels": rng.integers(0, 4, n)}
+
+    return config, {"label_names": ["red", "green", "blue", "grey"]}, images
+
+
 def write_run(run_dir: Path, config, task_info, data_for, rounds: int = ROUNDS):
     """Train 2 clients per round for ``rounds`` rounds, aggregate, and write config.yaml and the checkpoints as a
     run does; returns (the global state after every round, by round)."""
@@ -81,8 +93,14 @@ def global_outputs(config, task_info, state, inputs) -> torch.Tensor:
         return host.model(**inputs).logits
 
 
-def probe_inputs(data_for) -> dict[str, torch.Tensor]:
+def probe_inputs(config, data_for) -> dict[str, torch.Tensor]:
+    """A few rows the model never trained on, as model inputs."""
     rows = data_for(999, n=4)
+    if "pixels" in rows:
+        from transformers import AutoImageProcessor
+
+        return {"pixel_values": AutoImageProcessor.from_pretrained(config.model.name)(images=list(rows["pixels"]),
+                                                                             return_tensors="pt")["pixel_values"]}
     inputs = {k: torch.as_tensor(v) for k, v in rows.items() if k in ("input_ids", "attention_mask")}
     inputs["attention_mask"][0, -3:] = 0  # a padded row too
     return inputs
@@ -101,7 +119,7 @@ def check_export(tmp_path: Path, config, task_info, data_for) -> dict[str, Path]
     """Export the run in every format its method has and compare each export's logits with the global model's;
     returns {format: directory}."""
     states = write_run(tmp_path / "run", config, task_info, data_for)
-    inputs = probe_inputs(data_for)
+    inputs = probe_inputs(config, data_for)
     expected = global_outputs(config, task_info, states[ROUNDS], inputs)
     method = config.method.name
     formats = ["merged"] if method_class(method).merged_export_only else ["merged", "peft"]
@@ -120,6 +138,8 @@ def check_export(tmp_path: Path, config, task_info, data_for) -> dict[str, Path]
             got = model(**inputs).logits
         assert torch.allclose(got, expected, atol=TOLERANCE, rtol=0), (fmt, (got - expected).abs().max())
         exported[fmt] = out
+        saved_preprocessor = "preprocessor_config.json" if "pixel_values" in inputs else "tokenizer_config.json"
+        assert (out / saved_preprocessor).is_file()
     # the federation moved the model: the comparison is not between two copies of the pretrained model
     assert not torch.allclose(expected, global_outputs(config, task_info, states[0], inputs), atol=TOLERANCE)
     return exported
@@ -133,6 +153,11 @@ def test_exported_classifier_outputs_equal_the_global_model(tmp_path, method):
 @pytest.mark.parametrize("method", METHODS)
 def test_exported_causal_lm_outputs_equal_the_global_model(tmp_path, tiny, method):
     check_export(tmp_path, *lm_setup(method, tiny))
+
+
+@pytest.mark.parametrize("method", ["ravan", "fedex_lora"])
+def test_exported_image_classifier_outputs_equal_the_global_model(tmp_path, tiny, method):
+    check_export(tmp_path, *image_setup(method, tiny))
 
 
 def test_fedex_lora_is_merged_only_and_the_others_are_loras():
@@ -162,7 +187,7 @@ def test_peft_directory_loads_in_peft_with_the_base_it_names(tmp_path):
     rank_per_head = read_yaml(tmp_path / "run" / "config.yaml")["resolved"]["method"]["rank_per_head"]
     assert {saved.r} == {config.method.heads * r for r in rank_per_head.values()} and saved.lora_alpha == saved.r
     model = AutoPeftModel.from_pretrained(tmp_path / "out")  # loads the base by its name, then the adapter
-    inputs = probe_inputs(data_for)
+    inputs = probe_inputs(config, data_for)
     with torch.no_grad():
         got = model.eval()(**inputs).logits
     assert torch.allclose(got, global_outputs(config, info, states[ROUNDS], inputs), atol=TOLERANCE, rtol=0)

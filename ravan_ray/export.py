@@ -122,7 +122,7 @@ def export_merged(host: ModelHost, output: Path) -> dict[str, Any]:
     model.float()
     model.save_pretrained(output)
     host.task.preprocessor().save_pretrained(output)
-    return {"merged_layers": sorted(host.adapted)}
+    return {"dtype": "float32", "merged_layers": sorted(host.adapted)}
 
 
 @torch.no_grad()
@@ -175,7 +175,8 @@ def export_peft(host: ModelHost, output: Path, final: Path) -> dict[str, Any]:
     head_modules = sorted({param.rpartition(".")[0] for param in head_params})
     lora_config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=sorted(factors),
-        # full names, escaped: PEFT matches pattern keys as regular expressions against the end of a module name
+        # whole names, escaped: PEFT (>= 0.15) matches pattern keys as regular expressions against the end of a
+        # module's name, from a dot or its start
         rank_pattern={re.escape(n): r for n, r in ranks.items() if r != rank},
         alpha_pattern={re.escape(n): a for n, a in alphas.items() if a != alpha},
         modules_to_save=head_modules or None)
@@ -199,8 +200,8 @@ def export_peft(host: ModelHost, output: Path, final: Path) -> dict[str, Any]:
     peft_model.peft_config["default"].base_model_name_or_path = base_name
     peft_model.save_pretrained(output)
     host.task.preprocessor().save_pretrained(output)
-    return {"base_model": base_name, "target_modules": sorted(factors), "rank": ranks, "lora_alpha": alphas,
-            "modules_to_save": head_modules}
+    return {"base_model": base_name, "base_dtype": host.config.model.dtype or "float32",
+            "target_modules": sorted(factors), "rank": ranks, "lora_alpha": alphas, "modules_to_save": head_modules}
 
 
 def pretrained_name(host: ModelHost) -> Optional[str]:

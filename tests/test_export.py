@@ -99,8 +99,8 @@ def probe_inputs(config, data_for) -> dict[str, torch.Tensor]:
     if "pixels" in rows:
         from transformers import AutoImageProcessor
 
-        return {"pixel_values": AutoImageProcessor.from_pretrained(config.model.name)(images=list(rows["pixels"]),
-                                                                             return_tensors="pt")["pixel_values"]}
+        processor = AutoImageProcessor.from_pretrained(config.model.name)
+        return {"pixel_values": processor(images=list(rows["pixels"]), return_tensors="pt")["pixel_values"]}
     inputs = {k: torch.as_tensor(v) for k, v in rows.items() if k in ("input_ids", "attention_mask")}
     inputs["attention_mask"][0, -3:] = 0  # a padded row too
     return inputs
@@ -191,6 +191,22 @@ def test_peft_directory_loads_in_peft_with_the_base_it_names(tmp_path):
     with torch.no_grad():
         got = model.eval()(**inputs).logits
     assert torch.allclose(got, global_outputs(config, info, states[ROUNDS], inputs), atol=TOLERANCE, rtol=0)
+
+
+def test_round_option_exports_that_rounds_global_model(tmp_path):
+    import transformers
+
+    config, info, data_for = classifier_setup("fedit")
+    states = write_run(tmp_path / "run", config, info, data_for)
+    assert main(["export", str(tmp_path / "run"), "--round", "1", "--format", "merged",
+                 "--output", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / EXPORT_INFO).read_text())["round"] == 1
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    inputs = probe_inputs(config, data_for)
+    with torch.no_grad():
+        got = model(**inputs).logits
+    assert torch.allclose(got, global_outputs(config, info, states[1], inputs), atol=TOLERANCE, rtol=0)
+    assert not torch.allclose(got, global_outputs(config, info, states[2], inputs), atol=TOLERANCE)
 
 
 def test_layers_of_different_ranks_export_through_the_rank_pattern(tmp_path, tiny):

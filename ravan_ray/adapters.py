@@ -418,9 +418,15 @@ class RavanLinear(_MergeableAdapter):
 
     def delta_weight(self) -> Tensor:
         """sum_i s_i B_i H_i A_i, shape (d_out, d_in) like ``base.weight`` (adapter dtype)."""
+        B, A, _ = self.lora_factors()
+        return B @ A
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        """The update as one plain LoRA (B', A', scale) of rank h r, scale * B' A' = delta_weight():
+        B' = [s_1 B_1 H_1, ..., s_h B_h H_h] (d_out x h r), A' = [A_1; ...; A_h] (h r x d_in), scale 1."""
         h, r = self._heads, self._rank
         BH = torch.bmm(self.bases_B, self._scaled_cores())  # (h, d_out, r)
-        return BH.permute(1, 0, 2).reshape(self._d_out, h * r) @ self.bases_A.reshape(h * r, -1)
+        return BH.permute(1, 0, 2).reshape(self._d_out, h * r), self.bases_A.reshape(h * r, -1), 1.0
 
     # -- round bookkeeping ---------------------------------------------------------------------
 
@@ -547,6 +553,10 @@ class LoRALinear(_MergeableAdapter):
     def delta_weight(self) -> Tensor:
         """scale * B A (masked ranks excluded), shape (d_out, d_in)."""
         return self.scale * (self._masked_B() @ self.lora_A)
+
+    def lora_factors(self) -> tuple[Tensor, Tensor, float]:
+        """(B, A, scale) with scale * B A = delta_weight() (masked ranks as zero columns of B)."""
+        return self._masked_B(), self.lora_A, self.scale
 
     def extra_repr(self) -> str:
         return (

@@ -1,4 +1,4 @@
-"""``ravan-ray run | resume | sweep | report | tiny``.
+"""``ravan-ray run | resume | sweep | report | export | tiny``.
 
 Bad input (config, data, model, resources, checkpoints) is reported as one line on stderr with exit
 code 2, never a traceback; set RAVAN_DEBUG=1 to see the traceback anyway.
@@ -114,6 +114,15 @@ def require_directory(path: Path, what: str) -> None:
             if not candidate.is_dir():
                 raise ConfigError(f"{what} {path}: {candidate} is a file, not a directory")
             return
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ravan_ray.export import export_run
+
+    require_directory(Path(args.output), "--output")
+    out = export_run(args.run_dir, args.output, args.format, args.round)
+    print(f"exported the global model of {args.run_dir} ({args.format}) to {out}")
+    return 0
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
@@ -243,6 +252,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --select: the keys that form the selected table's rows (repeatable; default "
                              "method.name), e.g. --rows method.name --rows method.scoring")
     report.set_defaults(func=cmd_report)
+
+    export = sub.add_parser("export", help="write a run's global model for use outside the platform: a PEFT LoRA "
+                                           "directory or the model with the update merged into its weights")
+    export.add_argument("run_dir")
+    export.add_argument("--round", type=int, metavar="N", help="the global model after round N (a checkpoint the "
+                                                                 "run kept; default: its last checkpoint)")
+    # a plain option, not argparse choices: an unknown format is then the platform's one line with exit code 2
+    export.add_argument("--format", required=True, metavar="peft|merged",
+                        help="peft: a LoRA adapter for peft.PeftModel.from_pretrained; merged: the whole model with "
+                             "the update merged, for AutoModelFor...from_pretrained")
+    export.add_argument("--output", required=True, help="the directory to write (new or empty)")
+    export.set_defaults(func=cmd_export)
 
     tiny = sub.add_parser("tiny", help="write tiny models (config only) and small datasets for every task, to try "
                                        "the tasks without hub access")

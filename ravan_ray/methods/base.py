@@ -99,6 +99,11 @@ class FederatedMethod(ABC):
     #: when they can (ravan_ray/cohort.py): full fine-tuning trains a full copy of every weight per client.
     cohort_blocker: ClassVar[Optional[str]] = None
 
+    #: Why this method's global model is not the pretrained model plus one LoRA per adapted layer (it changes the
+    #: layers' own weights W, or every weight), or None when it is one; ``ravan-ray export --format peft`` then
+    #: refuses it with this reason, and ``--format merged`` exports it (ravan_ray/export.py).
+    merged_export_only: ClassVar[Optional[str]] = None
+
     #: This method's own ablations, for ``ravan-ray report``: config key -> what a table over it compares
     #: ("Final score per <that>"), beside the tables every method gets (per task, method, budget mix, partition).
     report_tables: ClassVar[dict[str, str]] = {}
@@ -166,6 +171,15 @@ class FederatedMethod(ABC):
     def upload(self, model: nn.Module, task: ClientTask, meta: dict) -> tuple[State, Optional[State]]:
         """override: (communicated tensors, client-local state) after local training."""
         return self.head_state(model), None
+
+    def export_lora(self, layer: nn.Module) -> Optional[tuple[torch.Tensor, torch.Tensor, float]]:
+        """override: the global model's update of one adapted layer (loaded with the global state) as a plain LoRA
+        (B, A, scale) on the layer's pretrained weight, scale * B @ A, for ``ravan-ray export --format peft``; None
+        when the method's global model is no such LoRA (``merged_export_only`` says why). Default: the adapter's own
+        factorisation (every LoRA-family layer here is a LoRA: Ravan's heads stack into one of rank h r)."""
+        if self.merged_export_only is not None:
+            return None
+        return layer.lora_factors()
 
     def mutable_parameters(self, model: nn.Module) -> list[str]:
         """Names of the parameters a client may change. The host restores them to their pretrained

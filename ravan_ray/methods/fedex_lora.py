@@ -49,6 +49,7 @@ def base_key(layer: str) -> str:
 class FedExLoRA(LoRAMethod):
     name = "fedex_lora"
     changes_base_weights = True  # merges updates into W
+    merged_export_only = "FedEx-LoRA folds its aggregation residual into the frozen weights W"
     exact = True
     alpha_per_rank = 2.0
 

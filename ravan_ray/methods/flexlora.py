@@ -83,6 +83,7 @@ def dense_truncated_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tenso
 class FlexLoRA(HeterogeneousRankLoRA):
     name = "flexlora"
     changes_base_weights = True  # merges updates into W
+    merged_export_only = "FlexLoRA's global model is W0 plus the full-size mean update, not a rank-r LoRA"
     exact = False
     alpha_per_rank = 2.0
 

@@ -64,6 +64,7 @@ def catch_up_bytes(stack_bytes: torch.Tensor, synced: int, merged_bytes: int) ->
 class FLoRA(LoRAMethod):
     name = "flora"
     changes_base_weights = True  # merges updates into W
+    merged_export_only = "FLoRA merges every round's stacked update into the frozen weights W"
     exact = True
     alpha_per_rank = 2.0
 

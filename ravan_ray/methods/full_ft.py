@@ -37,6 +37,7 @@ class FullFT(PrivateTerms, FederatedMethod):
     exact = True
     default_lr = 5e-5  # all weights move: the adapters' learning rate collapses it to chance
     cohort_blocker = "full fine-tuning trains a full copy of every weight per client"
+    merged_export_only = "full fine-tuning changes every weight"
 
     def __init__(self, config):
         super().__init__(config)

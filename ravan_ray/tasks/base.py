@@ -178,6 +178,17 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:
         """The task's metrics (the keys of :attr:`metrics`) of ``model`` on the test data."""
 
+    def preprocessor(self):
+        """override: what turns a user's raw input into the model's input, saved beside an exported model
+        (``ravan-ray export``): the model's tokenizer here; a tokenizer without a pad token gets the one the model's
+        config was built with (``pad_token_id`` in the task's info), as the task padded with it."""
+        from ravan_ray.models import load_tokenizer
+
+        tokenizer = load_tokenizer(self.config.model.name)
+        if tokenizer.pad_token_id is None and self.info.get("pad_token_id") is not None:
+            tokenizer.pad_token = tokenizer.convert_ids_to_tokens(int(self.info["pad_token_id"]))
+        return tokenizer
+
     def decoding_tokenizer(self):
         """The model's tokenizer, loaded once per process on first use (evaluation decodes with it)."""
         if not hasattr(self, "_decoding_tokenizer"):

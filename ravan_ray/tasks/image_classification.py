@@ -49,6 +49,9 @@ class ImageClassification(ClassificationTask):
         return TaskData(prepared["train"], prepared["test"], self.info, labels, partition_names,
                         validation=prepared.get("validation"))
 
+    def preprocessor(self):
+        return self.processor
+
     @property
     def processor(self):
         if not hasattr(self, "_processor"):

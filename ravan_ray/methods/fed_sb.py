@@ -47,7 +47,8 @@ Choices the paper and code leave open:
   the sign and the SVD then see a rescaled sum; adaptive clipping recovers from round 2 on); in sample mode
   round 1 sums the gradients DP-SGD clipped and noised, so the bases are private as well;
 - rank r = floor(sqrt(N)) for the shared budget N, at most min(d_in, d_out) (``methods/budget.py``); client
-  weights for R follow ``method.aggregation_weights``.
+  weights for R follow ``method.aggregation_weights``; unset, uniform, as the code's plain mean of the R's
+  (``fed/CR/multiround_train_cr_fed.py``: ``torch.stack(...).mean(0)``).
 """
 
 from __future__ import annotations

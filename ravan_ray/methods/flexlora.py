@@ -19,8 +19,8 @@ Choices the paper leaves open, and how dW relates to the base weights:
 - the server broadcasts the rank-r_max factors (B = U_r S_r, A = V_r^T with r = r_max, S folded into B so
   A keeps orthonormal rows like a fresh LoRA A keeps unit-norm ones) once per round; each client takes the
   first r_c columns / rows itself, which is the rank-r_c truncation since singular values are sorted;
-- the weights w_c follow ``method.aggregation_weights`` (uniform by default, as for every other method
-  here; FlexLoRA weighs by data size, which is ``num_samples``);
+- the weights w_c follow ``method.aggregation_weights``; unset, they are the clients' data sizes, as FlexLoRA's
+  paper and code weigh dW (``num_samples``);
 - r_max = r_L from the shared budget (at most min(d_in, d_out)), r_c = ``budgets.rank_for_level``;
 - scaling alpha / r_c per client with alpha = 2 r_c by default (scale 2 for every client), as FLoRA's public
   code builds its heterogeneous-rank clients (``lora_alpha=2*local_ranks[client_id]``); FlexLoRA's own
@@ -82,6 +82,7 @@ def dense_truncated_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tenso
 
 class FlexLoRA(HeterogeneousRankLoRA):
     name = "flexlora"
+    reference_weights = "num_samples"
     changes_base_weights = True  # merges updates into W
     exact = False
     alpha_per_rank = 2.0

@@ -23,8 +23,9 @@ Choices the paper leaves open:
 - scaling alpha / r with alpha = 2 r by default (scale 2), as FLoRA's code (``main.py``: ``lora_r=8,
   lora_alpha=16``; heterogeneous clients ``lora_alpha=2*local_ranks[client_id]``; the stacked module
   ``r = lora_r * num_clients, lora_alpha = lora_alpha * num_clients``, the same scale);
-- p_c follows ``method.aggregation_weights`` (uniform by default; FLoRA's data-size weights are
-  ``num_samples``); FLoRA's code puts p_c on A, here it is on B: the product is the same;
+- p_c follows ``method.aggregation_weights``; unset, it is the clients' data sizes, as FLoRA's code
+  (``fed_utils/model_aggregation.py``: ``normalize(local_dataset_len_dict[...], p=1)``); FLoRA's code puts p_c on
+  A, here it is on B: the product is the same;
 - state: the merged weights (``{layer}/base_weight``, what a client's model holds) and the last round's stacks
   (``{layer}/stack_A``, ``{layer}/stack_B``). Round 1 sends only the task head;
 - client-level DP (``privacy.mode: client``): the stacks publish every client's own factors, which no noise on a
@@ -63,6 +64,7 @@ def catch_up_bytes(stack_bytes: torch.Tensor, synced: int, merged_bytes: int) ->
 
 class FLoRA(LoRAMethod):
     name = "flora"
+    reference_weights = "num_samples"
     changes_base_weights = True  # merges updates into W
     exact = True
     alpha_per_rank = 2.0

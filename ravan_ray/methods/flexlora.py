@@ -32,7 +32,8 @@ Choices the paper leaves open, and how dW relates to the base weights:
   the last dW it started from (public: the broadcast and its rank), with its task-head change, clipped jointly
   to C; the noise goes on their sum, and dW = mean of the truncations + the noised mean update. Its SVD is
   post-processing; a noised dW has full rank, so it is taken of the dense matrix (O(d_out d_in min(d_out, d_in))
-  per layer and round, where the factors' route above costs O((d_out + d_in) R^2)). At z = 0 and C = inf the run is FlexLoRA's up to float64 rounding.
+  per layer and round, where the factors' route above costs O((d_out + d_in) R^2)). At z = 0 and C = inf the run
+  is FlexLoRA's with uniform weights (client-level DP's) up to float64 rounding.
 """
 
 from __future__ import annotations

@@ -206,7 +206,8 @@ class FederatedMethod(ABC):
         return any(share > 0 and level < 1 for share, level in zip(proportions, compute.levels))
 
     def client_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
-        """Aggregation weights: uniform or proportional to the clients' sample counts (:meth:`aggregation_weighting`)."""
+        """Aggregation weights: uniform or proportional to the clients' sample counts
+        (:meth:`aggregation_weighting`)."""
         if self.aggregation_weighting(self.config) == "num_samples":
             counts = np.array([u.num_samples for u in updates], dtype=float)
             return counts / counts.sum()

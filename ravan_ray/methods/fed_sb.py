@@ -17,12 +17,13 @@ the warm-up steps, eta = lr / (warmup_ratio x total training steps) (fed-sb ``fe
 ``eff_lr = args.lr/(args.warmup_ratio * total_training_steps)`` with ``total_training_steps =
 len(train_loader) * args.epochs``, the pooled training set's mini-batches times the clients' epochs, and
 ``--warmup_ratio 0.02`` in ``fed/scripts/cr.sh``; LoRA-SB's ``train_glue.py`` does the same with 0.06). The
-code estimates once, on 170 samples of the pooled training set, before the federation starts; a federation has no pooled data, and a sum of gradients is additive, so here
-the clients sampled in round 1 each sum their gradients over their own batches and the server sums the sums:
-the same estimate as the code's on the union of their batches. Round 1 is therefore the estimation round:
-its clients run their S local mini-batches with learning rate 0 (no weight moves, not even the task head),
-accumulate the gradients of every adapted W and upload those sums (d_out x d_in numbers per adapted layer:
-that is round 1's uplink); the server forms dW, its SVD and the state. From round 2 on every sampled client
+code estimates once, on 170 samples of the pooled training set, before the federation starts; a federation has
+no pooled data, and a sum of gradients is additive, so here the clients sampled in round 1 each sum their
+gradients over their own batches and the server sums the sums: the same estimate as the code's on the union of
+their batches. Round 1 is therefore the estimation round: its clients run their S local mini-batches with
+learning rate 0 (no weight moves, not even the task head), accumulate the gradients of every adapted W and upload
+those sums (d_out x d_in numbers per adapted layer: that is round 1's uplink); the server forms dW, its SVD and the
+state. From round 2 on every sampled client
 trains R (and the head) and the server averages them.
 
 Choices the paper and code leave open:
@@ -81,7 +82,8 @@ def grad_key(layer: str) -> str:
     return f"{layer}/grad_sum"
 
 
-def sign_update_bases(grad_sum: torch.Tensor, step: float, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sign_update_bases(grad_sum: torch.Tensor, step: float,
+                      rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoRA-SB's initialisation from a gradient sum: dW = -step sign(grad_sum) ~ U_r S_r V_r^T; returns
     (B = U_r, A = V_r^T, S_r) in float64."""
     update = -step * torch.sign(grad_sum.double())

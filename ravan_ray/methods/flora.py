@@ -32,8 +32,9 @@ Choices the paper leaves open:
   sum can privatise, so a private round broadcasts what they encode instead, the merged update s sum_c p_c B_c A_c
   of each adapted layer, made private: a client's update is its weight change s B_c A_c (its fresh LoRA starts
   at B = 0) with its task-head change, clipped jointly to C, and the noise goes on their sum. The model is the
-  same as FLoRA's with uniform weights (client-level DP's) at z = 0 and C = inf (up to float64 rounding); the downlink is then a dense d_out x d_in update
-  per layer (or the merged weights for a client that missed rounds), no longer the stacks.
+  same as FLoRA's with uniform weights (client-level DP's) at z = 0 and C = inf (up to float64 rounding); the
+  downlink is then a dense d_out x d_in update per layer (or the merged weights for a client that missed rounds),
+  no longer the stacks.
 """
 
 from __future__ import annotations

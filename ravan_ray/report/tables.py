@@ -101,8 +101,8 @@ def score_cell(mean: float, std: float, n: int, percent: bool = True) -> str:
 
 
 def marked(configuration: pd.Series) -> str:
-    """The mark of a configuration whose method ignored its budget mix (:data:`~ravan_ray.report.runs.IGNORED_MIX_MARK`),
-    else nothing."""
+    """The mark of a configuration whose method ignored its budget mix
+    (:data:`~ravan_ray.report.runs.IGNORED_MIX_MARK`), else nothing."""
     return f" {IGNORED_MIX_MARK}" if bool(configuration.get("ignored_mix", False)) else ""
 
 

@@ -131,7 +131,7 @@ def pivot_markdown(summary: pd.DataFrame, row_keys: list[str], col_keys: list[st
                 line.append("–")
             else:
                 first = match.iloc[0]
-                line.append(score_cell(first[f"final_{score}_mean"], first[f"final_{score}_std"], int(first["n"]), percent)
-                            + marked(first))
+                cell = score_cell(first[f"final_{score}_mean"], first[f"final_{score}_std"], int(first["n"]), percent)
+                line.append(cell + marked(first))
         table.append(line)
     return markdown_table(header, table)

@@ -235,7 +235,10 @@ class MethodConfig(_PluginSection):
     lora_rank: Optional[int] = Field(8, ge=1)
     # Ravan's heads h: the budget matching splits N over them, and the run records each level's head count.
     heads: int = Field(4, ge=1)
-    aggregation_weights: Literal["uniform", "num_samples"] = "uniform"
+    # How the server weights clients: uniform, or by their sample counts. None: what the method's reference code
+    # does (its ``reference_weights``, said in its file: data size for FedIT, FLoRA, FlexLoRA and FedSVD, uniform
+    # for the others), except under privacy.mode=client, whose noise is calibrated to uniform weights.
+    aggregation_weights: Optional[Literal["uniform", "num_samples"]] = None
     # LoRA scaling with PEFT's meaning: the update is (lora_alpha / r) B A. None: the value the method's original
     # code uses (each method file says which); rank-heterogeneous methods divide by each client's own rank.
     lora_alpha: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
@@ -425,7 +428,7 @@ class RunConfig(_Section):
             if privacy.delta >= 1.0 / fed.num_clients:
                 raise ValueError(f"privacy.delta ({privacy.delta:g}) must be < 1 / federation.num_clients "
                                  f"({1.0 / fed.num_clients:g}): client-level DP protects clients")
-            if self.method.aggregation_weights != "uniform":
+            if self.method.aggregation_weights == "num_samples":
                 raise ValueError("privacy.mode=client needs method.aggregation_weights=uniform (weights by sample "
                                  "count would let one client's data size scale its share of the noisy sum)")
         if privacy.mode == "sample" and self.model.gradient_checkpointing:

@@ -132,6 +132,7 @@ def summarize(config: Any, rows: list[dict[str, Any]], wall_s: float, extra: dic
 
     task = task_class(config.model.task)
     summary: dict[str, Any] = {"method": config.method.name, "task": task.name, "metric": task.primary_metric}
+    summary.update(method_facts(config))
     metrics = task.metrics
     if any(not _missing(r.get(validation_name(task.primary_metric))) for r in rows):
         metrics = with_validation(task.metrics)
@@ -155,6 +156,16 @@ def summarize(config: Any, rows: list[dict[str, Any]], wall_s: float, extra: dic
         summary.update(build_mechanism(config).summary(spent[-1] if spent else None))
     summary.update(extra or {})
     return summary
+
+
+def method_facts(config: Any) -> dict[str, Any]:
+    """What a report needs to read a run's row right: whether its method read the clients' compute levels
+    (``budget_aware``: false means every client trained alike, whatever ``compute.distribution`` said) and the
+    client weighting its server used (``aggregation_weights``: the configured one or the method's reference's)."""
+    from ravan_ray.methods import method_class
+
+    method = method_class(config.method.name)
+    return {"budget_aware": method.budget_aware, "aggregation_weights": method.aggregation_weighting(config)}
 
 
 def write_summary(path: str | Path, summary: dict[str, Any]) -> None:

@@ -78,7 +78,12 @@ def preflight(config: RunConfig, task_info: dict[str, Any]) -> dict:
         if blocker is not None:
             print(f"ravan-ray: {method.name} trains a round's clients one by one, not in cohorts ({blocker})",
                   file=sys.stderr)
-    return {**method.resolved(), "lr": method.lr, "target_modules": list(config.model.target_modules)}
+    if method.ignores_compute_mix(config):
+        print(f"ravan-ray: {method.name} does not read compute levels: every client trains its full budget whatever "
+              f"compute.distribution={config.compute.distribution} gives it (summary.json: budget_aware false)",
+              file=sys.stderr)
+    return {**method.resolved(), "lr": method.lr, "target_modules": list(config.model.target_modules),
+            "aggregation_weights": method.aggregation_weighting(config), "budget_aware": method.budget_aware}
 
 
 class ModelHost:

@@ -23,9 +23,11 @@ PRIVACY = {
 }
 METHODS = {
     "ravan": ("method.name=ravan", "compute.distribution=uniform"),
-    "fedit": ("method.name=fedit",),
+    # FedIT and FlexLoRA weigh clients by data size unless told otherwise (their reference code): these runs were
+    # recorded with uniform weights, which they pin, so the cases stay identity checks
+    "fedit": ("method.name=fedit", "method.aggregation_weights=uniform"),
     # FlexLoRA: ranks by compute level, an SVD on the server, the base weight changed by the merge
-    "flexlora": ("method.name=flexlora", "compute.distribution=uniform"),
+    "flexlora": ("method.name=flexlora", "compute.distribution=uniform", "method.aggregation_weights=uniform"),
 }
 CASES = [(method, mode) for method in METHODS for mode in PRIVACY]
 

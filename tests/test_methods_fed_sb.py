@@ -1,10 +1,12 @@
 """Fed-SB's initialisation as LoRA-SB's code does it: gradients of W summed over local batches with no weight
-step, dW = -lr sign(sum), B = U_r, A = V_r^T, R = S_r, W unchanged; and what it costs in bytes."""
+step, dW = -eta sign(sum) with eta = lr / warm-up steps, B = U_r, A = V_r^T, R = S_r, W unchanged; and what it
+costs in bytes."""
 
 from __future__ import annotations
 
 from functools import partial
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -55,13 +57,14 @@ def test_the_learning_rate_is_zero_only_while_the_state_has_no_bases():
     assert method.lr == 0.01
 
 
-def test_the_bases_are_the_svd_of_minus_lr_sign_of_the_summed_gradients_and_W_is_unchanged():
+def test_the_bases_are_the_svd_of_minus_eta_sign_of_the_summed_gradients_and_W_is_unchanged():
     method, model = toy()  # N = 7: r = floor(sqrt 7) = 2
     state = method.initial_state(model)
     G1, G2 = (torch.randn(3, 4, generator=torch.Generator().manual_seed(s), dtype=torch.float64) for s in (1, 2))
     new = method.aggregate(state, [ClientUpdate(0, {grad_key("query"): G1}, 4, 0.0),
                                    ClientUpdate(1, {grad_key("query"): G2}, 40, 0.0)], 1)
-    U, S, Vh = torch.linalg.svd(-0.01 * torch.sign(G1 + G2))  # the pooled sum: no data-size weights
+    eta = 0.01 / (0.02 * 12 * 3 * 10)  # lr / (warm-up ratio x rounds x clients per round x local steps)
+    U, S, Vh = torch.linalg.svd(-eta * torch.sign(G1 + G2))  # the pooled sum: no data-size weights
     B, A = new[bases_keys("query")[0]], new[bases_keys("query")[1]]
     assert torch.allclose(B.abs(), U[:, :2].abs()) and torch.allclose(A.abs(), Vh[:2].abs())  # up to signs
     assert torch.allclose(B.T @ B, torch.eye(2, dtype=B.dtype)) and torch.allclose(A @ A.T, torch.eye(2, dtype=A.dtype))
@@ -80,7 +83,7 @@ def test_with_a_lora_alpha_the_core_starts_at_S_over_the_scale_so_the_initial_mo
     method, model = toy("method.lora_alpha=1")  # r = 2: scale 1/2
     G = torch.randn(3, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     new = method.aggregate(method.initial_state(model), [ClientUpdate(0, {grad_key("query"): G}, 4, 0.0)], 1)
-    U, S, Vh = torch.linalg.svd(-0.01 * torch.sign(G))
+    U, S, Vh = torch.linalg.svd(-method.initial_step() * torch.sign(G))
     assert torch.allclose(new[core_key("query")], torch.diag(S[:2]) * 2)
     method.load_state(model, new, None)
     assert torch.allclose(model.query.delta_weight(), (U[:, :2] * S[:2]) @ Vh[:2])
@@ -106,3 +109,37 @@ def test_at_full_rank_the_bases_and_core_reproduce_the_sign_update_exactly(d_out
     B, A, S = sign_update_bases(G, lr, min(d_out, d_in))
     assert torch.allclose(B @ torch.diag(S) @ A, -lr * torch.sign(G), atol=1e-10)
     assert (S[:-1] >= S[1:]).all()  # sorted: truncating keeps the best rank-r approximation
+
+
+@settings(max_examples=30, deadline=None)
+@given(lr=st.floats(1e-5, 1e-1), ratio=st.floats(1e-3, 1.0), rounds=st.integers(1, 200), per_round=st.integers(1, 6),
+       steps=st.integers(1, 60), seed=st.integers(0, 2**31 - 1))
+def test_the_initial_update_is_one_sign_step_of_lr_over_the_warm_up_steps(lr, ratio, rounds, per_round, steps, seed):
+    """LoRA-SB / Fed-SB's eff_lr = lr / (warmup_ratio x total steps), total steps = every mini-batch the clients train
+    on (rounds x clients per round x local steps); a warm-up under one step is none (eta = lr). At full rank
+    (r = 3 on 3 x 4) every entry of the initial update B R A is +-eta, so its Frobenius norm is eta sqrt(12)."""
+    method, model = make_toy("fed_sb", f"optimizer.lr={lr}", f"method.fed_sb_warmup_ratio={ratio}",
+                             f"federation.rounds={rounds}", f"federation.clients_per_round={per_round}",
+                             f"federation.local_steps={steps}", rank=2)  # N = 14: r = floor(sqrt 14) = 3
+    G = torch.randn(3, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    new = method.aggregate(method.initial_state(model), [ClientUpdate(0, {grad_key("query"): G}, 4, 0.0)], 1)
+    eta = lr / max(1.0, ratio * rounds * per_round * steps)
+    B, A = new[bases_keys("query")[0]], new[bases_keys("query")[1]]
+    update = B @ new[core_key("query")] @ A
+    assert method.initial_step() == pytest.approx(eta, rel=1e-12)
+    assert torch.allclose(update, -eta * torch.sign(G), rtol=1e-9, atol=eta * 1e-9)
+    assert torch.linalg.matrix_norm(new[core_key("query")]).item() == pytest.approx(eta * 12 ** 0.5, rel=1e-9)
+    assert eta <= lr
+
+
+def test_at_the_benchmarks_scale_the_initial_step_is_lr_over_4_8_not_lr():
+    method, _ = make_toy("fed_sb", "optimizer.lr=2e-3", "federation.rounds=8", "federation.local_steps=10")
+    assert method.initial_step() == pytest.approx(2e-3 / (0.02 * 8 * 3 * 10))  # 240 steps, 4.8 of warm-up
+    assert method.resolved()["initial_step"] == method.initial_step()
+
+
+def test_a_warm_up_ratio_outside_0_1_is_one_config_line():
+    from ravan_ray.config import ConfigError
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigError, match="fed_sb_warmup_ratio"):
+            load_config(None, ["method.name=fed_sb", f"method.fed_sb_warmup_ratio={bad}"])

@@ -151,3 +151,21 @@ def test_a_key_set_in_one_run_and_unset_in_another_is_shown_as_a_dash(tmp_path):
     assert "nan" not in report
     assert "lr=-" in report  # the per-method pivot's column for the run without an lr
     assert (tmp_path / "out" / "accuracy_per_round.png").exists()
+
+
+def test_a_method_that_ignored_the_budget_mix_is_marked_in_every_table_with_a_footnote(tmp_path):
+    from ravan_ray.report.runs import IGNORED_MIX_MARK, IGNORED_MIX_NOTE
+
+    for method in ("ravan", "fedit"):
+        for mix in ("homogeneous", "bell"):
+            write_run(tmp_path / "runs" / f"{method}-{mix}", [0.3, 0.5], method=method, distribution=mix)
+    text = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    table = pd.read_csv(tmp_path / "out" / "report.csv")
+    marked = table[table["ignored_mix"]]
+    assert list(zip(marked["method.name"], marked["compute.distribution"])) == [("fedit", "bell")]
+    assert IGNORED_MIX_NOTE in text
+    mix_table = text.split("## Final test accuracy per budget mix and method")[1].split("##")[0]
+    bell_row = next(line for line in mix_table.splitlines() if line.startswith("| bell"))
+    homogeneous_row = next(line for line in mix_table.splitlines() if line.startswith("| homogeneous"))
+    assert bell_row.count(IGNORED_MIX_MARK) == 1 and IGNORED_MIX_MARK not in homogeneous_row
+    assert IGNORED_MIX_NOTE in mix_table

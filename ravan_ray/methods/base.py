@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ravan_ray.budgets import mix_proportions
 from ravan_ray.config import Options, RunConfig
 
 State = dict[str, torch.Tensor]
@@ -103,6 +104,14 @@ class FederatedMethod(ABC):
     #: layers' own weights W, or every weight), or None when it is one; ``ravan-ray export --format peft`` then
     #: refuses it with this reason, and ``--format merged`` exports it (ravan_ray/export.py).
     merged_export_only: ClassVar[Optional[str]] = None
+
+    #: How the method's reference code weights clients when ``method.aggregation_weights`` is unset: "uniform" or
+    #: "num_samples" (data size); each method file says where its reference does so.
+    reference_weights: ClassVar[str] = "uniform"
+    #: True when the method reads a client's compute level (``ClientTask.level``: rank, heads); a method that does not
+    #: trains every client alike whatever ``compute.distribution`` says, and a run says so (``budget_aware`` in
+    #: summary.json, one line at its start, a marker in the report).
+    budget_aware: ClassVar[bool] = False
 
     #: This method's own ablations, for ``ravan-ray report``: config key -> what a table over it compares
     #: ("Final score per <that>"), beside the tables every method gets (per task, method, budget mix, partition).
@@ -190,9 +199,30 @@ class FederatedMethod(ABC):
         return adapter_params + self.head_parameter_names(model)
 
     # ----------------------------------------------------------------- helpers shared by methods
+    @classmethod
+    def aggregation_weighting(cls, config: RunConfig) -> str:
+        """The weighting a run of this method uses: ``method.aggregation_weights`` when given, else the reference's
+        (``reference_weights``), but uniform under client-level DP, whose noise is scaled to uniform weights (a
+        sample-count weight would let one client's data size scale its share of the noisy sum)."""
+        given = config.method.aggregation_weights
+        if given is not None:
+            return given
+        return "uniform" if config.privacy.mode == "client" else cls.reference_weights
+
+    @classmethod
+    def ignores_compute_mix(cls, config: RunConfig) -> bool:
+        """True when the run gives some client a compute level below the full budget (``compute.distribution`` other
+        than homogeneous at level 1) and this method does not read levels: all its clients then train alike."""
+        if cls.budget_aware:
+            return False
+        compute = config.compute
+        proportions = mix_proportions(compute.distribution, compute.levels)
+        return any(share > 0 and level < 1 for share, level in zip(proportions, compute.levels))
+
     def client_weights(self, updates: list[ClientUpdate]) -> np.ndarray:
-        """Aggregation weights: uniform (the paper) or proportional to the clients' sample counts."""
-        if self.config.method.aggregation_weights == "num_samples":
+        """Aggregation weights: uniform or proportional to the clients' sample counts
+        (:meth:`aggregation_weighting`)."""
+        if self.aggregation_weighting(self.config) == "num_samples":
             counts = np.array([u.num_samples for u in updates], dtype=float)
             return counts / counts.sum()
         return np.full(len(updates), 1.0 / len(updates))

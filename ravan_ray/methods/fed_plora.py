@@ -13,10 +13,10 @@ Choices the paper leaves open (its code, github.com/TNI-playground/Fed-PLoRA, wa
 - selection: r_i modules drawn uniformly without replacement from the client's private round RNG, one draw
   per adapted layer; r_i = ``budgets.rank_for_level`` of the client's level and R = r_L, the LoRA rank of the
   shared budget (the rank-heterogeneous methods' convention, ``methods/budget.py``);
-- aggregation: module j becomes the weighted mean (``method.aggregation_weights``, renormalised) of the b_j and
-  of the a_j uploaded by the clients that trained it; a module nobody trained keeps its value. Averaging b and
-  a separately is not averaging b a, so this is not exact (``agg_error`` > 0, as FedIT's); the paper bounds this
-  aggregation noise rather than removing it;
+- aggregation: module j becomes the weighted mean (``method.aggregation_weights``, uniform when unset;
+  renormalised) of the b_j and of the a_j uploaded by the clients that trained it; a module nobody trained keeps
+  its value. Averaging b and a separately is not averaging b a, so this is not exact (``agg_error`` > 0, as
+  FedIT's); the paper bounds this aggregation noise rather than removing it;
 - scaling alpha / R with alpha = R by default (scale 1, PEFT's ``lora_alpha=8`` at rank 8), the same for every
   client and for the folded modules;
 - initialisation: B = 0 and A the platform's seeded N(0, 1/d_in), the same on every client (a fresh LoRA);

@@ -10,22 +10,30 @@ The module is Ravan's layer with one head and constant scale (``RavanLinear(head
 The initialisation, as the reference code does it (fed-sb ``utils/gradient_utils.py``
 ``estimate_and_process_grads_torch``, ``utils/initialization_utils.py`` ``find_and_initialize_grad``):
 gradients of the adapted weights W are summed over a few mini-batches with no weight step, the update is
-estimated as dW = -lr sign(sum of gradients) (the first step of sign/Adam descent), and its truncated SVD
+estimated as dW = -eta sign(sum of gradients) (the first step of sign/Adam descent), and its truncated SVD
 dW ~ U_r S_r V_r^T gives B = U_r, A = V_r^T, R = S_r; W itself is unchanged, so the model after the
-initialisation is W + U_r S_r V_r^T. The code estimates once, on 170 samples of the pooled training set,
-before the federation starts; a federation has no pooled data, and a sum of gradients is additive, so here
-the clients sampled in round 1 each sum their gradients over their own batches and the server sums the sums:
-the same estimate as the code's on the union of their batches. Round 1 is therefore the estimation round:
-its clients run their S local mini-batches with learning rate 0 (no weight moves, not even the task head),
-accumulate the gradients of every adapted W and upload those sums (d_out x d_in numbers per adapted layer:
-that is round 1's uplink); the server forms dW, its SVD and the state. From round 2 on every sampled client
+initialisation is W + U_r S_r V_r^T. The step eta is the first step of a linear warm-up: the learning rate over
+the warm-up steps, eta = lr / (warmup_ratio x total training steps) (fed-sb ``fed/CR/train_cr_fed.py``:
+``eff_lr = args.lr/(args.warmup_ratio * total_training_steps)`` with ``total_training_steps =
+len(train_loader) * args.epochs``, the pooled training set's mini-batches times the clients' epochs, and
+``--warmup_ratio 0.02`` in ``fed/scripts/cr.sh``; LoRA-SB's ``train_glue.py`` does the same with 0.06). The
+code estimates once, on 170 samples of the pooled training set, before the federation starts; a federation has
+no pooled data, and a sum of gradients is additive, so here the clients sampled in round 1 each sum their
+gradients over their own batches and the server sums the sums: the same estimate as the code's on the union of
+their batches. Round 1 is therefore the estimation round: its clients run their S local mini-batches with
+learning rate 0 (no weight moves, not even the task head), accumulate the gradients of every adapted W and upload
+those sums (d_out x d_in numbers per adapted layer: that is round 1's uplink); the server forms dW, its SVD and the
+state. From round 2 on every sampled client
 trains R (and the head) and the server averages them.
 
 Choices the paper and code leave open:
 - the estimate's size: S mini-batches of ``federation.batch_size`` from each round-1 client (3 x 10 x 16 = 480
-  samples at the benchmarks' scale, against the code's 170); the step size lr is the clients' learning rate:
-  the code takes the first step of its linear warm-up, lr / warm-up steps, and the platform has no warm-up,
-  so its first step is lr itself;
+  samples at the benchmarks' scale, against the code's 170);
+- the step eta (:meth:`FedSB.initial_step`): the clients' learning rate over ``method.fed_sb_warmup_ratio``
+  (0.02, fed-sb's) times the run's total training steps, counted as the code counts them, every mini-batch the
+  clients train on over the whole run together: rounds x clients_per_round x local_steps (8 x 3 x 10 = 240 at
+  the benchmarks' scale: eta = lr / 4.8). The platform's optimiser itself has no warm-up; the ratio only sizes
+  the initial update. A warm-up shorter than one step is no warm-up: eta is at most lr;
 - the SVD is exact (float64 ``torch.linalg.svd``) where the code uses ``torch.svd_lowrank(q=r, niter=10)``, a
   randomised approximation of the same truncation; the gradient sums are added with equal weight whatever
   ``method.aggregation_weights`` says, as pooling the samples does;
@@ -40,7 +48,8 @@ Choices the paper and code leave open:
   the sign and the SVD then see a rescaled sum; adaptive clipping recovers from round 2 on); in sample mode
   round 1 sums the gradients DP-SGD clipped and noised, so the bases are private as well;
 - rank r = floor(sqrt(N)) for the shared budget N, at most min(d_in, d_out) (``methods/budget.py``); client
-  weights for R follow ``method.aggregation_weights``.
+  weights for R follow ``method.aggregation_weights``; unset, uniform, as the code's plain mean of the R's
+  (``fed/CR/multiround_train_cr_fed.py``: ``torch.stack(...).mean(0)``).
 """
 
 from __future__ import annotations
@@ -48,9 +57,11 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ravan_ray.adapters import RavanLinear, inject
+from ravan_ray.config import Options
 from ravan_ray.methods.base import (HEAD_PREFIX, SYNCED_KEY, ClientTask, ClientUpdate, FederatedMethod, State,
                                     initial_sync, mark_synced, state_bytes, synced_round, weighted_mean)
 from ravan_ray.methods.budget import layer_summary, method_rank
@@ -71,10 +82,11 @@ def grad_key(layer: str) -> str:
     return f"{layer}/grad_sum"
 
 
-def sign_update_bases(grad_sum: torch.Tensor, lr: float, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LoRA-SB's initialisation from a gradient sum: dW = -lr sign(grad_sum) ~ U_r S_r V_r^T; returns
+def sign_update_bases(grad_sum: torch.Tensor, step: float,
+                      rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoRA-SB's initialisation from a gradient sum: dW = -step sign(grad_sum) ~ U_r S_r V_r^T; returns
     (B = U_r, A = V_r^T, S_r) in float64."""
-    update = -lr * torch.sign(grad_sum.double())
+    update = -step * torch.sign(grad_sum.double())
     U, S, Vh = torch.linalg.svd(update, full_matrices=False)
     return U[:, :rank], Vh[:rank], S[:rank]
 
@@ -86,10 +98,18 @@ def accumulate_into(total: torch.Tensor) -> Callable[[torch.Tensor], None]:
     return hook
 
 
+class FedSBOptions(Options):
+    # The warm-up ratio whose first step sizes the initial update: eta = lr / (ratio x total training steps), with
+    # total steps = rounds x clients_per_round x local_steps (the module docstring). 0.02: fed-sb's; LoRA-SB's GLUE
+    # runs use 0.06.
+    fed_sb_warmup_ratio: float = Field(0.02, gt=0, le=1, allow_inf_nan=False)
+
+
 class FedSB(PrivateTerms, FederatedMethod):
     name = "fed_sb"
     changes_base_weights = True  # merges updates into W
     exact = True
+    options_model = FedSBOptions
 
     def __init__(self, config):
         super().__init__(config)
@@ -108,6 +128,15 @@ class FedSB(PrivateTerms, FederatedMethod):
     def lr(self, value: float) -> None:
         self._lr = value
 
+    def initial_step(self) -> float:
+        """eta of dW = -eta sign(sum of gradients): the first step of a linear warm-up over the run's training steps,
+        lr / (warmup_ratio x rounds x clients_per_round x local_steps), at most lr (a warm-up of under one step
+        is none)."""
+        fed = self.config.federation
+        total_steps = fed.rounds * fed.clients_per_round * fed.local_steps
+        warmup_steps = max(1.0, self.options.fed_sb_warmup_ratio * total_steps)
+        return self._lr / warmup_steps
+
     def scale(self, rank: int) -> float:
         alpha = self.config.method.lora_alpha
         return 1.0 if alpha is None else float(alpha) / rank
@@ -125,7 +154,7 @@ class FedSB(PrivateTerms, FederatedMethod):
 
     def resolved(self) -> dict:
         return {"rank": dict(self.ranks), "lora_scale": {n: self.scale(r) for n, r in self.ranks.items()},
-                **layer_summary(self.config.method, self.shapes)}
+                "initial_step": self.initial_step(), **layer_summary(self.config.method, self.shapes)}
 
     # ----------------------------------------------------------------- server
     def initial_state(self, model: nn.Module) -> State:
@@ -140,7 +169,7 @@ class FedSB(PrivateTerms, FederatedMethod):
         for layer, rank in self.ranks.items():
             if estimated:
                 grad_sum = sum(u.tensors[grad_key(layer)].double() for u in updates)  # the pooled sum
-                B, A, S = sign_update_bases(grad_sum, self._lr, rank)
+                B, A, S = sign_update_bases(grad_sum, self.initial_step(), rank)
                 dtype = updates[0].tensors[grad_key(layer)].dtype
                 b_key, a_key = bases_keys(layer)
                 new_state[b_key], new_state[a_key] = B.to(dtype), A.to(dtype)

@@ -16,8 +16,9 @@ Choices the paper leaves open:
   code (``fed_train_glue.py``: ``--lora_r 4``, ``--lora_alpha 8``);
 - round 1's downlink does not count W: until the first residual is folded in it is the pretrained weight every
   client already has (a flag under ``eval/`` tells the server; from round 2 on W is sent every round);
-- client weights follow ``method.aggregation_weights``; the residual is computed in float64 and W is kept in
-  the model's dtype;
+- client weights follow ``method.aggregation_weights``; unset, uniform, as the code's plain mean (fedex-lora
+  ``fed_agg.py`` ``aggregate_models_ours``: ``sum(B_i @ A_i) / len(client_models)``, ``.mean(0)``); the residual
+  is computed in float64 and W is kept in the model's dtype;
 - client-level DP (``privacy.mode: client``): the residual needs the mean of the clients' products, which the
   sums of the factors do not give. A client's update is therefore its factor changes (B_c - B, A_c - A) together
   with the change of its effective weight s (B_c A_c - B A), all clipped jointly to C; the noise on the sum of

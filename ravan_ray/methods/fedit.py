@@ -8,8 +8,9 @@ the inexact baseline (``agg_error`` > 0 as soon as two clients differ).
 
 Choices the paper leaves open: the rank comes from the shared budget (r = r_L, ``methods/budget.py``);
 scaling alpha / r with alpha = r by default (scale 1), as FedIT's code (FederatedGPT-Shepherd ``main.py``:
-``lora_r=16, lora_alpha=16``); client weights follow ``method.aggregation_weights`` (uniform by default;
-FedIT's FedAvg weights by data size, which is ``num_samples``).
+``lora_r=16, lora_alpha=16``); client weights follow ``method.aggregation_weights``; unset, they are the clients'
+data sizes, as FedIT's FedAvg (FederatedGPT-Shepherd ``fed_utils/model_aggregation.py``:
+``normalize(local_dataset_len_dict[...], p=1)``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ravan_ray.methods.lora import LoRAMethod
 
 class FedIT(LoRAMethod):
     name = "fedit"
+    reference_weights = "num_samples"
     exact = False
     alpha_per_rank = 1.0
 

@@ -22,7 +22,7 @@ Choices the paper leaves open:
   rather than aggregates exactly;
 - rank r = r_L from the shared budget (B trains too, only it stays local); scaling alpha / r with alpha = 2 r
   by default (scale 2), as the same config (``r: 8, lora_alpha: 16``); client weights follow
-  ``method.aggregation_weights``;
+  ``method.aggregation_weights`` (uniform when unset);
 - under client-level DP (``privacy.mode: client``) the shared A (and a shared head) is clipped and noised like any
   upload; the local B's never leave a real client, so the global model's B_eval, a simulation diagnostic built
   from them, is not private, and neither are the test metrics computed with it.

@@ -26,8 +26,9 @@ Choices the paper and code leave open:
   here they are completed inside A's current row space, so A never jumps to directions no client saw;
 - scaling alpha / r with alpha = r by default (scale 1), as the code (``--lora-alpha 8 --lora-rank 8``);
 - the task head follows ``model.train_head`` like every method (the code freezes RoBERTa's classifier);
-- client weights follow ``method.aggregation_weights`` (the code weights by data size unless ``--balanced``,
-  which is ``num_samples`` here); the SVD is in float64.
+- client weights follow ``method.aggregation_weights``; unset, they are the clients' data sizes, as the code
+  (``fedmm/fedavg/server.py`` ``update``: ``train_size / sum`` unless ``--balanced``, which its scripts do not
+  pass); the SVD is in float64.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ def refactorise(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 class FedSVD(LoRAMethod):
     name = "fedsvd"
+    reference_weights = "num_samples"
     exact = True
     shared_factors = ("lora_A", "lora_B")  # both are broadcast (A changes every round) ...
     trained_factors = ("lora_B",)  # ... but clients train and upload B only

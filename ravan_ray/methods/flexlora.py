@@ -19,8 +19,8 @@ Choices the paper leaves open, and how dW relates to the base weights:
 - the server broadcasts the rank-r_max factors (B = U_r S_r, A = V_r^T with r = r_max, S folded into B so
   A keeps orthonormal rows like a fresh LoRA A keeps unit-norm ones) once per round; each client takes the
   first r_c columns / rows itself, which is the rank-r_c truncation since singular values are sorted;
-- the weights w_c follow ``method.aggregation_weights`` (uniform by default, as for every other method
-  here; FlexLoRA weighs by data size, which is ``num_samples``);
+- the weights w_c follow ``method.aggregation_weights``; unset, they are the clients' data sizes, as FlexLoRA's
+  paper and code weigh dW (``num_samples``);
 - r_max = r_L from the shared budget (at most min(d_in, d_out)), r_c = ``budgets.rank_for_level``;
 - scaling alpha / r_c per client with alpha = 2 r_c by default (scale 2 for every client), as FLoRA's public
   code builds its heterogeneous-rank clients (``lora_alpha=2*local_ranks[client_id]``); FlexLoRA's own
@@ -32,7 +32,8 @@ Choices the paper leaves open, and how dW relates to the base weights:
   the last dW it started from (public: the broadcast and its rank), with its task-head change, clipped jointly
   to C; the noise goes on their sum, and dW = mean of the truncations + the noised mean update. Its SVD is
   post-processing; a noised dW has full rank, so it is taken of the dense matrix (O(d_out d_in min(d_out, d_in))
-  per layer and round, where the factors' route above costs O((d_out + d_in) R^2)). At z = 0 and C = inf the run is FlexLoRA's up to float64 rounding.
+  per layer and round, where the factors' route above costs O((d_out + d_in) R^2)). At z = 0 and C = inf the run
+  is FlexLoRA's with uniform weights (client-level DP's) up to float64 rounding.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def dense_truncated_factors(delta: torch.Tensor, rank: int) -> tuple[torch.Tenso
 
 class FlexLoRA(HeterogeneousRankLoRA):
     name = "flexlora"
+    reference_weights = "num_samples"
     changes_base_weights = True  # merges updates into W
     merged_export_only = "FlexLoRA's global model is W0 plus the full-size mean update, not a rank-r LoRA"
     exact = False

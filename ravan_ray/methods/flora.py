@@ -23,16 +23,18 @@ Choices the paper leaves open:
 - scaling alpha / r with alpha = 2 r by default (scale 2), as FLoRA's code (``main.py``: ``lora_r=8,
   lora_alpha=16``; heterogeneous clients ``lora_alpha=2*local_ranks[client_id]``; the stacked module
   ``r = lora_r * num_clients, lora_alpha = lora_alpha * num_clients``, the same scale);
-- p_c follows ``method.aggregation_weights`` (uniform by default; FLoRA's data-size weights are
-  ``num_samples``); FLoRA's code puts p_c on A, here it is on B: the product is the same;
+- p_c follows ``method.aggregation_weights``; unset, it is the clients' data sizes, as FLoRA's code
+  (``fed_utils/model_aggregation.py``: ``normalize(local_dataset_len_dict[...], p=1)``); FLoRA's code puts p_c on
+  A, here it is on B: the product is the same;
 - state: the merged weights (``{layer}/base_weight``, what a client's model holds) and the last round's stacks
   (``{layer}/stack_A``, ``{layer}/stack_B``). Round 1 sends only the task head;
 - client-level DP (``privacy.mode: client``): the stacks publish every client's own factors, which no noise on a
   sum can privatise, so a private round broadcasts what they encode instead, the merged update s sum_c p_c B_c A_c
   of each adapted layer, made private: a client's update is its weight change s B_c A_c (its fresh LoRA starts
   at B = 0) with its task-head change, clipped jointly to C, and the noise goes on their sum. The model is the
-  same as FLoRA's at z = 0 and C = inf (up to float64 rounding); the downlink is then a dense d_out x d_in update
-  per layer (or the merged weights for a client that missed rounds), no longer the stacks.
+  same as FLoRA's with uniform weights (client-level DP's) at z = 0 and C = inf (up to float64 rounding); the
+  downlink is then a dense d_out x d_in update per layer (or the merged weights for a client that missed rounds),
+  no longer the stacks.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def catch_up_bytes(stack_bytes: torch.Tensor, synced: int, merged_bytes: int) ->
 
 class FLoRA(LoRAMethod):
     name = "flora"
+    reference_weights = "num_samples"
     changes_base_weights = True  # merges updates into W
     merged_export_only = "FLoRA merges every round's stacked update into the frozen weights W"
     exact = True

@@ -14,7 +14,9 @@ Choices the paper leaves open:
 - the task head follows ``model.train_head`` like every method (uploaded under ``head/``); with it off
   the head stays frozen here too;
 - state and uploads are the weights themselves (``full/{parameter}``), so up- and downlink are the full
-  trainable model per client and round; client weights follow ``method.aggregation_weights``.
+  trainable model per client and round; client weights follow ``method.aggregation_weights`` (uniform when unset);
+- it has no budget, so it does not read compute levels (``budget_aware`` false): under a compute mix every client
+  still trains every weight.
 """
 
 from __future__ import annotations

@@ -173,7 +173,7 @@ class HetLoRA(HeterogeneousRankLoRA):
         """p_c proportional to the clients' sparsity norms (times the data-size weight when configured), summing
         to 1."""
         norms = np.array([self.sparsity_norm(u, layer) for u in updates])
-        if self.config.method.aggregation_weights == "num_samples":
+        if self.aggregation_weighting(self.config) == "num_samples":
             norms = norms * client_weights
         if norms.sum() <= 0:
             return client_weights

@@ -147,6 +147,7 @@ class RankLevels:
     """Clients' ranks from their compute level: r_c = rank_for_level(l_c, r_max) = round(l_c r_max), at least 1
     (HetLoRA, FlexLoRA, Fed-PLoRA)."""
 
+    budget_aware = True
     ranks: dict[str, int]
     config: object
 

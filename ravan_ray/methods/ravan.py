@@ -60,6 +60,7 @@ class RavanOptions(Options):
 class Ravan(PrivateTerms, FederatedMethod):
     name = "ravan"
     exact = True
+    budget_aware = True  # a client at level l trains round(l h) heads
     report_tables = {"method.heads": "number of heads", "method.init": "initialisation",
                      "method.scoring": "head scoring", "method.scaling": "scaling"}
     options_model = RavanOptions

@@ -34,6 +34,10 @@ dimension of the narrowest adapted layer, as the method recorded them in the run
 method shares (ravan_ray/methods/budget.py) and d from the model's config where it is available offline.
 The marker is where Ravan's heads reach full rank (``full_rank_heads``, sqrt(N h) = d).
 
+A score whose method does not read compute levels (summary.json's ``budget_aware``: false: every client trained
+its full budget) under a mix that gives some client less is marked † in every table, with a footnote: a budget-mix
+table compares such a method with others that did see the budgets.
+
 The rooms: ``runs.py`` reads run directories, ``tables.py`` groups them into configurations and writes
 markdown tables, ``selection.py`` selects on the validation split, ``plots.py`` draws the PNGs (and a run's
 own curves.png); :func:`write_report` here puts report.md together.
@@ -46,10 +50,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ravan_ray.report.plots import plot_budget_mix, plot_heads, plot_per_round, plot_run
-from ravan_ray.report.runs import (ReportError, display, find_runs, in_percent, metric_label, read_runs, score_name,
-                                   task_metrics)
+from ravan_ray.report.runs import (IGNORED_MIX_MARK, IGNORED_MIX_NOTE, ReportError, display, find_runs, in_percent,
+                                   metric_label, read_runs, score_name, task_metrics)
 from ravan_ray.report.selection import choose, select_configurations, selection_markdown
-from ravan_ray.report.tables import (markdown_table, pivot_markdown, report_tables, score_cell, short_name,
+from ravan_ray.report.tables import (marked, markdown_table, pivot_markdown, report_tables, score_cell, short_name,
                                      summarise, varying_keys)
 
 __all__ = ["ReportError", "choose", "find_runs", "markdown_table", "plot_run", "read_runs", "select_configurations",
@@ -110,11 +114,12 @@ def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequen
             label.append(metric_of.loc[tuple(row[k] for k in keys) if len(keys) > 1 else row[keys[0]]])
         table.append(label + [
             n, row["seeds"],
-            score_cell(row[f"final_{score}_mean"], row[f"final_{score}_std"], n, percent),
+            score_cell(row[f"final_{score}_mean"], row[f"final_{score}_std"], n, percent) + marked(row),
             score_cell(row[f"best_{score}_mean"], row[f"best_{score}_std"], n, percent)] + [
             score_cell(row[f"final_{m}_mean"], row[f"final_{m}_std"], n, in_percent(m, runs)) for m in others] + [
             f"{row['total_uplink_bytes_mean'] / 1e6:.3g}", f"{row['wall_s_mean']:.1f}"])
-    lines += [markdown_table(header, table), ""]
+    all_configurations = markdown_table(header, table)
+    lines += [all_configurations, ""] + ([IGNORED_MIX_NOTE, ""] if IGNORED_MIX_MARK in all_configurations else [])
 
     skipped, single = [], []
     for title, row_keys in report_tables(runs):
@@ -126,7 +131,8 @@ def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequen
         if title.startswith("Final score per budget mix") and "method.name" in col_keys:
             col_keys = ["method.name"] + [k for k in col_keys if k != "method.name"]
         heading = title.replace("score", score.replace("_", " ") if score != "score" else "score")
-        lines += [f"## {heading}", "", pivot_markdown(summary, present, col_keys, score, percent), ""]
+        pivot = pivot_markdown(summary, present, col_keys, score, percent)
+        lines += [f"## {heading}", "", pivot, ""] + ([IGNORED_MIX_NOTE, ""] if IGNORED_MIX_MARK in pivot else [])
 
     plots = [
         ("accuracy_per_round.png", f"{score.replace('_', ' ').capitalize()} per round",

@@ -16,6 +16,11 @@ from ravan_ray.config import RESOLVED_KEY, ConfigError, read_yaml
 RUN_FILES = ("metrics.csv", "config.yaml", "summary.json")
 TRAFFIC_COLUMNS = ["total_uplink_bytes", "total_downlink_bytes", "wall_s"]
 LOWER_IS_BETTER = ("loss", "perplexity")  # metric name endings that are not fractions shown in %
+#: The mark of a score whose method did not read the clients' compute levels under a mix that gives some below the
+#: full budget (summary.json's ``budget_aware``: false), and the footnote that says so.
+IGNORED_MIX_MARK = "†"
+IGNORED_MIX_NOTE = (f"{IGNORED_MIX_MARK} The method does not read compute levels (summary.json `budget_aware`: false): "
+                    "every client trained its full budget whatever the budget mix gave it.")
 
 
 class ReportError(ConfigError):
@@ -99,6 +104,30 @@ def per_matrix_budget(config: dict[str, Any], d: Optional[int]) -> Optional[int]
     return None
 
 
+def ignored_mix(config: dict[str, Any], summary: dict[str, Any]) -> bool:
+    """True when the run's method did not read compute levels (``budget_aware`` false; for a run from before the
+    flag, what its method says now) while its mix gave some client a level below the full budget."""
+    aware = summary.get("budget_aware")
+    if aware is None:
+        from ravan_ray.methods import method_class
+
+        try:
+            aware = method_class(str((config.get("method") or {}).get("name"))).budget_aware
+        except ValueError:  # a method this version does not know: nothing to say about it
+            return False
+    if aware:
+        return False
+    from ravan_ray.budgets import mix_proportions
+
+    compute = config.get("compute") or {}
+    levels = compute.get("levels") or [1.0]
+    try:
+        proportions = mix_proportions(compute.get("distribution", "homogeneous"), levels)
+    except ValueError:
+        return False
+    return any(share > 0 and level < 1 for share, level in zip(proportions, levels))
+
+
 def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs: one row per run with its flattened config and summary, rounds: metrics.csv rows of all runs)."""
     runs, rounds = [], []
@@ -125,6 +154,7 @@ def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple
         row.update({k: v for k, v in summary.items() if k.startswith(("final_", "best_"))})
         row["final_score"], row["best_score"] = summary.get(f"final_{row['metric']}"), summary.get(f"best_{row['metric']}")
         row["d_model"] = d
+        row["ignored_mix"] = ignored_mix(config, summary)
         row["budget_per_matrix"] = per_matrix_budget(config, d)
         runs.append(row)
         metrics.insert(0, "run", label)

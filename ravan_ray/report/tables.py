@@ -8,7 +8,7 @@ from typing import Any
 
 import pandas as pd
 
-from ravan_ray.report.runs import TRAFFIC_COLUMNS, displayed, metric_label
+from ravan_ray.report.runs import IGNORED_MIX_MARK, TRAFFIC_COLUMNS, displayed, metric_label
 
 # Keys that never change what a run computes (or are its identity): not used to tell configurations apart.
 IGNORED_PREFIXES = ("resources.", "output.")
@@ -82,6 +82,8 @@ def summarise(runs: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
         out[f"{column}_mean"] = grouped[column].mean()
         out[f"{column}_std"] = grouped[column].std(ddof=1)
     out["seeds"] = grouped["seed"].agg(lambda s: " ".join(str(v) for v in sorted(s)))
+    if "ignored_mix" in frame:
+        out["ignored_mix"] = grouped["ignored_mix"].agg(lambda s: bool(s.fillna(False).astype(bool).any()))
     out = out.reset_index()
     if not keys:
         out = out.drop(columns="_all")
@@ -96,6 +98,12 @@ def score_cell(mean: float, std: float, n: int, percent: bool = True) -> str:
     if n > 1 and std is not None and not math.isnan(std):
         text += f" ± {scale * std:.{digits}f}"
     return f"{text} ({n})"
+
+
+def marked(configuration: pd.Series) -> str:
+    """The mark of a configuration whose method ignored its budget mix
+    (:data:`~ravan_ray.report.runs.IGNORED_MIX_MARK`), else nothing."""
+    return f" {IGNORED_MIX_MARK}" if bool(configuration.get("ignored_mix", False)) else ""
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
@@ -123,6 +131,7 @@ def pivot_markdown(summary: pd.DataFrame, row_keys: list[str], col_keys: list[st
                 line.append("–")
             else:
                 first = match.iloc[0]
-                line.append(score_cell(first[f"final_{score}_mean"], first[f"final_{score}_std"], int(first["n"]), percent))
+                cell = score_cell(first[f"final_{score}_mean"], first[f"final_{score}_std"], int(first["n"]), percent)
+                line.append(cell + marked(first))
         table.append(line)
     return markdown_table(header, table)

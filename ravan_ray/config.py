@@ -319,7 +319,8 @@ TRACKERS = ("tensorboard", "mlflow", "wandb")
 
 
 class TensorBoardOptions(_Section):
-    # None: RUN/tensorboard (a sweep's trials: Tune writes each trial's events into its trial directory)
+    # None: RUN/tensorboard; a directory: DIR/<run directory's name>. (A sweep's trials: Tune writes each trial's
+    # events into its trial directory.)
     dir: Optional[str] = None
 
 

@@ -10,7 +10,8 @@ Sweeps log through Ray Tune's own logger callbacks instead (ravan_ray/sweep_trac
 end-of-run functions here (:func:`tensorboard_final`, :func:`mlflow_final`, :func:`wandb_final`).
 
 Where the data goes by default:
-  tensorboard  RUN/tensorboard (``output.tensorboard.dir``): ``tensorboard --logdir runs/`` shows every run;
+  tensorboard  RUN/tensorboard, or ``output.tensorboard.dir``/<run directory's name>: ``tensorboard --logdir runs/``
+               shows every run;
   mlflow       MLFLOW_TRACKING_URI, else the local file store ``file:<the run directory's parent>/mlruns``, so the
                runs of one output.dir share one store (``mlflow ui --backend-store-uri runs/mlruns``); experiment
                MLFLOW_EXPERIMENT_NAME, else the run's name. MLflow 3 refuses file stores unless
@@ -224,7 +225,9 @@ class TensorBoardTracker:
     name: ClassVar[str] = "tensorboard"
 
     def __init__(self, config: RunConfig, run_dir: Path):
-        self.logdir = Path(config.output.tensorboard.dir or run_dir / "tensorboard")
+        # a configured directory collects many runs: each in its own subdirectory, as TensorBoard expects
+        configured = config.output.tensorboard.dir
+        self.logdir = Path(configured) / run_dir.name if configured else run_dir / "tensorboard"
         self.writer = None
         self.step = 0
 
@@ -321,7 +324,7 @@ class WandbTracker:
             self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode, dir=str(self.dir),
                                   name=self.run_dir.name, id=state.get("run_id"), resume="allow", config=config.to_dict(),
                                   reinit="create_new", settings=wandb.Settings(silent=True, console="off"))
-        except wandb.errors.UsageError as error:  # online without an API key, a bad entity
+        except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as error:  # online without a key, ...
             raise TrackerError(f"output.trackers: wandb could not start ({' '.join(str(error).split())}); "
                                f"set output.wandb.mode=offline to log locally") from None
         state["run_id"] = self.run.id
@@ -369,6 +372,7 @@ class Trackers:
         if self.trackers:
             from ravan_ray.results import atomic_write_text
 
+            self.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({k: v for k, v in state.items() if v}, indent=2) + "\n")
 
     def log_round(self, row: dict[str, Any]) -> None:

@@ -174,6 +174,18 @@ def test_a_failing_tracker_is_reported_once_and_dropped_while_the_others_go_on(t
     assert len(warnings) == 1 and "broken" in warnings[0] and "tracking server gone" in warnings[0]
 
 
+def test_a_configured_tensorboard_dir_holds_each_run_in_its_own_subdirectory(tmp_path):
+    config = load_config(None, [f"output.tensorboard.dir={tmp_path / 'tb'}", "output.trackers=[tensorboard]"])
+    for name, loss in (("a", 2.0), ("b", 1.0)):
+        trackers = Trackers(config, tmp_path / "runs" / name)
+        trackers.start(config)
+        trackers.log_round({"round": 1, "train_loss": loss, "test_accuracy": float("nan")})
+        trackers.finish({"method": "ravan", "rounds": 1, "final_test_accuracy": None})
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["a", "b"]
+    assert tensorboard_scalars(tmp_path / "tb" / "b")["train_loss"] == {1: 1.0}
+    assert "test_accuracy" not in tensorboard_scalars(tmp_path / "tb" / "a")  # NaN: not measured, not logged
+
+
 @needs_mlflow
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     from mlflow.tracking import MlflowClient

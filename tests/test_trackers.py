@@ -274,40 +274,5 @@ def test_wandb_offline_run_holds_config_round_history_summary_and_curves(tracked
     assert {"curves.png", "config.yaml", "summary.json"} <= files
 
 
-# ------------------------------------------------------------------------------------------------ a sweep
-def test_a_sweep_logs_each_trial_through_tunes_callbacks(ray_session, tmp_path, monkeypatch):
-    """Two tiny trials: one TensorBoard event log per trial with its rounds and summary (Tune's callback),
-    and, where installed, one MLflow run per trial with the sampled and the resolved config, summary and
-    curves.png, and one W&B run per trial with its history."""
-    from ravan_ray.sweep import run_sweep
-
-    smoke = yaml.safe_load((Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml").read_text())
-    smoke["base"]["output"] = {"trackers": INSTALLED}
-    smoke["base"]["federation"]["rounds"] = 1
-    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(smoke))
-    out = tmp_path / "sweep"
-    run_sweep(tmp_path / "tune.yaml", output=out)
-
-    trials = sorted(p.parent for p in out.glob("*/run"))
-    assert len(trials) == 2
-    for trial in trials:
-        scalars = tensorboard_scalars(trial)
-        assert 1 in scalars["ray/tune/test_accuracy"] and 1 in scalars["ray/tune/train_loss"]
-        summary = json.loads((trial / "run" / "summary.json").read_text())
-        assert scalars["summary/final_test_accuracy"][1] == pytest.approx(summary["final_test_accuracy"])
-        assert (trial / "run" / "curves.png").is_file()
-        assert not (trial / "run" / "tensorboard").exists()  # the trial's own run logs to no tracker
-    if HAVE_MLFLOW:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=f"file:{out / 'mlruns'}")
-        runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
-        assert len(runs) == 2
-        assert sorted(r.data.params["method.heads"] for r in runs) == ["2", "4"]
-        for run in runs:
-            assert run.data.params["model.name"] == "tiny-bert"  # the resolved config, beside the sampled keys
-            assert "final_test_accuracy" in run.data.metrics and "test_accuracy" in run.data.metrics
-            assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
-    if HAVE_WANDB:
-        runs = glob.glob(str(out / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)
-        assert len(runs) == 2
+# A sweep's Tune callbacks: tests/test_sweep.py (test_smoke_sweep_logs_each_trial_through_tunes_callbacks), on
+# the smoke sweep those tests run anyway.

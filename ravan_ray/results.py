@@ -207,8 +207,9 @@ def _locked(run_dir: Path, path: Path) -> Iterator[None]:
 
 class RunLog:
     """A run's record as its rounds finish: each finished round's row appended to metrics.csv, its clients'
-    attempts to clients.csv, summary.json rewritten, the row sent to the experiment trackers, and the progress line (a bar on a terminal; one line per
-    round on stderr without one, as in a Ray job or CI, unless TQDM_DISABLE is set)."""
+    attempts to clients.csv, summary.json rewritten, the row sent to the experiment trackers
+    (ravan_ray/trackers.py), and the progress line (a bar on a terminal; one line per round on stderr without
+    one, as in a Ray job or CI, unless TQDM_DISABLE is set)."""
 
     def __init__(self, config: Any, run_dir: Path, task_metrics: Iterable[str], first_round: int = 1,
                  checkpoint_rows: Optional[list[dict[str, Any]]] = None, trackers: Any = None):
@@ -224,13 +225,13 @@ class RunLog:
         self.shown = [(_progress_name(primary), primary)]  # the progress line's score
 
     def start(self) -> None:
-        """The rounds begin: start the clock (wall_s leaves out setting up data, model and actors) and the
-        progress line."""
+        """The rounds begin: open the trackers' runs, start the clock (wall_s leaves out setting up data, model
+        and actors) and the progress line."""
         from tqdm.auto import tqdm
 
-        self.started = time.perf_counter()
-        if self.trackers:
+        if self.trackers:  # before the clock starts: opening a tracker's run is not the run's time
             self.trackers.start(self.config)
+        self.started = time.perf_counter()
         self.progress = tqdm(total=self.config.federation.rounds, initial=self.first_round - 1,
                              desc=self.config.method.name, unit="round", disable=None)
 

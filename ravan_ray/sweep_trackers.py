@@ -13,7 +13,9 @@ trial's run directory (SWEEP/<trial id>/run, on the filesystem the sweep already
 draws curves.png and adds the summary, the full resolved config and the artifacts to the trial's tracker run
 before Tune's callback closes it. The trials themselves log to no tracker (``run_federation(track=False)``),
 so each trial is one tracker run, not two. The subclasses use the callbacks' per-trial attributes of
-Ray 2.60 (the writer, the MLflow run id, the W&B queue); tests/test_trackers.py checks them.
+Ray 2.60 (the writer, the MLflow run id, the W&B queue); tests/test_sweep.py checks them on the smoke sweep.
+Each class is defined when its tracker is asked for, because importing Ray's W&B integration imports wandb (an
+optional extra); Tune pickles them with the tuner (cloudpickle), so a restored sweep keeps its trackers.
 """
 
 from __future__ import annotations

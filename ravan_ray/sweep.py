@@ -562,7 +562,7 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
                 run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent),
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
                                           checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1,
-                                          callbacks=callbacks),
+                                          callbacks=callbacks or None),  # None: exactly Tune's defaults
             )
         grid = tuner.fit()
         table = results_table(grid, list(spec.space), spec.metric)

@@ -30,9 +30,11 @@ def _run_dir(config, output: Optional[str]) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from ravan_ray.federation import run_federation
     from ravan_ray.privacy import build_mechanism
+    from ravan_ray.trackers import check_installed
 
     config = load_config(args.config, args.set or ())
     check_paths(config)
+    check_installed(config.output.trackers)
     build_mechanism(config).check_config()  # a method's refusal of the privacy setting, before anything loads
     if args.dry_run:
         print(f"config OK (no model or data loaded): task {config.model.task}, model {config.model.name}, "
@@ -68,11 +70,13 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from ravan_ray.cluster import total
     from ravan_ray.sweep import load_sweep_spec, run_sweep, trial_bundles
+    from ravan_ray.trackers import check_installed
 
     if args.dry_run:
         spec = load_sweep_spec(args.tune_config, tuple(args.set or ()))  # every key and value is checked here
         for config in spec.candidates:
             check_paths(config)
+        check_installed(spec.candidates[0].output.trackers)  # the sweep tracks with its base config's trackers
         widest = max(spec.candidates, key=lambda c: len(trial_bundles(c, spec.driver_cpus)))
         need = total(trial_bundles(widest, spec.driver_cpus))
         base = spec.candidates[0]
@@ -150,11 +154,12 @@ def _quiet_progress(quiet: bool):
 
 
 def _draw_curves(summary: dict, run_dir: Path) -> None:
-    """RUN/curves.png, the run's own curves, for a person at the end of a run (sweeps' trials draw none)."""
+    """RUN/curves.png, the run's own curves, for a person at the end of a run (unless the run drew it already
+    for its experiment trackers; sweeps' trials draw it for theirs only)."""
     if summary["rounds"]:
-        from ravan_ray.report import plot_run
+        from ravan_ray.trackers import draw_curves
 
-        plot_run(run_dir)
+        draw_curves(run_dir)
 
 
 def _print_summary(summary: dict, run_dir: Path, args: argparse.Namespace) -> None:

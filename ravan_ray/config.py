@@ -318,10 +318,55 @@ class ResourcesConfig(_Section):
         return value
 
 
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+
+
+class TensorBoardOptions(_Section):
+    # None: RUN/tensorboard; a directory: DIR/<run directory's name>. (A sweep's trials: Tune writes each trial's
+    # events into its trial directory.)
+    dir: Optional[str] = None
+
+
+class MLflowOptions(_Section):
+    # None: MLFLOW_TRACKING_URI, else the local file store file:<the run directory's parent>/mlruns (a sweep:
+    # file:<sweep directory>/mlruns), so the runs in one output.dir land in one store: mlflow ui --backend-store-uri
+    tracking_uri: Optional[str] = None
+    experiment: Optional[str] = None  # None: MLFLOW_EXPERIMENT_NAME, else the run's (sweep's) name
+
+
+class WandbOptions(_Section):
+    project: Optional[str] = None  # None: WANDB_PROJECT, else "ravan-ray"
+    entity: Optional[str] = None  # None: WANDB_ENTITY, else the account's default
+    # None: WANDB_MODE, else online when an API key is configured (WANDB_API_KEY or `wandb login`), else offline
+    # (sync later with `wandb sync`)
+    mode: Optional[Literal["online", "offline", "disabled"]] = None
+    dir: Optional[str] = None  # None: the run directory (W&B writes its files under DIR/wandb)
+
+
 class OutputConfig(_Section):
     dir: str = "runs"
     checkpoint_every: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+    # Experiment trackers that receive every round's metrics, the config as parameters, the summary and curves.png
+    # (ravan_ray/trackers.py): any of tensorboard, mlflow, wandb. "tensorboard,mlflow" is read as a list.
+    trackers: list[str] = Field(default_factory=list)
+    tensorboard: TensorBoardOptions = Field(default_factory=TensorBoardOptions)
+    mlflow: MLflowOptions = Field(default_factory=MLflowOptions)
+    wandb: WandbOptions = Field(default_factory=WandbOptions)
+
+    @field_validator("trackers", mode="before")
+    @classmethod
+    def _known_trackers(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list):
+            raise ValueError(f"must be a list of tracker names ({', '.join(TRACKERS)})")
+        for name in value:
+            if name not in TRACKERS:
+                raise ValueError(f"unknown tracker {name!r} (choose from {', '.join(TRACKERS)})")
+        return list(dict.fromkeys(value))  # a tracker named twice logs once
 
 
 class FaultsConfig(_Section):

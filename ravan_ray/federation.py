@@ -45,6 +45,7 @@ from ravan_ray.privacy import PrivacyBudget, build_mechanism
 from ravan_ray.tasks import build_task, task_class
 from ravan_ray.training import preflight
 from ravan_ray.results import RunLog, run_lock, with_validation
+from ravan_ray.trackers import Trackers
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any], Optional[str]], None]
@@ -155,17 +156,20 @@ def started(actor: Any, what: str) -> Any:
 
 
 def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
-                   on_round: Optional[RoundCallback] = None, from_round: Optional[int] = None) -> dict[str, Any]:
+                   on_round: Optional[RoundCallback] = None, from_round: Optional[int] = None,
+                   track: bool = True) -> dict[str, Any]:
     """Run the federation described by ``config`` into ``run_dir`` (or continue it with ``resume``: from the
     last checkpoint, or from round ``from_round``'s, whose later checkpoints are then discarded). One run at a
-    time writes to a run directory (:func:`ravan_ray.results.run_lock`)."""
+    time writes to a run directory (:func:`ravan_ray.results.run_lock`). ``track``: log to the experiment
+    trackers of ``output.trackers`` (a sweep's trials do not: Tune's logger callbacks track them)."""
     run_dir = Path(run_dir)
+    trackers = Trackers(config, run_dir, enabled=track)  # a tracker that is not installed is refused here
     with run_lock(run_dir):
-        return _run_federation(config, run_dir, resume, on_round, from_round)
+        return _run_federation(config, run_dir, resume, on_round, from_round, trackers)
 
 
 def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Optional[RoundCallback],
-                    from_round: Optional[int]) -> dict[str, Any]:
+                    from_round: Optional[int], trackers: Trackers) -> dict[str, Any]:
     fed = config.federation
     data = prepare_data(config)
     resolved = preflight(config, data.task_info)
@@ -182,7 +186,7 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
     first_round, state, client_states, rows = last_checkpoint(run_dir, from_round) if resume else (1, None, {}, None)
     if from_round is not None:
         discard_checkpoints_after(run_dir, from_round)
-    run_log = RunLog(config, run_dir, metric_columns, first_round, rows)
+    run_log = RunLog(config, run_dir, metric_columns, first_round, rows, trackers)
 
     with ray_runtime(config.resources):
         task_info = data.task_info
@@ -229,6 +233,7 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
                     unfinished.clear()
                     round_index, client_state_refs = server.restart(run_dir)
                     run_log.rewind(round_index)
+            run_log.finish()
         finally:
             run_log.close()
             fleet.shutdown()

@@ -218,14 +218,16 @@ def _locked(run_dir: Path, path: Path) -> Iterator[None]:
 
 class RunLog:
     """A run's record as its rounds finish: each finished round's row appended to metrics.csv, its clients'
-    attempts to clients.csv, summary.json rewritten, and the progress line (a bar on a terminal; one line per
-    round on stderr without one, as in a Ray job or CI, unless TQDM_DISABLE is set)."""
+    attempts to clients.csv, summary.json rewritten, the row sent to the experiment trackers
+    (ravan_ray/trackers.py), and the progress line (a bar on a terminal; one line per round on stderr without
+    one, as in a Ray job or CI, unless TQDM_DISABLE is set)."""
 
     def __init__(self, config: Any, run_dir: Path, task_metrics: Iterable[str], first_round: int = 1,
-                 checkpoint_rows: Optional[list[dict[str, Any]]] = None):
+                 checkpoint_rows: Optional[list[dict[str, Any]]] = None, trackers: Any = None):
         from ravan_ray.tasks import task_class
 
         self.config, self.run_dir, self.task_metrics = config, Path(run_dir), list(task_metrics)
+        self.trackers = trackers  # ravan_ray.trackers.Trackers: the experiment trackers, or None
         self.first_round = first_round
         self.rows = self._earlier_rows(checkpoint_rows)
         self.clients = read_table(self.run_dir / "clients.csv", before_round=first_round)
@@ -234,10 +236,12 @@ class RunLog:
         self.shown = [(_progress_name(primary), primary)]  # the progress line's score
 
     def start(self) -> None:
-        """The rounds begin: start the clock (wall_s leaves out setting up data, model and actors) and the
-        progress line."""
+        """The rounds begin: open the trackers' runs, start the clock (wall_s leaves out setting up data, model
+        and actors) and the progress line."""
         from tqdm.auto import tqdm
 
+        if self.trackers:  # before the clock starts: opening a tracker's run is not the run's time
+            self.trackers.start(self.config)
         self.started = time.perf_counter()
         self.progress = tqdm(total=self.config.federation.rounds, initial=self.first_round - 1,
                              desc=self.config.method.name, unit="round", disable=None)
@@ -271,6 +275,8 @@ class RunLog:
         write_metrics(self.run_dir / "metrics.csv", self.rows, self.task_metrics)
         write_table(self.run_dir / "clients.csv", self.clients)
         write_summary(self.run_dir / "summary.json", self.summary())
+        if self.trackers:
+            self.trackers.log_round(row)
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{row['train_loss']:.3f}",
                                   **{short: _fmt(row.get(m)) for short, m in self.shown})
@@ -288,8 +294,16 @@ class RunLog:
     def summary(self) -> dict[str, Any]:
         return summarize(self.config, self.rows, self.rows[-1]["wall_s"] if self.rows else 0.0)
 
+    def finish(self) -> None:
+        """Every round is in: the trackers get the summary and the run's files (curves.png drawn for them)."""
+        if self.trackers:
+            self.trackers.finish(self.summary())
+
     def close(self) -> None:
+        """The run ends, finished or not: trackers not finished by then log a failed run."""
         self.progress.close()
+        if self.trackers:
+            self.trackers.abort()
 
 
 def _progress_name(metric: str) -> str:

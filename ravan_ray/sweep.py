@@ -61,6 +61,7 @@ from ravan_ray.cluster import describe, ray_runtime, shortfall, total
 from ravan_ray.config import (ConfigError, RunConfig, apply_override, from_dict, parse_override, read_yaml,
                               section_keys)
 from ravan_ray.results import validation_name
+from ravan_ray.sweep_trackers import trackers_line, tune_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -494,7 +495,8 @@ def make_trainable(base: dict[str, Any], sweep_path: Path, fail_after: Optional[
                 marker.write_text(f"failed once after round {row['round']}\n")
                 raise RuntimeError(f"injected failure after round {row['round']} (inject_failure_after_round)")
 
-        run_federation(config, run_dir, resume=checkpoint is not None, on_round=on_round)
+        # the sweep's Tune callbacks track the trial (ravan_ray/sweep_trackers.py), not the run itself
+        run_federation(config, run_dir, resume=checkpoint is not None, on_round=on_round, track=False)
 
     return ravan_trial
 
@@ -533,6 +535,7 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
         raise SweepError(f"{out} exists and is not a sweep directory (no {SAVED_TUNE_CONFIG}); choose another --output")
 
     base = from_dict(spec.base)
+    callbacks = tune_callbacks(base, out, spec.name)  # a tracker that is not installed is refused before Ray starts
     # A checkpoint every round makes Tune snapshot its state often; that is cheap here, so do not warn.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # A sweep's --address and RAY_ADDRESS name its cluster before the base config's resources.address does.
@@ -558,7 +561,8 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
                                             scheduler=spec.scheduler(), trial_dirname_creator=_trial_dirname),
                 run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent),
                                           failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1),
+                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1,
+                                          callbacks=callbacks or None),  # None: exactly Tune's defaults
             )
         grid = tuner.fit()
         table = results_table(grid, list(spec.space), spec.metric)
@@ -572,6 +576,8 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
         print(f"{len(failed)} trial(s) failed (see {out}/<trial_id>/error.txt): {', '.join(failed)}; "
               "run the same command again to resume them")
     print(f"{len(table)} trials; results: {path}")
+    if trackers_line(base, out):
+        print(trackers_line(base, out))
     return path
 
 

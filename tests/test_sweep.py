@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import yaml
 from ravan_ray.config import ConfigError
 from ravan_ray.sweep import (SweepSpec, check_cluster_fits, placement_group_factory, run_sweep, trial_bundles,
                              trial_config)
+
+from test_trackers import INSTALLED, tensorboard_scalars
 
 SMOKE = Path(__file__).resolve().parents[1] / "tune_configs" / "smoke.yaml"
 
@@ -121,10 +124,14 @@ def test_trial_needing_more_than_the_cluster_fails_fast(tmp_path, ray_session):
         run_sweep(path, output=tmp_path / "out")
 
 
+# The smoke sweep also logs to every installed experiment tracker (W&B offline), checked below.
+TRACKED = (f"output.trackers=[{','.join(INSTALLED)}]", "output.wandb.mode=offline")
+
+
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("sweeps") / "smoke"
-    results = run_sweep(SMOKE, output=out)
+    results = run_sweep(SMOKE, output=out, overrides=TRACKED)
     return out, results
 
 
@@ -146,11 +153,41 @@ def test_rerunning_a_finished_sweep_restores_it_without_redoing_trials(smoke_swe
     out, results = smoke_sweep
     before = mtimes(out)
     trials_before = sorted(p.name for p in out.iterdir() if (p / "run").is_dir())
-    run_sweep(SMOKE, output=out)
+    run_sweep(SMOKE, output=out, overrides=TRACKED)
     assert mtimes(out) == before
     assert sorted(p.name for p in out.iterdir() if (p / "run").is_dir()) == trials_before
     table = pd.read_csv(results)
     assert len(table) == 2 and set(table["attempts"]) == {1}
+
+
+def test_smoke_sweep_logs_each_trial_through_tunes_callbacks(smoke_sweep):
+    """One TensorBoard event log per trial with its rounds and summary (Tune's callback), and, where installed,
+    one MLflow run per trial with the sampled and the resolved config, summary and curves.png, and one W&B run
+    per trial."""
+    out, _ = smoke_sweep
+    trials = sorted(p.parent for p in out.glob("*/run"))
+    assert len(trials) == 2
+    for trial in trials:
+        scalars = tensorboard_scalars(trial)
+        assert set(scalars["ray/tune/test_accuracy"]) == {1, 2} and set(scalars["ray/tune/train_loss"]) == {1, 2}
+        summary = json.loads((trial / "run" / "summary.json").read_text())
+        assert scalars["summary/final_test_accuracy"][2] == pytest.approx(summary["final_test_accuracy"])
+        assert (trial / "run" / "curves.png").is_file()
+        assert not (trial / "run" / "tensorboard").exists()  # the trial's own run logs to no tracker
+    if "mlflow" in INSTALLED:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"file:{out / 'mlruns'}")
+        runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id])
+        assert len(runs) == 2
+        assert sorted(r.data.params["method.heads"] for r in runs) == ["2", "4"]
+        for run in runs:
+            assert run.data.params["model.name"] == "tiny-bert"  # the resolved config, beside the sampled keys
+            assert "final_test_accuracy" in run.data.metrics and "test_accuracy" in run.data.metrics
+            assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [1, 2]
+            assert "curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    if "wandb" in INSTALLED:
+        assert len(glob.glob(str(out / "**" / "offline-run-*" / "run-*.wandb"), recursive=True)) == 2
 
 
 def test_an_existing_non_sweep_directory_is_refused(tmp_path):

@@ -179,8 +179,10 @@ class DataConfig(_PluginSection):
     data (``text_field``, ``prompt_field``, ...) are that task's options (``options_model`` in its file)."""
 
     plugin_kind = "task"
-    # "banking77": the Banking77 intents shipped with the package (the embedded default); "synthetic": a
-    # generated 12-class task (tests); anything else: a Hugging Face dataset id. data.path wins over name.
+    # "banking77": the Banking77 intents shipped with the package (the embedded default); "banking77-instruct":
+    # the same as instruction data (query as input, intent name as response; ravan_ray/data/instructions.py);
+    # "synthetic": a generated 12-class task (tests); anything else: a Hugging Face dataset id. data.path wins
+    # over name.
     name: str = "banking77"
     path: Optional[str] = None
     subset: Optional[str] = None  # a hub dataset's configuration ("mnli" of nyu-mll/glue)
@@ -195,6 +197,11 @@ class DataConfig(_PluginSection):
     # 0 (default): no validation split, so runs without one are exactly as before.
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     validation_split: Optional[str] = None
+    # true: the source's text and label columns become instruction data in the Alpaca layout (instruction /
+    # input = the text / output = the class name), for causal_lm on any labelled dataset (20 Newsgroups from
+    # data.path). data.instruction: the instruction every example gets (None: the dataset's default).
+    as_instructions: bool = False
+    instruction: Optional[str] = None
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 
     @model_validator(mode="after")

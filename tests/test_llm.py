@@ -187,3 +187,16 @@ def test_smollm2_loads_offline_as_a_llama_classifier_and_causal_lm_with_q_and_v_
     with torch.no_grad():
         next_token = causal.model(**prompt).logits[0, -1].argmax()
     assert tokenizer.decode(next_token).strip() == "Paris"  # pretrained, not random
+
+
+@needs_smollm2
+@pytest.mark.parametrize("task", ["causal_lm", "text_classification"])
+def test_ravan_fedit_and_ffa_lora_each_adapt_the_60_q_and_v_projections_of_smollm2(task):
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(model_source("smollm2")).eos_token_id
+    for method in ("ravan", "fedit", "ffa_lora"):
+        config = from_dict({"model": {"name": "smollm2", "task": task}, "method": {"name": method}})
+        skeleton = build_task(config, {"label_names": ["a", "b"], "pad_token_id": pad}).skeleton()  # meta: no weights
+        adapted = build_method(with_targets(config, skeleton)).wrap_model(skeleton)
+        assert len(adapted) == 60 and {name.rsplit(".", 1)[1] for name in adapted} == {"q_proj", "v_proj"}

@@ -30,6 +30,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from ravan_ray.data.sources import BUILTIN_INSTRUCTION_DATASETS
+
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -210,6 +212,10 @@ class DataConfig(_PluginSection):
     def _one_validation_source(self) -> "DataConfig":
         if self.validation_fraction > 0 and self.validation_split is not None:
             raise ValueError("set either data.validation_fraction or data.validation_split, not both")
+        makes_instructions = self.as_instructions or (self.path is None and self.name in BUILTIN_INSTRUCTION_DATASETS)
+        if self.instruction is not None and not makes_instructions:
+            raise ValueError("data.instruction is used only with data.as_instructions=true or "
+                             f"data.name={' / '.join(BUILTIN_INSTRUCTION_DATASETS)}")
         return self
 
 

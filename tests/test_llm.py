@@ -200,3 +200,12 @@ def test_ravan_fedit_and_ffa_lora_each_adapt_the_60_q_and_v_projections_of_smoll
         skeleton = build_task(config, {"label_names": ["a", "b"], "pad_token_id": pad}).skeleton()  # meta: no weights
         adapted = build_method(with_targets(config, skeleton)).wrap_model(skeleton)
         assert len(adapted) == 60 and {name.rsplit(".", 1)[1] for name in adapted} == {"q_proj", "v_proj"}
+
+
+def test_an_instruction_without_instruction_data_is_one_line_naming_the_keys_that_use_it():
+    from ravan_ray.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.instruction is used only with data.as_instructions=true or "
+                                          r"data.name=banking77-instruct"):
+        load_config(None, ["data.instruction=Which intent?"])
+    assert load_config(None, ["data.name=banking77-instruct", "data.instruction=Which intent?"]).data.instruction

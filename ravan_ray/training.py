@@ -22,7 +22,7 @@ from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State
 from ravan_ray.models import FrozenWeights, ModelError, default_targets, model_from_weights, torch_dtype
 from ravan_ray.privacy import build_mechanism
 from ravan_ray.tasks import build_task
-from ravan_ray.tasks.base import rows_in
+from ravan_ray.tasks.base import EXAMPLE_KEY, rows_in
 
 Batch = dict[str, np.ndarray]  # a client's rows of the task's training arrays
 
@@ -168,8 +168,14 @@ class ModelHost:
         self.load({k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}, client_state)
         num_samples = rows_in(data)
         torch.manual_seed(int(task.generator(stream=2).initial_seed()))  # dropout, identical in any actor
-        batches = self._batch_order(num_samples, cfg.federation.local_steps, cfg.federation.batch_size,
-                                    task.generator(stream=0))
+        # DP-SGD's unit is the example: where one makes several rows (QA windows), batches draw examples
+        examples = data.get(EXAMPLE_KEY) if self.privacy.per_example_gradients else None
+        if examples is None:
+            batches = self._batch_order(num_samples, cfg.federation.local_steps, cfg.federation.batch_size,
+                                        task.generator(stream=0))
+        else:
+            batches = self._example_batches(examples, cfg.federation.local_steps, cfg.federation.batch_size,
+                                            task.generator(stream=0))
         scoring_batch = torch.randint(num_samples, (min(cfg.federation.batch_size, num_samples),),
                                       generator=task.generator(stream=3))
 
@@ -178,7 +184,8 @@ class ModelHost:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = make_optimizer(cfg, params, self.method.lr)
         losses, privacy_meta = self.privacy.train_steps(self.model, self.method, optimizer, batches,
-                                                        lambda rows: self._loss(data, rows), task, self.scaler)
+                                                        lambda rows: self._loss(data, rows), task, self.scaler,
+                                                        examples)
         if privacy_meta:  # DP-SGD's share of clipped examples
             meta = {**meta, **privacy_meta}
         self.model.eval()
@@ -202,11 +209,22 @@ class ModelHost:
                            for _ in range(math.ceil(steps * batch_size / num_samples))])
         return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
 
+    @classmethod
+    def _example_batches(cls, examples: np.ndarray, steps: int, batch_size: int,
+                         generator: torch.Generator) -> list[torch.Tensor]:
+        """S mini-batches of ``batch_size`` examples (seeded permutations of the client's examples, as
+        :meth:`_batch_order` walks rows), each the rows those examples made; ``examples``: each row's example."""
+        _, local = np.unique(examples, return_inverse=True)
+        return [torch.from_numpy(np.flatnonzero(np.isin(local, chosen.numpy())))
+                for chosen in cls._batch_order(int(local.max()) + 1, steps, batch_size, generator)]
+
     def _loss(self, data: Batch, rows: torch.Tensor) -> torch.Tensor:
         """What a local step minimises: the task's loss on these rows plus the method's penalty, if it has one
-        (a method has one only while a client trains: between its begin_training and its upload)."""
+        (a method has one only while a client trains: between its begin_training and its upload). Under DP-SGD the
+        task's loss of each example alone, averaged (:meth:`Task.example_loss`)."""
+        task_loss = self.task.example_loss if self.privacy.per_example_gradients else self.task.loss
         with self.autocast():
-            loss = self.task.loss(self.model, self.task.batch(data, rows.numpy(), self.device))
+            loss = task_loss(self.model, self.task.batch(data, rows.numpy(), self.device))
             penalty = self.method.local_penalty(self.model)
             return loss if penalty is None else loss + penalty
 

@@ -18,7 +18,9 @@ from ravan_ray.results import TIMING_COLUMNS
 GOLDEN = Path(__file__).parent / "golden"
 PRIVACY = {
     "none": (),
-    "client": ("privacy.mode=client", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.05"),
+    # fixed-size client sampling, as before Poisson sampling became client DP's default (the golden runs' clients)
+    "client": ("privacy.mode=client", "privacy.noise_multiplier=0.5", "privacy.clip_norm=0.05",
+               "privacy.client_sampling=fixed"),
     "sample": ("privacy.mode=sample", "privacy.noise_multiplier=0.5", "privacy.clip_norm=1", "privacy.delta=1e-3"),
 }
 METHODS = {

@@ -271,7 +271,8 @@ def test_zero_noise_and_infinite_clip_norm_is_bit_identical_to_no_privacy(ray_se
 
     run_federation(tiny_config("compute.distribution=uniform"), tmp_path / "none")
     run_federation(tiny_config("compute.distribution=uniform", "privacy.mode=client", "privacy.noise_multiplier=0",
-                               "privacy.clip_norm=.inf", "privacy.delta=1e-3"), tmp_path / "private")
+                               "privacy.clip_norm=.inf", "privacy.delta=1e-3", "privacy.client_sampling=fixed"),
+                   tmp_path / "private")  # the clients of a run without privacy
     privacy_columns = ["epsilon", "clip_fraction", "clip_norm", "update_norm"]
     private = _metrics(tmp_path / "private")
     assert (private["clip_fraction"] == 0).all() and np.isinf(private["epsilon"]).all()

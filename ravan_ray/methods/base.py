@@ -51,11 +51,12 @@ class ClientTask:
     level: float  # compute budget as a fraction of N_max
     seed: int  # the run seed; per-task randomness derives from (seed, round, client_id)
 
-    def generator(self, stream: int = 0) -> torch.Generator:
+    def generator(self, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
         """A torch RNG private to this (run, round, client, stream): results do not depend on which
-        actor runs the client or in which order, which is what makes pool and per-client modes agree."""
+        actor runs the client or in which order, which is what makes pool and per-client modes agree.
+        ``device``: where it draws (a CUDA tensor's random numbers need a generator on its device)."""
         entropy = np.random.SeedSequence([self.seed, self.round, self.client_id, stream]).generate_state(2)
-        return torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+        return torch.Generator(device=device).manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
 
 
 @dataclass

@@ -42,7 +42,7 @@ from ravan_ray.methods.base import HEAD_PREFIX, ClientTask, ClientUpdate, State,
 from ravan_ray.methods.lora import LoRAMethod, RankLevels, factor_key
 from ravan_ray.methods.private_terms import gather_slices, noise_per_trainer, scatter_slices
 
-SELECT_STREAM = 5  # ClientTask.generator stream for the module selection (0-4 are used elsewhere)
+SELECT_STREAM = 5  # ClientTask.generator stream for the module selection (0-4 and 6 are used elsewhere)
 
 
 def fold(weight: torch.Tensor, B: torch.Tensor, A: torch.Tensor, modules: list[int], scale: float) -> torch.Tensor:

@@ -51,7 +51,7 @@ from ravan_ray.methods.fedex_lora import base_key
 from ravan_ray.methods.lora import LoRAMethod, factor_key, factor_product, weight_update_key
 from ravan_ray.methods.private_terms import with_private_terms
 
-FRESH_A_STREAM = 4  # ClientTask.generator stream for the fresh A (0-3 are used by the training loop)
+FRESH_A_STREAM = 6  # ClientTask.generator stream for the fresh A (0-3: the training loop, 4: DP-SGD, 5: FedP-LoRA)
 STACK_SUFFIXES = ("/stack_A", "/stack_B")
 STACK_BYTES = EVAL_PREFIX + "flora/stack_bytes"  # entry t: the bytes of round t's stacks (entry 0: none)
 

@@ -13,6 +13,16 @@ with Adaptive Clipping", NeurIPS 2021) C moves every round by C <- C exp(-eta (b
 fraction of unclipped clients; the count gets noise sigma_b and the update noise z_delta =
 (z^-2 - (2 sigma_b)^-2)^(-1/2), so the pair is as private as one Gaussian release at z (the paper's Theorem 1):
 the accountant accounts z.
+
+**Client sampling** (``privacy.client_sampling``; accounting.py says what epsilon each is for). Under ``poisson``,
+the default, a round's clients are an independent draw at rate q = clients_per_round / num_clients, and the mean the
+method aggregates is taken over the fixed q N = clients_per_round, not over the m that trained (McMahan et al.
+2018's fixed-denominator estimator): every privatized term is scaled by m / (q N) before the method's mean over its
+m uploads. For a method whose server rule is one mean over all uploads this is exactly (sum + noise) / (q N); a rule
+that averages a slice over the k_j clients that trained it (Ravan's heads, HetLoRA's ranks) sees its per-slice mean
+scaled alike. A round that draws no client releases nothing and leaves the model as it was (the driver skips the
+aggregation, as for a round whose clients all failed); the accountant still composes it as a release. Under
+``fixed`` the mean stays over the clients that trained, accounted under replace-one neighbours.
 """
 
 from __future__ import annotations
@@ -27,7 +37,7 @@ import torch
 from ravan_ray.config import ConfigError, RunConfig
 from ravan_ray.methods.base import ClientUpdate, State
 from ravan_ray.methods.private_terms import NOISE_STD, PrivateTerms
-from ravan_ray.privacy.accounting import PerRoundBudget, PrivacyBudget, plan_budget
+from ravan_ray.privacy.accounting import PerRoundBudget, PrivacyBudget, Sampling, plan_budget
 from ravan_ray.privacy.mechanism import DifferentialPrivacy
 
 #: the server's current clip norm under adaptive clipping: kept in the global state (checkpointed, never broadcast)
@@ -44,7 +54,9 @@ class ClientLevel(DifferentialPrivacy):
     def plan_budget(self, client_sizes: Sequence[int],
                     sampled_rounds: Sequence[Sequence[int]]) -> Optional[PrivacyBudget]:
         privacy, fed = self.config.privacy, self.config.federation
-        budget = plan_budget(self.config, PerRoundBudget(0.0, privacy.delta, fed.clients_per_round / fed.num_clients))
+        sampling = self.sampling()
+        budget = plan_budget(self.config, PerRoundBudget(0.0, privacy.delta, fed.clients_per_round / fed.num_clients,
+                                                         sampling.kind, sampling.population))
         z = budget.noise_multiplier
         if privacy.adaptive_clip and z > 0:
             sigma_b = clipped_count_stddev(self.config)
@@ -52,6 +64,10 @@ class ClientLevel(DifferentialPrivacy):
                 raise ConfigError(f"privacy.adaptive_clip: the noise multiplier ({z:.4g}) must be < 2 x "
                                   f"privacy.clipped_count_stddev ({sigma_b:g}); raise clipped_count_stddev")
         return budget
+
+    def sampling(self) -> Sampling:
+        """The run's client sampler (``privacy.client_sampling``), over num_clients."""
+        return Sampling(self.config.privacy.sampler, self.config.federation.num_clients)
 
     def privatize(self, method: PrivateTerms, state: State, updates: list[ClientUpdate],
                   round_index: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
@@ -128,6 +144,9 @@ def privatize_updates(method: PrivateTerms, config: RunConfig, state: State, upd
         noise = gaussian_noise(deltas[0], std, generator)
         shares = method.noise_shares(updates, noise)
         deltas = [{k: d[k] + share[k] if k in share else d[k] for k in d} for d, share in zip(deltas, shares)]
+    if privacy.sampler == "poisson":  # the method's mean over the m uploads becomes the mean over the fixed q N
+        scale = len(updates) / config.federation.clients_per_round
+        deltas = [{k: t * scale for k, t in d.items()} for d in deltas]
     # the noise's standard deviation on every coordinate of the sum travels with the uploads (public: z and C), for
     # a server rule whose post-processing depends on it (HetLoRA's noised denominator)
     private = [replace(method.with_privacy_delta(state, u, d), meta={**u.meta, NOISE_STD: std})

@@ -4,6 +4,14 @@
 ``GradSampleModule`` (per-example gradients; the adapter layers, which Opacus has no rule for and whose constant
 buffers its functorch fallback refuses, get a registered rule that is that fallback with the buffers passed in:
 :func:`adapter_grad_sample`) and ``DPOptimizer`` (per-example clipping to C, noise z C on the sum).
+
+**The unit is the example.** The loss of a step is the mean over the batch of each example's own loss
+(:meth:`ravan_ray.tasks.base.Task.example_loss`: for causal_lm and seq2seq the example's mean over its own target
+tokens, not the batch's token mean, under which one example's gradient would depend on the others' token counts),
+so a per-example gradient is that example's alone. Where one example makes several rows (a long QA context's
+windows, ``TaskData.train_examples``), batches draw ``batch_size`` examples with all their rows, and an example's
+gradient is the sum of its rows' gradients, clipped as one (:meth:`DPSGD.step`): the sampling rate, the clipping
+and the accountant's unit are all the example (per-example clipping, not group privacy over the windows).
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from ravan_ray.methods.private_terms import PrivateTerms
 from ravan_ray.privacy.accounting import PerStepBudget, PrivacyBudget, plan_budget
 from ravan_ray.privacy.mechanism import DifferentialPrivacy
 
+NOISE_STREAM = 4  # ClientTask.generator stream of DP-SGD's noise (no other draw uses it; FLoRA's fresh factors: 6)
+
 
 class SampleLevel(DifferentialPrivacy):
     """``privacy.mode: sample``: every client's local steps are DP-SGD (:class:`DPSGD`); the server aggregates the
@@ -37,29 +47,36 @@ class SampleLevel(DifferentialPrivacy):
         if privacy.delta >= 1.0 / smallest:
             raise ConfigError(f"privacy.delta ({privacy.delta:g}) must be < 1 / the smallest client's sample count "
                               f"({smallest}, so < {1.0 / smallest:g}): sample-level DP protects examples")
-        rates = tuple(min(1.0, fed.batch_size / max(1, int(n))) for n in client_sizes)
+        rates = tuple(min(1.0, fed.batch_size / max(1, int(n))) for n in client_sizes)  # examples, not rows
         participation = tuple(tuple(int(r) for r in rounds) for rounds in sampled_rounds)
         return plan_budget(self.config, PerStepBudget(0.0, privacy.delta, rates, participation, fed.local_steps))
 
     def train_steps(self, model: torch.nn.Module, method: PrivateTerms, optimizer: torch.optim.Optimizer,
                     batches: list[torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor], task: ClientTask,
-                    scaler: torch.amp.GradScaler) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                    scaler: torch.amp.GradScaler,
+                    examples: Optional[np.ndarray] = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """The local steps under DP-SGD, without loss scaling; the upload carries the share of clipped examples.
-        The noise is drawn from the client task's own stream, as the batches are."""
+        The noise is drawn from the client task's own stream, on the model's device. ``examples``: each row's
+        example where one makes several rows (its rows' gradients are clipped together)."""
         privacy = self.config.privacy
         method.before_private_steps(model)
-        dp = DPSGD(model, optimizer, float(privacy.noise_multiplier), float(privacy.clip_norm), len(batches[0]),
-                   task.generator(stream=4), after_noise=lambda: method.after_private_noise(model))
+        # Opacus draws the noise on the parameters' device, so the generator lives there too
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        groups = [None if examples is None else row_groups(examples[batch.numpy()]) for batch in batches]
+        batch_size = len(batches[0]) if examples is None else int(groups[0].max()) + 1  # examples per batch
+        dp = DPSGD(model, optimizer, float(privacy.noise_multiplier), float(privacy.clip_norm), batch_size,
+                   task.generator(stream=NOISE_STREAM, device=device),
+                   after_noise=lambda: method.after_private_noise(model))
         losses = []
         with warnings.catch_warnings():
             # Opacus' backward hooks on a model whose inputs need no gradient (a frozen base): expected, harmless
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             try:
-                for batch in batches:
+                for batch, group in zip(batches, groups):
                     dp.zero_grad()
                     value = loss(batch)
                     value.backward()
-                    dp.step()
+                    dp.step(group)
                     losses.append(value.detach())
             finally:
                 dp.close()
@@ -70,6 +87,11 @@ class SampleLevel(DifferentialPrivacy):
         """The uploads as they are (DP-SGD made them private); the round's mean share of clipped examples."""
         return updates, {"clip_fraction": float(np.mean([u.meta["clip_fraction"] for u in updates])),
                          "clip_norm": self.config.privacy.clip_norm}
+
+
+def row_groups(row_examples: np.ndarray) -> torch.Tensor:
+    """Per row of a batch, the index (0, 1, ...) of its example among the batch's examples."""
+    return torch.from_numpy(np.unique(row_examples, return_inverse=True)[1].reshape(-1).astype(np.int64))
 
 
 def adapter_grad_sample(layer: torch.nn.Module, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict:
@@ -150,8 +172,13 @@ class DPSGD:
         self.examples = 0
         self.clipped = 0
 
-    def step(self) -> None:
-        """Count the examples whose gradient norm exceeds C (for clip_fraction), then clip, noise and step."""
+    def step(self, groups: Optional[torch.Tensor] = None) -> None:
+        """Count the examples whose gradient norm exceeds C (for clip_fraction), then clip, noise and step.
+        ``groups``: per row, its example's index in the batch, where an example makes several rows: each example's
+        gradient is then the sum of its rows' (the loss is the mean over rows, so Opacus' per-row gradient is the
+        row's own), and that sum is what is clipped."""
+        if groups is not None:
+            self.sum_rows_per_example(groups)
         norms = [p.grad_sample.flatten(1).double().norm(dim=1) for p in self.optimizer.params
                  if getattr(p, "grad_sample", None) is not None]
         if norms:
@@ -159,6 +186,16 @@ class DPSGD:
             self.examples += int(per_example.numel())
             self.clipped += int((per_example > self.clip_norm).sum())
         self.optimizer.step()
+
+    def sum_rows_per_example(self, groups: torch.Tensor) -> None:
+        count = int(groups.max()) + 1
+        for p in self.optimizer.params:
+            rows = getattr(p, "grad_sample", None)
+            if isinstance(rows, list):  # several forward passes in the step: Opacus keeps one tensor per pass
+                rows = torch.cat(rows)
+            if rows is not None:
+                index = groups.to(rows.device)
+                p.grad_sample = rows.new_zeros((count, *rows.shape[1:])).index_add_(0, index, rows)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

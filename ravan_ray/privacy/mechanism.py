@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, ClassVar, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,7 +30,7 @@ from ravan_ray.config import ConfigError, RunConfig
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State
 from ravan_ray.methods.private_terms import PrivateTerms
-from ravan_ray.privacy.accounting import PrivacyBudget
+from ravan_ray.privacy.accounting import POISSON, PrivacyBudget, Sampling
 
 
 class PrivacyMechanism:
@@ -56,15 +57,18 @@ class PrivacyMechanism:
                     sampled_rounds: Sequence[Sequence[int]]) -> Optional[PrivacyBudget]:
         """The run's privacy budget, checked against its data, with the noise multiplier computed for the run's
         rounds when the config gives ``target_epsilon``; None without privacy. ``client_sizes[c]``: client c's
-        sample count; ``sampled_rounds[c]``: the rounds client c is sampled in (the driver's seeded draw)."""
+        number of examples (its rows, where an example makes one); ``sampled_rounds[c]``: the rounds client c is
+        sampled in (the driver's seeded draw)."""
         return None
 
     # ----------------------------------------------------------------- a client's local training
     def train_steps(self, model: nn.Module, method: PrivateTerms, optimizer: torch.optim.Optimizer,
                     batches: list[torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor], task: ClientTask,
-                    scaler: torch.amp.GradScaler) -> tuple[list[torch.Tensor], dict[str, Any]]:
+                    scaler: torch.amp.GradScaler,
+                    examples: Optional[np.ndarray] = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
         """The client's local steps, one per batch of row indices (``loss(rows)``: the loss on those rows); returns
-        (the steps' losses, metadata the upload carries). Default: plain steps (with loss scaling under float16)."""
+        (the steps' losses, metadata the upload carries). ``examples``: each row's example where an example makes
+        several rows (DP-SGD clips per example), else None. Default: plain steps (with loss scaling under float16)."""
         losses = []
         for batch in batches:
             optimizer.zero_grad(set_to_none=True)
@@ -112,10 +116,17 @@ class DifferentialPrivacy(PrivacyMechanism):
                               f"differential privacy (ravan_ray.methods.private_terms.PrivateTerms)")
         method.check_privacy(self)
 
+    def sampling(self) -> Sampling:
+        """The sampling the accountant analyses, with its neighbour relation. Default: Poisson, add/remove-one."""
+        return POISSON
+
     def summary(self, epsilon: Optional[float]) -> dict[str, Any]:
+        """Also what the epsilon is for: the sampler the accountant analysed and its neighbour relation."""
         privacy = self.config.privacy
+        sampling = self.sampling()
         return {"privacy_mode": self.name, "epsilon": epsilon, "delta": privacy.delta,
-                "noise_multiplier": privacy.noise_multiplier}
+                "noise_multiplier": privacy.noise_multiplier, "sampler": sampling.kind,
+                "neighbour_relation": sampling.neighbour_relation}
 
 
 def summary_line(summary: dict[str, Any]) -> Optional[str]:
@@ -124,5 +135,7 @@ def summary_line(summary: dict[str, Any]) -> Optional[str]:
     if not summary.get("privacy_mode"):
         return None
     epsilon = summary.get("epsilon")
+    sampling = (f"; {summary['sampler']} sampling, {summary['neighbour_relation'].replace('_', ' ')} neighbours"
+                if summary.get("sampler") else "")  # summaries written before the sampler was recorded lack it
     return (f"{summary['privacy_mode']} level, epsilon {'-' if epsilon is None else f'{epsilon:.3g}'} at delta "
-            f"{summary['delta']:g} (noise multiplier {summary['noise_multiplier']:.3g})")
+            f"{summary['delta']:g} (noise multiplier {summary['noise_multiplier']:.3g}{sampling})")

@@ -65,8 +65,20 @@ class TaskData:
         return rows_in(self.train)
 
 
+#: the training array holding, for a task whose example makes several rows (TaskData.train_examples), each row's
+#: example: DP-SGD's privacy unit is the example, not the row (ravan_ray/privacy/dp_sgd.py)
+EXAMPLE_KEY = "example_of_row"
+
+
 def rows_in(arrays: Arrays) -> int:
     return len(next(iter(arrays.values())))
+
+
+def mean_of_row_means(row_losses: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The mean over rows of each row's own mean loss (its loss sum over its own count, from
+    :meth:`Task.row_losses`): each row's gradient depends on that row alone, as DP-SGD's clipping needs."""
+    sums, counts = row_losses
+    return (sums / counts.clamp_min(1)).mean()
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,6 +159,14 @@ class Task(ABC):
 
     def loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**inputs).loss
+
+    def example_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss under DP-SGD (``privacy.mode: sample``): the mean over rows of a loss of each row alone, so that
+        Opacus' per-example gradient of a row (the gradient of the mean, times the batch size) is that row's own
+        gradient, bounded by the clip norm. Default: :meth:`loss`, which is such a mean for a task whose loss is
+        the mean of its rows' losses; a task whose loss pools its rows (a token mean over the batch) overrides it
+        (:func:`mean_of_row_means`)."""
+        return self.loss(model, inputs)
 
     def row_losses(self, model: nn.Module, inputs: dict[str, torch.Tensor],
                    widths: Optional[torch.Tensor] = None) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

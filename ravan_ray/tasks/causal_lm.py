@@ -41,7 +41,7 @@ from torch import nn
 from ravan_ray.data import DataError, Splits, as_texts
 from ravan_ray.models import load_tokenizer
 from ravan_ray.tasks.base import (Arrays, GenerationOptions, Task, TaskData, batches, greedy_exact_match, object_array,
-                                  token_losses)
+                                  mean_of_row_means, token_losses)
 
 # Stanford Alpaca's prompt templates (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT).
 ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
@@ -197,6 +197,12 @@ class CausalLM(Task):
         predicts token t + 1 from the tokens up to t, as transformers' causal LM loss shifts its labels)."""
         logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
         return token_losses(logits[:, :-1], inputs["labels"][:, 1:])
+
+    def example_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Under DP-SGD: each example's mean over its own target tokens, then the mean over examples (the
+        training loss is a token mean over the whole batch, in which one example's gradient would depend on the
+        other examples' token counts)."""
+        return mean_of_row_means(self.row_losses(model, inputs))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:

@@ -37,7 +37,7 @@ from torch import nn
 from ravan_ray.config import Options
 from ravan_ray.data import DataError, Splits, as_texts, check_vocabulary
 from ravan_ray.models import load_tokenizer
-from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, object_array
+from ravan_ray.tasks.base import Arrays, Task, TaskData, batches, mean_of_row_means, object_array
 
 N_BEST = 20  # candidate starts and ends per window (run_qa.py's default)
 NOT_CONTEXT = -1  # offset of a token that is not part of the context (question, special, padding)
@@ -78,6 +78,14 @@ class QuestionAnswering(Task):
                                                             reduction="none"))
         per_row = (losses[0] + losses[1]) / 2
         return per_row, torch.ones_like(per_row)
+
+    def example_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Under DP-SGD: the mean over windows of each window's span loss with its softmax over its own positions
+        only (in the plain loss it runs over the batch's width, so a window's gradient would depend on how long
+        the other windows of its batch are). DP-SGD sums an example's windows' gradients
+        (ravan_ray/privacy/dp_sgd.py)."""
+        own_widths = inputs["attention_mask"].sum(1)
+        return mean_of_row_means(self.row_losses(model, inputs, own_widths))
 
     def prepare(self) -> TaskData:
         d = self.options

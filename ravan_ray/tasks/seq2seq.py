@@ -28,7 +28,7 @@ from torch import nn
 from ravan_ray.data import DataError, as_texts, encode_labels, is_class_id, tokenize
 from ravan_ray.models import load_tokenizer
 from ravan_ray.tasks.base import (Arrays, GenerationOptions, Task, TaskData, batches, greedy_exact_match, object_array,
-                                  take, to_device, token_losses)
+                                  mean_of_row_means, take, to_device, token_losses)
 from ravan_ray.tasks.causal_lm import IGNORE
 
 
@@ -105,6 +105,12 @@ class Seq2Seq(Task):
         """Per row, the target tokens' cross-entropy summed, and their number (the model builds its decoder
         inputs from the labels, shifted right, as in training alone)."""
         return token_losses(model(**inputs).logits, inputs["labels"])
+
+    def example_loss(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Under DP-SGD: each example's mean over its own target tokens, then the mean over examples (the
+        training loss is a token mean over the whole batch, in which one example's gradient would depend on the
+        other examples' token counts)."""
+        return mean_of_row_means(self.row_losses(model, inputs))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: dict[str, Any], batch_size: int, device: torch.device) -> dict[str, float]:

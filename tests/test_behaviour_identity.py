@@ -42,4 +42,7 @@ def test_a_fixed_seed_run_writes_the_recorded_metrics(ray_session, tiny_config, 
     record = GOLDEN / f"{method}-{mode}.csv"
     if os.environ.get("RAVAN_RECORD_GOLDEN"):
         metrics.to_csv(record, index=False)
-    pd.testing.assert_frame_equal(metrics, pd.read_csv(record), check_exact=False, rtol=1e-12, atol=0)
+    # 1e-6 relative, not bit-identity: the records were written on one CPU, and another CPU's vector kernels round a
+    # float32 sum differently (seen: 1.6e-8 relative in a round-2 train_loss on an AVX-512 machine); a change of
+    # behaviour moves these numbers by orders of magnitude more
+    pd.testing.assert_frame_equal(metrics, pd.read_csv(record), check_exact=False, rtol=1e-6, atol=1e-9)

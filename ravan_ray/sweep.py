@@ -61,7 +61,7 @@ from ravan_ray.cluster import describe, ray_runtime, shortfall, total
 from ravan_ray.config import (ConfigError, RunConfig, apply_override, from_dict, parse_override, read_yaml,
                               section_keys)
 from ravan_ray.results import validation_name
-from ravan_ray.sweep_trackers import trackers_line, tune_callbacks
+from ravan_ray.sweep_trackers import tracker_environment_kept, trackers_line, tune_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -516,6 +516,7 @@ def sweep_dir(spec: SweepSpec, output: Optional[str | Path]) -> Path:
     return out
 
 
+@tracker_environment_kept()  # Tune's MLflow callback writes MLFLOW_TRACKING_URI into this process's environment
 def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
               output: Optional[str | Path] = None, overrides: tuple[str, ...] = ()) -> Path:
     """Run (or resume) the sweep described by a tune config (``overrides``: --set KEY=VALUE on its base);

@@ -20,6 +20,7 @@ optional extra); Tune pickles them with the tuner (cloudpickle), so a restored s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -49,6 +50,21 @@ class TrialEnd:
             draw_curves(self.run_dir)
         self.artifacts = run_artifacts(self.run_dir)
         self.step = int(self.summary.get("rounds") or 0)
+
+
+@contextlib.contextmanager
+def tracker_environment_kept():
+    """Leave the process's MLflow environment as the sweep found it (a decorator of ``run_sweep``). Tune's MLflow
+    callback calls ``mlflow.set_tracking_uri``, which also writes MLFLOW_TRACKING_URI (and may write
+    MLFLOW_TRACKING_TOKEN) into os.environ; left there, a run started later in the same process would log into
+    the sweep's store."""
+    before = {key: value for key, value in os.environ.items() if key.startswith("MLFLOW_")}
+    try:
+        yield
+    finally:
+        for key in [key for key in os.environ if key.startswith("MLFLOW_") and key not in before]:
+            del os.environ[key]
+        os.environ.update(before)
 
 
 def tune_callbacks(base: RunConfig, sweep_dir: Path, sweep_name: str) -> list:

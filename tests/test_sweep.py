@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -131,12 +132,21 @@ TRACKED = (f"output.trackers=[{','.join(INSTALLED)}]", "output.wandb.mode=offlin
 @pytest.fixture(scope="module")
 def smoke_sweep(tmp_path_factory, ray_session):
     out = tmp_path_factory.mktemp("sweeps") / "smoke"
+    environment = dict(os.environ)
     results = run_sweep(SMOKE, output=out, overrides=TRACKED)
-    return out, results
+    return out, results, environment, dict(os.environ)
+
+
+def test_a_sweep_leaves_the_processs_tracker_environment_as_it_found_it(smoke_sweep):
+    """Tune's MLflow callback writes MLFLOW_TRACKING_URI into os.environ; a run started later in the same process
+    must not log into the sweep's store."""
+    _, _, before, after = smoke_sweep
+    assert {k: v for k, v in after.items() if k.startswith("MLFLOW_")} == \
+        {k: v for k, v in before.items() if k.startswith("MLFLOW_")}
 
 
 def test_smoke_sweep_writes_one_row_and_one_run_per_trial(smoke_sweep):
-    out, results = smoke_sweep
+    out, results, *_ = smoke_sweep
     assert results == out / "results.csv"
     table = pd.read_csv(results)
     assert len(table) == 2
@@ -150,7 +160,7 @@ def test_smoke_sweep_writes_one_row_and_one_run_per_trial(smoke_sweep):
 
 
 def test_rerunning_a_finished_sweep_restores_it_without_redoing_trials(smoke_sweep):
-    out, results = smoke_sweep
+    out, results, *_ = smoke_sweep
     before = mtimes(out)
     trials_before = sorted(p.name for p in out.iterdir() if (p / "run").is_dir())
     run_sweep(SMOKE, output=out, overrides=TRACKED)
@@ -164,7 +174,7 @@ def test_smoke_sweep_logs_each_trial_through_tunes_callbacks(smoke_sweep):
     """One TensorBoard event log per trial with its rounds and summary (Tune's callback), and, where installed,
     one MLflow run per trial with the sampled and the resolved config, summary and curves.png, and one W&B run
     per trial."""
-    out, _ = smoke_sweep
+    out, *_ = smoke_sweep
     trials = sorted(p.parent for p in out.glob("*/run"))
     assert len(trials) == 2
     for trial in trials:

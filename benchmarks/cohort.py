@@ -3,8 +3,9 @@
     python benchmarks/cohort.py peer  --out benchmarks/out/cohort   # the peer workload, cohort 1 vs 3, FedIT + Ravan
     python benchmarks/cohort.py scale --out benchmarks/out/cohort   # 10,000 clients, 100 a round, pool mode
     python benchmarks/cohort.py step  --out benchmarks/out/cohort   # client-steps/s and peak memory vs cohort size
-    python benchmarks/cohort.py shapes --out DIR                    # BERT-base / ViT-B/16 / tiny BERT, config only
+    python benchmarks/cohort.py shapes --out DIR                    # MiniLM / BERT-base / ViT-B/16 / tiny BERT shapes
     python benchmarks/cohort.py layer --sizes 3 8 --steps 5        # one adapted layer: alone, vmap, cohort_forward
+    python benchmarks/cohort.py costs --out DIR                     # DIR/step.csv -> the CIFAR-100 run, the goals
 
 ``peer``: the peer workload of benchmarks/peer.py (MiniLM, Banking77, LoRA r=8 / Ravan at the same budget, 3
 clients a round x 10 local steps of 32) through ``ravan-ray run``, once with every client alone (three
@@ -12,9 +13,10 @@ single-threaded actors share the 2 cores, the CPU default) and once with the rou
 actor that takes both cores. ``--rounds`` (default 4) keeps it short; the first round includes the start-up.
 
 ``scale``: a tiny BERT, 10,000 clients (Banking77's 10,003 training queries, iid: one or two each), 100 clients a
-round in pool mode (2 actors):
-seconds per round and the machine's peak memory in use (MemTotal - MemAvailable, sampled every 0.2 s, less
-what was in use before the run).
+round in pool mode (2 actors), cohort 1 against ``--cohort-size``: seconds per round and the machine's peak memory
+in use (MemTotal - MemAvailable, sampled every 0.2 s, less what was in use before the run). ``--clients`` and
+``--set key=value`` (repeatable, applied last) change the population, the model and the resources, e.g. 1,000
+MiniLM-shaped clients on four 0.25-GPU actors (benchmarks/gpu.sh).
 
 ``step``: Ray-free, one ModelHost: the client-steps per second of a cohort of k clients (k = 1, 3, 8, 32, 100
 by default) for the shapes named by ``--models`` (config directories or hub ids; weights are random when a
@@ -22,7 +24,15 @@ directory has only a config), in the precisions of ``--dtypes``, for Ravan and F
 (CUDA's allocator peak; on a CPU the process's peak RSS). Meant for a GPU; on a CPU it measures the CPU. A
 directory whose config names an ``image_size`` is measured as image classification (uint8 images through its image
 processor, as a run does), any other as text classification (64 tokens a row). ``shapes`` writes the directories
-``--shapes`` measures; benchmarks/gpu.sh runs all of it, and a federation, on a GPU machine.
+``--shapes`` measures; benchmarks/gpu.sh runs all of it, and a federation, on a GPU machine. Each (model, dtype,
+method) first takes one untimed single-client step, so CUDA's start-up (context, cuBLAS handles, kernel choice)
+is not charged to cohort size 1.
+
+``costs``: from OUT/step.csv, what the paper's CIFAR-100 setup (ViT-B/16, 50 rounds x 3 clients x 50 local steps
+of 32) costs in device-minutes of client training per run, one by one and as cohorts of 3, and the two GPU goals
+(a 3-client ViT-B/16 round in at most half the one-by-one time; a 32-client MiniLM round in at most a fifth). A
+round's time at cohort size k is k clients x steps / (client-steps/s at k); evaluation and aggregation are not in
+it.
 
 ``process_s``: the command's wall time (start-up, data preparation and model loads included); ``run_s``: the
 run's own wall time (metrics.csv's last wall_s). Writes OUT/<kind>.csv and OUT/<kind>.md.
@@ -107,18 +117,22 @@ def peer(out: Path, rounds: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def scale(out: Path, rounds: int, cohort_size: int) -> pd.DataFrame:
+def scale(out: Path, rounds: int, cohort_size: str, clients: int, extra: list[str]) -> pd.DataFrame:
     rows = []
-    for size in sorted({1, cohort_size}):
+    for size in dict.fromkeys(["1", str(cohort_size)]):
         overrides = ["model.name=tiny-bert", "data.name=banking77",
                      "data.max_test_samples=200", "data.max_length=24", "data.partition.kind=iid",
-                     "data.partition.min_size=1", "federation.num_clients=10000", "federation.clients_per_round=100",
+                     "data.partition.min_size=1", f"federation.num_clients={clients}",
+                     "federation.clients_per_round=100",
                      f"federation.rounds={rounds}", "federation.local_steps=2", "federation.batch_size=4",
                      f"federation.eval_every={rounds}", "resources.cpus_per_client=1", "resources.pool_size=2",
-                     "output.checkpoint_every=1000", f"resources.cohort_size={size}", "seed=0"]
+                     "output.checkpoint_every=1000", f"resources.cohort_size={size}", "seed=0", *extra]
+        settings = dict(o.split("=", 1) for o in overrides)
         with PeakMemory() as peak:
             wall, metrics = ravan_run(out / "runs" / f"scale-cohort{size}", overrides)
-        rows.append({"clients": 10000, "per_round": 100, "cohort_size": size, "pool": 2, "process_s": round(wall, 1),
+        rows.append({"model": Path(settings["model.name"]).name, "clients": int(settings["federation.num_clients"]),
+                     "per_round": int(settings["federation.clients_per_round"]), "cohort_size": size,
+                     "pool": settings["resources.pool_size"], "process_s": round(wall, 1),
                      "run_s": round(float(metrics["wall_s"].iloc[-1]), 1),
                      "first_round_s": round(float(metrics["round_s"].iloc[0]), 2),
                      "steady_s_per_round": round(float(metrics["round_s"].iloc[1:].mean()), 2),
@@ -127,9 +141,42 @@ def scale(out: Path, rounds: int, cohort_size: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def costs(out: Path) -> pd.DataFrame:
+    """The paper's CIFAR-100 run and the issue's two goals, read off ``step``'s client-steps/s (see the docstring)."""
+    steps = (pd.read_csv(out / "step.csv").set_index(["model", "dtype", "method", "cohort"]).sort_index()
+             ["client_steps_per_s"])
+    rows = []
+
+    def round_s(model, dtype, method, k, local_steps):
+        return k * local_steps / steps[(model, dtype, method, k)]
+
+    for (model, dtype, method), _ in steps.groupby(level=[0, 1, 2]):
+        if model == "vit-b16" and {1, 3} <= set(steps[(model, dtype, method)].index):
+            alone, cohort = round_s(model, dtype, method, 1, 50) * 3, round_s(model, dtype, method, 3, 50)
+            rows.append({"what": "CIFAR-100 run (ViT-B/16, 50 rounds x 3 clients x 50 steps of 32)", "dtype": dtype,
+                         "method": method, "one_by_one": f"{50 * alone / 60:.1f} min",
+                         "cohort": f"{50 * cohort / 60:.1f} min",
+                         "ratio": round(cohort / alone, 3), "goal": "-"})
+            rows.append({"what": "3-client ViT-B/16 round", "dtype": dtype, "method": method,
+                         "one_by_one": f"{alone:.2f} s", "cohort": f"{cohort:.2f} s", "ratio": round(cohort / alone, 3),
+                         "goal": "met" if cohort <= alone / 2 else "not met (<= 0.5)"})
+        if model == "minilm-l6" and {1, 32} <= set(steps[(model, dtype, method)].index):
+            alone, cohort = round_s(model, dtype, method, 1, 10) * 32, round_s(model, dtype, method, 32, 10)
+            rows.append({"what": "32-client MiniLM round (10 steps of 32 each)", "dtype": dtype, "method": method,
+                         "one_by_one": f"{alone:.2f} s", "cohort": f"{cohort:.2f} s", "ratio": round(cohort / alone, 3),
+                         "goal": "met" if cohort <= alone / 5 else "not met (<= 0.2)"})
+    if not rows:
+        raise SystemExit(f"{out / 'step.csv'} has no vit-b16 rows at cohort 1 and 3 nor minilm-l6 rows at 1 and 32")
+    return pd.DataFrame(rows)
+
+
+SHAPES = ("minilm-l6", "bert-base", "vit-b16", "tiny-bert")
+
+
 def write_shapes(folder: Path) -> list[str]:
-    """Config-only directories (random weights, no hub download) of the shapes the GPU plan names: BERT-base
-    (bert-base-uncased's config, with MiniLM's tokenizer files: the same uncased WordPiece vocabulary), ViT-B/16 at
+    """Config-only directories (random weights, no hub download) of the shapes the GPU plan names: MiniLM-L6
+    (all-MiniLM-L6-v2's config: 6 layers, 384 wide, 12 heads) and BERT-base (bert-base-uncased's config), both with
+    the tiny BERT's tokenizer files (the same uncased WordPiece vocabulary of 30,522), ViT-B/16 at
     224 px (google/vit-base-patch16-224's config and image processor), and the tests' tiny BERT as the launch-bound
     extreme. A directory with a config and no weights builds its model from the config (ravan_ray/models.py), so
     the folder is all a machine without network access needs."""
@@ -137,15 +184,18 @@ def write_shapes(folder: Path) -> list[str]:
 
     from ravan_ray.tiny import write_bert
 
-    bert, vit, tiny = folder / "bert-base", folder / "vit-b16", folder / "tiny-bert"
+    minilm, bert, vit, tiny = (folder / name for name in SHAPES)
     write_bert(tiny)
     BertConfig().save_pretrained(bert)  # the defaults are bert-base: 12 layers, 768 wide, vocab 30,522
-    for tokenizer_file in tiny.glob("*"):
-        if tokenizer_file.name != "config.json":
-            shutil.copy(tokenizer_file, bert / tokenizer_file.name)
+    BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+               intermediate_size=1536).save_pretrained(minilm)
+    for text_model in (bert, minilm):
+        for tokenizer_file in tiny.glob("*"):
+            if tokenizer_file.name != "config.json":
+                shutil.copy(tokenizer_file, text_model / tokenizer_file.name)
     ViTConfig().save_pretrained(vit)  # the defaults are ViT-B/16 at 224 x 224
     ViTImageProcessor().save_pretrained(vit)
-    return [str(bert), str(vit), str(tiny)]
+    return [str(minilm), str(bert), str(vit), str(tiny)]
 
 
 def is_image_model(model: str) -> bool:
@@ -183,6 +233,7 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
                     ids = rng.integers(1000, 20000, (64, 64))
                     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
+                host.train_cohort([ClientTask(0, 1, 1.0, 0)], state, [None], [data()])  # warm-up, untimed
                 for k in sizes:
                     tasks = [ClientTask(c, 1, 1.0, 0) for c in range(k)]
                     datas = [data() for _ in tasks]
@@ -198,7 +249,7 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
                         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                     seconds = time.perf_counter() - started
                     rows.append({"model": Path(model).name, "dtype": dtype, "method": method, "cohort": k,
-                                 "client_steps_per_s": round(k * steps / seconds, 2), "peak_memory_gb": round(peak, 2),
+                                 "client_steps_per_s": round(k * steps / seconds, 3), "peak_memory_gb": round(peak, 2),
                                  "device": host.device.type})
                     print(rows[-1], flush=True)
     return pd.DataFrame(rows)
@@ -255,16 +306,20 @@ def layer(sizes: list[int], reps: int) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["peer", "scale", "step", "shapes", "layer"])
+    parser.add_argument("kind", choices=["peer", "scale", "step", "shapes", "layer", "costs"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "cohort")
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--cohort-size", type=int, default=50, help="scale: the cohort size compared with 1")
+    parser.add_argument("--cohort-size", default="50", help="scale: the cohort size compared with 1 (or auto)")
+    parser.add_argument("--clients", type=int, default=10000, help="scale: the number of clients")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="scale: a config override applied after the benchmark's own (repeatable)")
     parser.add_argument("--models", nargs="*", default=["minilm"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1, 3, 8, 32, 100])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--shapes", type=Path, default=None,
-                        help="step: also measure the directories `shapes` wrote there (BERT-base, ViT-B/16, tiny BERT)")
+                        help="step: also measure the directories `shapes` wrote there (MiniLM, BERT-base, ViT-B/16, "
+                             "tiny BERT)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.kind == "shapes":
@@ -273,11 +328,13 @@ def main() -> None:
     if args.kind == "peer":
         table = peer(args.out, args.rounds)
     elif args.kind == "scale":
-        table = scale(args.out, args.rounds, args.cohort_size)
+        table = scale(args.out, args.rounds, args.cohort_size, args.clients, args.overrides)
     elif args.kind == "layer":
         table = layer(args.sizes, args.steps)
+    elif args.kind == "costs":
+        table = costs(args.out)
     else:
-        shapes = [str(args.shapes / name) for name in ("bert-base", "vit-b16", "tiny-bert")] if args.shapes else []
+        shapes = [str(args.shapes / name) for name in SHAPES] if args.shapes else []
         models = args.models + shapes
         table = step(args.out, models, args.dtypes, args.sizes, args.steps)
     table.to_csv(args.out / f"{args.kind}.csv", index=False)

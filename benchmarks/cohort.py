@@ -10,7 +10,8 @@
 ``peer``: the peer workload of benchmarks/peer.py (MiniLM, Banking77, LoRA r=8 / Ravan at the same budget, 3
 clients a round x 10 local steps of 32) through ``ravan-ray run``, once with every client alone (three
 single-threaded actors share the 2 cores, the CPU default) and once with the round's 3 clients as one cohort on one
-actor that takes both cores. ``--rounds`` (default 4) keeps it short; the first round includes the start-up.
+actor that takes both cores; with ``--gpu``, three actors of a third of a GPU each against one actor of the whole
+GPU. ``--rounds`` (default 4) keeps it short; the first round includes the start-up.
 
 ``scale``: a tiny BERT, 10,000 clients (Banking77's 10,003 training queries, iid: one or two each), 100 clients a
 round in pool mode (2 actors), cohort 1 against ``--cohort-size``: seconds per round and the machine's peak memory
@@ -97,15 +98,22 @@ def ravan_run(run_dir: Path, overrides: list[str]) -> tuple[float, pd.DataFrame]
     return time.perf_counter() - started, pd.read_csv(run_dir / "metrics.csv")
 
 
-def peer(out: Path, rounds: int) -> pd.DataFrame:
-    settings = {"alone (3 actors x 1 core)": ["resources.cpus_per_client=1"],
-                "cohort of 3 (1 actor x 2 cores)": ["resources.cohort_size=3", "resources.cpus_per_client=2"]}
+def peer(out: Path, rounds: int, extra: list[str], gpu: bool) -> pd.DataFrame:
+    if gpu:  # three actors on a third of the GPU each, against one actor with the whole GPU training all three
+        alone = ["resources.gpus_per_client=0.33", "resources.cpus_per_client=2", "resources.pool_size=3"]
+        cohort = ["resources.cohort_size=3", "resources.gpus_per_client=1", "resources.cpus_per_client=2",
+                  "resources.pool_size=1"]
+        settings = {"alone (3 actors x 1/3 GPU)": ("alone", alone), "cohort of 3 (1 actor x 1 GPU)": ("cohort", cohort)}
+    else:
+        settings = {"alone (3 actors x 1 core)": ("1", ["resources.cpus_per_client=1"]),
+                    "cohort of 3 (1 actor x 2 cores)": ("3", ["resources.cohort_size=3",
+                                                              "resources.cpus_per_client=2"])}
     rows = []
     for method in ("fedit", "ravan"):
-        for label, extra in settings.items():
+        for label, (run_name, setting) in settings.items():
             overrides = [f"{k}={v}" for k, v in {**WORKLOAD, "method.name": method, "federation.rounds": rounds,
-                                                 "federation.eval_every": rounds}.items()] + extra
-            wall, metrics = ravan_run(out / "runs" / f"{method}-{extra[0].split('=')[1]}", overrides)
+                                                 "federation.eval_every": rounds}.items()] + setting + extra
+            wall, metrics = ravan_run(out / "runs" / f"{method}-{run_name}", overrides)
             steady = metrics["round_s"].iloc[1:]
             rows.append({"method": method, "training": label, "process_s": round(wall, 1),
                          "run_s": round(float(metrics["wall_s"].iloc[-1]), 1),
@@ -312,7 +320,9 @@ def main() -> None:
     parser.add_argument("--cohort-size", default="50", help="scale: the cohort size compared with 1 (or auto)")
     parser.add_argument("--clients", type=int, default=10000, help="scale: the number of clients")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="scale: a config override applied after the benchmark's own (repeatable)")
+                        help="peer, scale: a config override applied after the benchmark's own (repeatable)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="peer: three 1/3-GPU actors one by one against one whole-GPU actor's cohort of 3")
     parser.add_argument("--models", nargs="*", default=["minilm"])
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--sizes", nargs="+", type=int, default=[1, 3, 8, 32, 100])
@@ -326,7 +336,7 @@ def main() -> None:
         print("\n".join(write_shapes(args.out)))
         return
     if args.kind == "peer":
-        table = peer(args.out, args.rounds)
+        table = peer(args.out, args.rounds, args.overrides, args.gpu)
     elif args.kind == "scale":
         table = scale(args.out, args.rounds, args.cohort_size, args.clients, args.overrides)
     elif args.kind == "layer":

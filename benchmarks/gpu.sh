@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements of cohort training in one run (benchmarks/RESULTS.md "Cohort training", GPU part), for a
-# machine with a CUDA build of torch and transformers. About 10-12 minutes on one H200 for all parts.
+# machine with a CUDA build of torch and transformers. About 13-15 minutes on one H200 for all parts.
 #
 #   python benchmarks/cohort.py shapes --out SHAPES     # first, on any machine with the package installed
 #   benchmarks/gpu.sh OUT_DIR SHAPES [BUNDLE_DIR]       # then, on the GPU machine
-#   PARTS="step costs" benchmarks/gpu.sh ...            # only some parts (default: step costs fed scale dp), e.g.
-#                                                       # to split the run over two commands of 10 minutes at most
+#   PARTS="step costs" benchmarks/gpu.sh ...            # only some parts (default: step costs peer fed scale dp),
+#                                                       # e.g. to split the run over two commands of <= 10 minutes
 #
 # SHAPES: the config-only model directories (MiniLM-L6, BERT-base, ViT-B/16, a tiny BERT, with tokenizer / image
 # processor files; under 2 MB) that `cohort.py shapes` writes.
@@ -21,12 +21,15 @@
 #   3. costs.csv/md  from step.csv: the paper's CIFAR-100 setup (ViT-B/16, 50 rounds x 3 clients x 50 steps of 32)
 #                    in device-minutes one by one and as cohorts, and the two goals (3-client ViT-B/16 round <= 1/2,
 #                    32-client MiniLM round <= 1/5 of one by one)                                   [part costs]
-#   4. fed.csv       the Ray-orchestrated federation on the GPU: 8 clients a round x 10 local steps of 32 on BERT-base
+#   4. peer.csv/md   the peer workload (FedIT and Ravan, a MiniLM-L6 shape, Banking77, 3 clients a round x 10 steps
+#                    of 32, 4 rounds) through Ray on the GPU: three 1/3-GPU actors one by one against one whole-GPU
+#                    actor training the 3 as one cohort                                             [part peer]
+#   5. fed.csv       the Ray-orchestrated federation on the GPU: 8 clients a round x 10 local steps of 32 on BERT-base
 #                    in bf16, four actors of 0.25 GPU each one by one, against one actor of the whole GPU training
 #                    the round as one cohort                                                        [part fed]
-#   5. scale.csv/md  1,000 MiniLM-shaped clients in bf16, 100 a round, on four 0.25-GPU actors: one by one against
+#   6. scale.csv/md  1,000 MiniLM-shaped clients in bf16, 100 a round, on four 0.25-GPU actors: one by one against
 #                    each actor's 25 clients as one cohort                                          [part scale]
-#   6. dp.txt        one round of DP-SGD (privacy.mode=sample) on the GPU: the noise generator on the model's device
+#   7. dp.txt        one round of DP-SGD (privacy.mode=sample) on the GPU: the noise generator on the model's device
 #                                                                                                   [part dp]
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu.sh OUT_DIR SHAPES [BUNDLE_DIR]}
@@ -35,12 +38,12 @@ bundle=${3:-}
 here=$(cd "$(dirname "$0")/.." && pwd)
 mkdir -p "$out"
 cd "$here"
-if [ -n "$bundle" ]; then
-  bash "$bundle/install.sh" /tmp/site >/dev/null && export PYTHONPATH=/tmp/site
+if [ -n "$bundle" ]; then  # once per machine: a second call (another PARTS) finds it installed
+  { [ -d /tmp/site/ray ] || bash "$bundle/install.sh" /tmp/site >/dev/null; } && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TQDM_DISABLE=1 HF_HUB_OFFLINE=1
 py=${PYTHON:-python3}
-parts=" ${PARTS:-step costs fed scale dp} "
+parts=" ${PARTS:-step costs peer fed scale dp} "
 want() { [[ "$parts" == *" $1 "* ]]; }
 
 "$py" - >"$out/cuda.txt" 2>&1 <<'PY'
@@ -72,6 +75,11 @@ run() {  # label, extra --set arguments
     "$out/runs/$label/metrics.csv" "$label" | tee -a "$out/fed.csv"
 }
 mkdir -p "$out/runs"
+if want peer; then
+  echo "== the peer workload on the GPU: three 1/3-GPU actors one by one vs one cohort of 3"
+  timeout 400 "$py" benchmarks/cohort.py peer --gpu --rounds 4 --out "$out" --set model.name="$shapes/minilm-l6" \
+    --set resources.num_gpus=1 --set resources.server_cpus=0 2>&1 | grep -v Warning | tail -8
+fi
 if want fed; then
   echo "== federation on the GPU: fractional actors one by one vs one cohort"
   echo "setting,round_s" >"$out/fed.csv"

@@ -90,8 +90,8 @@ fi
 
 if want scale; then
   echo "== 1,000 MiniLM-shaped clients, 100 a round, four 0.25-GPU actors: one by one vs cohorts"
-  timeout 300 "$py" benchmarks/cohort.py scale --out "$out" --rounds 3 --clients 1000 --cohort-size auto \
-    --set model.name="$shapes/minilm-l6" --set model.dtype=bfloat16 --set data.max_length=64 \
+  timeout 300 "$py" benchmarks/cohort.py scale --out "$out" --rounds 3 --cohort-size auto \
+    --set federation.num_clients=1000 --set model.name="$shapes/minilm-l6" --set model.dtype=bfloat16 --set data.max_length=64 \
     --set federation.local_steps=10 --set federation.batch_size=8 --set resources.num_gpus=1 \
     --set resources.gpus_per_client=0.25 --set resources.cpus_per_client=2 --set resources.pool_size=4 \
     --set resources.server_cpus=0 2>&1 | grep -v Warning | tail -12

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-import pandas as pd
 
 # metrics.csv's columns: these, with the task's own metrics (Task.metrics: test_accuracy and test_loss
 # for classification, test_exact_match and test_f1 for QA, ...) after train_loss.
@@ -106,11 +105,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def write_table(path: str | Path, records: list[dict[str, Any]]) -> None:
     """A per-client log (clients.csv): columns are the union of the records' keys."""
+    import pandas as pd  # here, not at the top: the server actor imports this module and needs no pandas (0.4 s)
+
     atomic_write_text(path, pd.DataFrame.from_records(records).to_csv(index=False) if records else "")
 
 
 def read_table(path: str | Path, before_round: int) -> list[dict[str, Any]]:
     """The records of an earlier attempt at a run, up to (not including) ``before_round``."""
+    import pandas as pd  # as in write_table
+
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return []

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 
 from ravan_ray.data.errors import DataError
 
@@ -110,8 +109,11 @@ def _working_alpha(by_class: list[np.ndarray], num_clients: int, alpha: float, n
     return None
 
 
-def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> pd.DataFrame:
+def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> "pd.DataFrame":
     """Samples per class (columns 0..num_classes-1) held by each client (rows, index "client")."""
+    # Imported here, not at the top: every actor imports this module, and none needs pandas (0.4 s a process).
+    import pandas as pd
+
     labels = np.asarray(labels)
     counts = np.stack([np.bincount(labels[p], minlength=num_classes)[:num_classes] for p in parts]) if parts \
         else np.zeros((0, num_classes), dtype=np.int64)

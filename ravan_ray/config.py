@@ -21,6 +21,7 @@ them key by key.
 from __future__ import annotations
 
 import math
+import numbers
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Optional, TypeVar, Union
 
@@ -278,6 +279,17 @@ class ComputeConfig(_Section):
     distribution: Union[Literal[BUDGET_MIXES], list[float]] = "homogeneous"  # type: ignore[valid-type]
     levels: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1)
 
+    @field_validator("distribution", mode="before")
+    @classmethod
+    def _a_mix_or_proportions(cls, value):
+        # One message for both members of the union (pydantic's would name the literal's member only).
+        if isinstance(value, str) and value in BUDGET_MIXES:
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(p, numbers.Real) and not isinstance(p, bool)
+                                                    for p in value):
+            return [float(p) for p in value]
+        raise ValueError(f"must be one of {', '.join(BUDGET_MIXES)}, or a list of proportions, one per level")
+
     @field_validator("levels")
     @classmethod
     def _levels_in_unit_interval(cls, levels: list[float]) -> list[float]:
@@ -325,12 +337,14 @@ class ResourcesConfig(_Section):
     # on a few cores); "auto": every client of the round in one cohort, cut to what fits in memory (for GPUs).
     cohort_size: Union[int, Literal["auto"]] = 1
 
-    @field_validator("cohort_size")
+    @field_validator("cohort_size", mode="before")
     @classmethod
     def _positive_cohort(cls, value):
-        if value != "auto" and value < 1:
-            raise ValueError("must be an integer >= 1 or 'auto'")
-        return value
+        # Before the union's own validation: its errors would name each member (cohort_size.int, ...), and it
+        # would take true as 1.
+        if value == "auto" or (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+            return value if value == "auto" else int(value)  # numpy's integers too (a Tune search space draws them)
+        raise ValueError("must be an integer >= 1 or 'auto'")
 
 
 TRACKERS = ("tensorboard", "mlflow", "wandb")
@@ -461,7 +475,7 @@ class PrivacyConfig(_Section):
 
 class RunConfig(_Section):
     name: str = "default"
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take no negative seed
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig, validate_default=True)
     federation: FederationConfig = Field(default_factory=FederationConfig)
@@ -526,7 +540,8 @@ class RunConfig(_Section):
 
 def _format_error(error: ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
+    # A union's errors add the member's tag to the key (cohort_size.int, x.literal['a']): the key is without it.
+    where = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{where}'"
@@ -537,6 +552,10 @@ def _format_error(error: ValidationError) -> str:
     if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):
         return f"{where}: {message} (got {first['input']!r})"
     return f"{where}: {message}" if where else message
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "bool", "none"))
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:

@@ -137,3 +137,31 @@ def test_options_have_defaults_shadow_no_shared_key_and_agree_where_they_share_o
         for key, field in model.model_fields.items():
             first = declared.setdefault(key, (field.annotation, field.default, field.metadata))
             assert first == (field.annotation, field.default, field.metadata), f"{name}.{key}"
+
+
+# ------------------------------------------------------------------------------------------------ unions
+@pytest.mark.parametrize("override,says", [
+    ("resources.cohort_size=abc", "resources.cohort_size: must be an integer >= 1 or 'auto' (got 'abc')"),
+    ("resources.cohort_size=2.5", "resources.cohort_size: must be an integer >= 1 or 'auto' (got 2.5)"),
+    ("resources.cohort_size=true", "resources.cohort_size: must be an integer >= 1 or 'auto' (got True)"),
+    ("compute.distribution=lopsided", "compute.distribution: must be one of homogeneous, uniform, bell"),
+    ("compute.distribution=[0.5,x,0.25,0.25]", "compute.distribution: must be one of"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0 (got -1)"),
+])
+def test_a_bad_value_of_a_key_taking_either_of_two_kinds_is_one_line_naming_the_key_alone(override, says):
+    message = refusal(override)
+    assert message.startswith(says), message
+    assert ".int" not in message and "literal[" not in message  # no union member's tag in the key
+
+
+def test_keys_taking_either_of_two_kinds_take_both_including_numpys_numbers():
+    import numpy as np
+
+    from ravan_ray.config import from_dict
+
+    assert load_config(None, ["resources.cohort_size=auto"]).resources.cohort_size == "auto"
+    drawn = from_dict({"resources": {"cohort_size": np.int64(3)},  # what a Tune search space draws
+                       "compute": {"distribution": [np.float64(0.5), 0.5], "levels": [0.5, 1.0]}})
+    assert drawn.resources.cohort_size == 3 and type(drawn.resources.cohort_size) is int
+    assert drawn.compute.distribution == [0.5, 0.5]
+    assert load_config(None, ["compute.distribution=bell"]).compute.distribution == "bell"

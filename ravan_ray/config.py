@@ -540,8 +540,7 @@ class RunConfig(_Section):
 
 def _format_error(error: ValidationError) -> str:
     first = error.errors()[0]
-    # A union's errors add the member's tag to the key (cohort_size.int, x.literal['a']): the key is without it.
-    where = ".".join(str(part) for part in first["loc"] if not _is_union_tag(part))
+    where = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         return f"unknown config key '{where}'"
@@ -552,10 +551,6 @@ def _format_error(error: ValidationError) -> str:
     if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], (dict, list)):
         return f"{where}: {message} (got {first['input']!r})"
     return f"{where}: {message}" if where else message
-
-
-def _is_union_tag(part: Any) -> bool:
-    return isinstance(part, str) and ("[" in part or part in ("int", "float", "str", "bool", "none"))
 
 
 def from_dict(values: dict[str, Any]) -> RunConfig:

@@ -1,4 +1,5 @@
-"""The actors hand freed heap back to the OS after each task (glibc ``malloc_trim``)."""
+"""The actors hand freed heap back to the OS after each task (glibc ``malloc_trim``), and start without what
+only the driver needs."""
 
 from __future__ import annotations
 
@@ -30,3 +31,12 @@ def test_freed_heap_that_glibc_keeps_is_returned_to_the_os():
     before = resident_bytes()
     return_freed_memory()
     assert before - resident_bytes() > 64 << 20  # most of the 125 MB freed comes back
+
+
+def test_an_actor_process_starts_without_pandas():
+    """Every run starts a server and client actors: pandas (about 0.4 s of import each) is the driver's."""
+    import subprocess
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, actors; print('pandas' in sys.modules)"],
+                            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert loaded.stdout.strip() == "False", loaded.stderr

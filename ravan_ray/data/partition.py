@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ravan_ray.data.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PARTITION_KINDS = ("iid", "dirichlet")
 DIRICHLET_TRIES = 200  # fresh draws before a min_size that no draw meets is reported (about a second for 1,000 clients)
@@ -109,7 +113,7 @@ def _working_alpha(by_class: list[np.ndarray], num_clients: int, alpha: float, n
     return None
 
 
-def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> "pd.DataFrame":
+def label_histogram(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> pd.DataFrame:
     """Samples per class (columns 0..num_classes-1) held by each client (rows, index "client")."""
     # Imported here, not at the top: every actor imports this module, and none needs pandas (0.4 s a process).
     import pandas as pd

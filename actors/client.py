@@ -19,7 +19,7 @@ import ray
 import torch
 
 from actors.memory import return_freed_memory
-from ravan_ray.cohort import cohorts
+from ravan_ray.cohort import cohorts, train_cohort
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods.base import ClientTask, ClientUpdate, State
 from ravan_ray.models import FrozenWeights
@@ -58,7 +58,7 @@ class ClientActor:
         notes: list[str] = []
         datas = [{key: values[self.partitions[task.client_id]] for key, values in self.train_data.items()}
                  for task in tasks]
-        updates = self.host.train_cohort(tasks, state, list(client_states), datas, notes.append)
+        updates = train_cohort(self.host, tasks, state, list(client_states), datas, notes.append)
         del datas
         return_freed_memory()
         returned = []
@@ -117,7 +117,7 @@ class ClientFleet:
         if res.pool_size is not None or cluster_cpus is None:
             return self.config.pool_size
         per_round = self.config.cohorts_per_round
-        fit = max(1, int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9))
+        fit = self._fitting_actors(cluster_cpus)
         if fit >= per_round or not self._can_share_cores():
             return min(per_round, fit)
         return next(size for size in range(fit, per_round + 1) if per_round % size == 0 or per_round % size >= fit)
@@ -131,8 +131,12 @@ class ClientFleet:
         res = self.config.resources
         if self.per_client or res.pool_size is not None or cluster_cpus is None:
             return res.cpus_per_client
-        fit = max(1, int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9))
-        return min(res.cpus_per_client, fit * res.cpus_per_client / self.size)
+        return min(res.cpus_per_client, self._fitting_actors(cluster_cpus) * res.cpus_per_client / self.size)
+
+    def _fitting_actors(self, cluster_cpus: float) -> int:
+        """How many actors of ``cpus_per_client`` fit beside the server on the cluster's CPUs (at least one)."""
+        res = self.config.resources
+        return max(1, int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9))
 
     def resources_needed(self) -> dict[str, float]:
         res = self.config.resources
@@ -183,14 +187,8 @@ class ClientFleet:
                 print(f"ravan-ray: {line}", file=sys.stderr, flush=True)
 
     def cohort_size(self) -> int:
-        """resources.cohort_size, with ``auto`` resolved: each actor trains its share of the round as one cohort
-        (cut to what fits in memory inside the actor), i.e. the round's clients over the actors that serve it."""
-        size = self.config.resources.cohort_size
-        if size != "auto":
-            return int(size)
-        per_round = self.config.federation.clients_per_round
-        serving = per_round if self.per_client else min(self.size, per_round)
-        return max(1, -(-per_round // serving))
+        """resources.cohort_size, with ``auto`` resolved for the actors that serve a round (RunConfig.cohort_size)."""
+        return self.config.cohort_size(None if self.per_client else self.size)
 
     def replace(self, client_id: int, position: int) -> None:
         """Forget (and kill) the actor behind a failed or straggling task; it is recreated on next use."""

@@ -216,6 +216,7 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
     import torch
 
     from ravan_ray.config import load_config
+    from ravan_ray.cohort import train_cohort
     from ravan_ray.methods.base import ClientTask
     from ravan_ray.training import ModelHost
 
@@ -241,7 +242,7 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
                     ids = rng.integers(1000, 20000, (64, 64))
                     return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
 
-                host.train_cohort([ClientTask(0, 1, 1.0, 0)], state, [None], [data()])  # warm-up, untimed
+                train_cohort(host, [ClientTask(0, 1, 1.0, 0)], state, [None], [data()])  # warm-up, untimed
                 for k in sizes:
                     tasks = [ClientTask(c, 1, 1.0, 0) for c in range(k)]
                     datas = [data() for _ in tasks]
@@ -249,7 +250,7 @@ def step(out: Path, models: list[str], dtypes: list[str], sizes: list[int], step
                         torch.cuda.synchronize()
                         torch.cuda.reset_peak_memory_stats()
                     started = time.perf_counter()
-                    host.train_cohort(tasks, state, [None] * k, datas)
+                    train_cohort(host, tasks, state, [None] * k, datas)
                     if host.device.type == "cuda":
                         torch.cuda.synchronize()
                         peak = torch.cuda.max_memory_allocated() / 2**30

@@ -27,22 +27,19 @@ first client's (a cohort of one is the one-by-one run exactly). Runs stay a func
 
 from __future__ import annotations
 
-import copy
-import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, FederatedMethod, State
-from ravan_ray.tasks.base import Task, rows_in
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ravan_ray.training import ModelHost
+from ravan_ray.methods.base import ClientTask, ClientUpdate, State
+from ravan_ray.privacy import StepHook
+from ravan_ray.tasks.base import Task
+from ravan_ray.training import LocalClient, ModelHost, make_optimizer
 
 Batch = dict[str, np.ndarray]
 
@@ -60,21 +57,16 @@ def cohorts(clients: Sequence[int], size: int) -> list[list[int]]:
 
 
 @dataclass
-class ClientSetup:
-    """One client of a cohort after its own load and begin_training: everything its solo run would hold."""
+class ClientSetup(LocalClient):
+    """One client of a cohort, prepared as its solo run prepares it (:meth:`ModelHost.prepare_client`), with what
+    its begin_training left in the cohort's modules."""
 
-    task: ClientTask
-    method: FederatedMethod  # its own copy: begin_training may keep per-client settings on the method object
-    meta: dict
-    data: Batch
-    batches: list[torch.Tensor]
-    num_samples: int
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # module -> name -> value
     trainable: dict[str, dict[str, bool]] = field(default_factory=dict)
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)  # module -> plain attributes
 
 
-def cohort_modules(host: "ModelHost") -> dict[str, nn.Module]:
+def cohort_modules(host: ModelHost) -> dict[str, nn.Module]:
     """The modules whose tensors may differ between clients: the adapted layers and the modules that own the task
     head's parameters (the classifier)."""
     modules = dict(host.adapted)
@@ -89,7 +81,7 @@ def _plain_settings(module: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(module).items() if isinstance(v, (bool, int, float, str)) and k != "training"}
 
 
-def _snapshot(host: "ModelHost", modules: dict[str, nn.Module], setup: ClientSetup) -> None:
+def _snapshot(host: ModelHost, modules: dict[str, nn.Module], setup: ClientSetup) -> None:
     mutable = set(host.pristine)
     for module_name, module in modules.items():
         values, trainable = {}, {}
@@ -106,7 +98,7 @@ def _snapshot(host: "ModelHost", modules: dict[str, nn.Module], setup: ClientSet
         setup.settings[module_name] = _plain_settings(module)
 
 
-def cohort_blocker(host: "ModelHost", setups: list[ClientSetup], modules: dict[str, nn.Module]) -> Optional[str]:
+def cohort_blocker(host: ModelHost, setups: list[ClientSetup], modules: dict[str, nn.Module]) -> Optional[str]:
     """Why these clients cannot train as one cohort (None when they can)."""
     if host.method.cohort_blocker is not None:
         return host.method.cohort_blocker
@@ -240,7 +232,7 @@ class swapped_in:
         return False
 
 
-def cohort_batch(host: "ModelHost", setups: list[ClientSetup],
+def cohort_batch(host: ModelHost, setups: list[ClientSetup],
                  step: int) -> tuple[dict[str, torch.Tensor], Optional[torch.Tensor], int, list[int]]:
     """The step's model inputs for the whole cohort: each client's own rows (as its solo run would take them),
     padded to the cohort's longest row and, for a client with fewer rows than the others, filled up with repeats of
@@ -258,7 +250,7 @@ def cohort_batch(host: "ModelHost", setups: list[ClientSetup],
     return host.task.collate(parts), widths, per_client, [len(r) for r in rows]
 
 
-def activation_bytes(host: "ModelHost", setups: list[ClientSetup], modules: dict[str, nn.Module]) -> int:
+def activation_bytes(host: ModelHost, setups: list[ClientSetup], modules: dict[str, nn.Module]) -> int:
     """What one client's training step keeps for its backward pass, measured on a probe forward of the first
     client's first batch (the tensors autograd saves), with the RNG left as it was."""
     saved = [0]
@@ -290,7 +282,7 @@ def free_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def fitting_size(host: "ModelHost", setups: list[ClientSetup], modules: dict[str, nn.Module]) -> int:
+def fitting_size(host: ModelHost, setups: list[ClientSetup], modules: dict[str, nn.Module]) -> int:
     """How many of these clients fit in one cohort: the free memory's MEMORY_SHARE over a client's activations
     (probed) plus its stacked trainable tensors with their gradient and Adam's two moments."""
     per_client = activation_bytes(host, setups, modules)
@@ -298,28 +290,18 @@ def fitting_size(host: "ModelHost", setups: list[ClientSetup], modules: dict[str
     return max(1, int(MEMORY_SHARE * free_memory(host.device) // max(1, per_client)))
 
 
-def prepare_client(host: "ModelHost", task: ClientTask, state: State, client_state: Optional[State],
+def prepare_client(host: ModelHost, task: ClientTask, state: State, client_state: Optional[State],
                    data: Batch) -> ClientSetup:
     """A client's load and begin_training exactly as its solo run does them (same streams, same order)."""
-    cfg = host.config
-    host.load({k: v for k, v in state.items() if not k.startswith(EVAL_PREFIX)}, client_state)
-    num_samples = rows_in(data)
-    torch.manual_seed(int(task.generator(stream=2).initial_seed()))
-    batches = host._batch_order(num_samples, cfg.federation.local_steps, cfg.federation.batch_size,
-                                task.generator(stream=0))
-    scoring_batch = torch.randint(num_samples, (min(cfg.federation.batch_size, num_samples),),
-                                  generator=task.generator(stream=3))
-    host.model.train()
-    method = copy.copy(host.method)
-    meta = method.begin_training(host.model, task, lambda: host._loss(data, scoring_batch))
-    return ClientSetup(task, method, meta, data, batches, num_samples)
+    return ClientSetup(**vars(host.prepare_client(task, state, client_state, data)))
 
 
-def train_cohort(host: "ModelHost", tasks: list[ClientTask], state: State, client_states: list[Optional[State]],
+def train_cohort(host: ModelHost, tasks: list[ClientTask], state: State, client_states: list[Optional[State]],
                  datas: list[Batch], announce: Callable[[str], None] = lambda line: None) -> list[ClientUpdate]:
-    """Train ``tasks`` (clients of one round) as one cohort; returns their updates in the order given. A cohort
-    that cannot be batched trains one by one (``announce`` gets the reason, once per call); one that would not fit
-    in memory is cut into fitting cohorts before anything runs."""
+    """Train ``tasks`` (clients of one round) as one cohort; returns their updates in the order given, equal to
+    their one-by-one updates to float rounding (dropout aside). A cohort that cannot be batched trains one by one
+    (``announce`` gets the reason, once per call); one that would not fit in memory is cut into fitting cohorts
+    before anything runs."""
     if len(tasks) == 1:
         return [host.train_client(tasks[0], state, client_states[0], datas[0])]
     modules = cohort_modules(host)
@@ -342,47 +324,59 @@ def train_cohort(host: "ModelHost", tasks: list[ClientTask], state: State, clien
     return _train_stacked(host, setups, modules)
 
 
-def _train_stacked(host: "ModelHost", setups: list[ClientSetup], modules: dict[str, nn.Module]) -> list[ClientUpdate]:
-    from ravan_ray.training import make_optimizer
+class FrozenSlices(StepHook):
+    """A cohort step's hook: a client that does not train a stacked tensor (a head it did not select, a rank it does
+    not hold) keeps its slice, whatever the optimizer does with a zero gradient (weight decay)."""
 
-    cfg = host.config
+    def __init__(self, optimizer: torch.optim.Optimizer, stack: Stack):
+        super().__init__(optimizer)
+        self.stack = stack
+        self.before: dict[int, torch.Tensor] = {}
+
+    def before_step(self, rows: Optional[torch.Tensor]) -> None:
+        for leaf in self.stack.trains:
+            mask = self.stack.frozen.get(id(leaf))
+            if mask is not None and leaf.grad is not None:
+                leaf.grad[mask.to(leaf.device)] = 0
+        self.before = {id(leaf): leaf.detach()[self.stack.frozen[id(leaf)]].clone() for leaf in self.stack.trains
+                       if id(leaf) in self.stack.frozen}
+
+    def after_step(self) -> None:
+        with torch.no_grad():
+            for leaf in self.stack.trains:
+                if id(leaf) in self.before:
+                    leaf[self.stack.frozen[id(leaf)]] = self.before[id(leaf)]
+
+
+def _train_stacked(host: ModelHost, setups: list[ClientSetup], modules: dict[str, nn.Module]) -> list[ClientUpdate]:
+    """The cohort's S steps, each the host's step on the sum of the clients' own losses, then each client's upload."""
     k = len(setups)
     stack = build_stack(setups, modules)
-    optimizer = make_optimizer(cfg, stack.trains, host.method.lr)
+    hook = FrozenSlices(make_optimizer(host.config, stack.trains, host.method.lr), stack)
     penalties = [_Penalty(modules, lambda method=setup.method: method.local_penalty(host.model)) for setup in setups]
     torch.manual_seed(int(setups[0].task.generator(stream=2).initial_seed()))  # the cohort's dropout stream
-    losses: list[list[torch.Tensor]] = [[] for _ in setups]
     host.model.train()
+
+    def cohort_loss(step: int) -> torch.Tensor:
+        """The sum of the clients' own losses on their own rows of the step (each client's loss kept as its own)."""
+        inputs, widths, per_client, real = cohort_batch(host, setups, step)
+        total = 0.0
+        with host.autocast():
+            sums, counts = host.task.row_losses(host.model, inputs, widths)
+            for c, setup in enumerate(setups):
+                own = slice(c * per_client, c * per_client + real[c])
+                loss = sums[own].sum() / counts[own].sum()
+                penalty = _client_penalty(penalties[c], stack, c)
+                if penalty is not None:
+                    loss = loss + penalty
+                setup.losses.append(loss.detach())
+                total = total + loss
+        return total
+
     with swapped_in(host.model, modules, stack, k):
-        for step in range(cfg.federation.local_steps):
-            optimizer.zero_grad(set_to_none=True)
-            inputs, widths, per_client, real = cohort_batch(host, setups, step)
-            total = 0.0
-            with host.autocast():
-                sums, counts = host.task.row_losses(host.model, inputs, widths)
-                for c in range(k):
-                    own = slice(c * per_client, c * per_client + real[c])
-                    loss = sums[own].sum() / counts[own].sum()
-                    penalty = _client_penalty(penalties[c], stack, c)
-                    if penalty is not None:
-                        loss = loss + penalty
-                    losses[c].append(loss.detach())
-                    total = total + loss
-            host.scaler.scale(total).backward()
-            for leaf in stack.trains:
-                mask = stack.frozen.get(id(leaf))
-                if mask is not None and leaf.grad is not None:
-                    leaf.grad[mask.to(leaf.device)] = 0
-            before = {id(leaf): leaf.detach()[stack.frozen[id(leaf)]].clone() for leaf in stack.trains
-                      if id(leaf) in stack.frozen}
-            host.scaler.step(optimizer)
-            host.scaler.update()
-            with torch.no_grad():  # a client that does not train a tensor keeps it, whatever the weight decay does
-                for leaf in stack.trains:
-                    if id(leaf) in before:
-                        leaf[stack.frozen[id(leaf)]] = before[id(leaf)]
-    host.model.eval()
-    return [_upload(host, setup, stack, modules, c, losses[c]) for c, setup in enumerate(setups)]
+        for step in range(host.config.federation.local_steps):
+            host.step(hook.optimizer, lambda: cohort_loss(step), hook)
+    return [_upload(host, setup, stack, modules, c) for c, setup in enumerate(setups)]
 
 
 def _client_penalty(penalty: _Penalty, stack: Stack, client: int) -> Optional[torch.Tensor]:
@@ -390,22 +384,13 @@ def _client_penalty(penalty: _Penalty, stack: Stack, client: int) -> Optional[to
     return functional_call(penalty, swaps, (), strict=False)
 
 
-def _upload(host: "ModelHost", setup: ClientSetup, stack: Stack, modules: dict[str, nn.Module], client: int,
-            losses: list[torch.Tensor]) -> ClientUpdate:
-    """Write the client's slices back into the layers, then let its method build the upload as after a solo run."""
+def _upload(host: ModelHost, setup: ClientSetup, stack: Stack, modules: dict[str, nn.Module],
+            client: int) -> ClientUpdate:
+    """Write the client's slices back into the layers, then finish the client as after a solo run."""
     with torch.no_grad():
         for module_name, values in stack.tensors.items():
             module = modules[module_name]
             own = dict(module.named_parameters())
             for name, tensor in values.items():
                 (own[name] if name in own else module.get_buffer(name)).copy_(tensor[client])
-    tensors, new_client_state = setup.method.upload(host.model, setup.task, setup.meta)
-    return ClientUpdate(
-        client_id=setup.task.client_id,
-        tensors={k: v.detach().cpu() for k, v in tensors.items()},
-        num_samples=setup.num_samples,
-        train_loss=float(torch.stack(losses).double().mean()) if losses else math.nan,
-        heads_trained=int(setup.meta.get("heads_trained", 0)),
-        meta=setup.meta,
-        client_state=None if new_client_state is None else {k: v.detach().cpu() for k, v in new_client_state.items()},
-    )
+    return host.finish_client(setup)

@@ -530,9 +530,18 @@ class RunConfig(_Section):
     def cohorts_per_round(self) -> int:
         """The cohorts a round's clients make (ravan_ray/cohort.py): one per client at cohort_size 1. With
         ``auto`` each actor of the pool trains one, so the pool then counts a cohort per client."""
+        return -(-self.federation.clients_per_round // self.cohort_size())
+
+    def cohort_size(self, actors: Optional[int] = None) -> int:
+        """``resources.cohort_size`` with ``auto`` resolved (the one place that resolves it): each of the ``actors``
+        serving a round trains its share of the round's clients as one cohort (cut to what fits in memory inside
+        the actor); before the actors are known (sizing the pool), a client per cohort."""
         size = self.resources.cohort_size
+        if size != "auto":
+            return int(size)
         per_round = self.federation.clients_per_round
-        return per_round if size == "auto" else -(-per_round // int(size))
+        serving = per_round if actors is None else min(actors, per_round)
+        return max(1, -(-per_round // serving))
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

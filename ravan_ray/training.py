@@ -8,9 +8,11 @@ directly.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import sys
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -18,13 +20,27 @@ from torch import nn
 
 from ravan_ray.config import RunConfig
 from ravan_ray.methods import build_method
-from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, State
-from ravan_ray.models import FrozenWeights, ModelError, default_targets, model_from_weights, torch_dtype
-from ravan_ray.privacy import build_mechanism
+from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, FederatedMethod, State
+from ravan_ray.models import FrozenWeights, ModelError, default_targets, model_from_weights
+from ravan_ray.privacy import StepHook, build_mechanism
 from ravan_ray.tasks import build_task
 from ravan_ray.tasks.base import EXAMPLE_KEY, rows_in
 
 Batch = dict[str, np.ndarray]  # a client's rows of the task's training arrays
+
+
+@dataclass
+class LocalClient:
+    """One client's round in this process, from :meth:`ModelHost.prepare_client` to :meth:`ModelHost.finish_client`."""
+
+    task: ClientTask
+    method: FederatedMethod  # the client's own copy: begin_training may keep per-client settings on it
+    meta: dict  # what begin_training chose (heads, ranks); the upload carries it
+    data: Batch
+    batches: list[torch.Tensor]  # the S local mini-batches: row indices into ``data``
+    num_samples: int
+    examples: Optional[np.ndarray] = None  # each row's example, where DP-SGD draws examples of several rows
+    losses: list[torch.Tensor] = field(default_factory=list)  # each step's loss, on the device
 
 
 def pick_device() -> torch.device:
@@ -103,7 +119,7 @@ class ModelHost:
             loaded = model_from_weights(self.task.skeleton(), frozen, config.model.name)
         self.config = config = with_targets(config, loaded.model)
         self.method = build_method(config)
-        self.privacy = build_mechanism(config)  # differential privacy, if any: it runs the local steps
+        self.privacy = build_mechanism(config)  # differential privacy, if any: its hook changes the local steps
         self.model = loaded.model
         self.model.requires_grad_(False)
         # Plain attributes (not submodules): the method finds its layers and the head through them.
@@ -133,10 +149,12 @@ class ModelHost:
         self.model.to(self.device)
         params = dict(self.model.named_parameters())
         self.pristine = {n: params[n].detach().clone() for n in mutable}
-        half = torch_dtype(config.model.dtype)
+        half = self.task.dtype
         self.autocast_dtype = None if half == torch.float32 else half
-        # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none).
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=half == torch.float16 and self.device.type == "cuda")
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's range and needs none). DP-SGD
+        # clips each example's gradient as it is: a scaled loss would scale the clipping bound, so it takes none.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=half == torch.float16 and self.device.type == "cuda"
+                                           and not self.privacy.per_example_gradients)
 
     @property
     def adapted(self) -> dict[str, nn.Module]:
@@ -161,7 +179,23 @@ class ModelHost:
 
     # ----------------------------------------------------------------- client work
     def train_client(self, task: ClientTask, state: State, client_state: Optional[State], data: Batch) -> ClientUpdate:
-        """Load the global state, let the method choose what trains, run S local steps, build the upload."""
+        """One client's round, top to bottom: set the client up, S local steps, the upload. A privacy mechanism
+        changes the steps through its hook (DP-SGD: each example's gradient clipped, noise on their sum), never the
+        loop; a cohort (ravan_ray/cohort.py) builds its own loop of the same three parts."""
+        client = self.prepare_client(task, state, client_state, data)
+        optimizer = make_optimizer(self.config, [p for p in self.model.parameters() if p.requires_grad],
+                                   client.method.lr)
+        with self.privacy.step_hook(self.model, client.method, optimizer, task, client.batches,
+                                    client.examples) as hook:
+            for rows in client.batches:
+                loss = self.step(hook.optimizer, lambda: self._loss(client.data, rows, client.method), hook, rows)
+                client.losses.append(loss)
+        return self.finish_client(client, hook.meta())
+
+    def prepare_client(self, task: ClientTask, state: State, client_state: Optional[State], data: Batch) -> LocalClient:
+        """A client ready for its local steps: the broadcast (and its own state) loaded, its S mini-batches drawn,
+        and what it trains chosen by its own copy of the method (``begin_training``: heads, ranks). Every draw comes
+        from the client task's own streams, so a client trains alike in any actor, alone or in a cohort."""
         cfg = self.config
         # eval/ keys are the server's, for evaluating the global model; they are not downlink, so a client
         # never sees them (a method's load_state may rely on that to tell a client from the global model).
@@ -176,28 +210,43 @@ class ModelHost:
         else:
             batches = self._example_batches(examples, cfg.federation.local_steps, cfg.federation.batch_size,
                                             task.generator(stream=0))
-        scoring_batch = torch.randint(num_samples, (min(cfg.federation.batch_size, num_samples),),
-                                      generator=task.generator(stream=3))
-
+        scoring_rows = torch.randint(num_samples, (min(cfg.federation.batch_size, num_samples),),
+                                     generator=task.generator(stream=3))
         self.model.train()
-        meta = self.method.begin_training(self.model, task, lambda: self._loss(data, scoring_batch))
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = make_optimizer(cfg, params, self.method.lr)
-        losses, privacy_meta = self.privacy.train_steps(self.model, self.method, optimizer, batches,
-                                                        lambda rows: self._loss(data, rows), task, self.scaler,
-                                                        examples)
-        if privacy_meta:  # DP-SGD's share of clipped examples
-            meta = {**meta, **privacy_meta}
+        method = copy.copy(self.method)  # begin_training may keep per-client settings on the method object
+        meta = method.begin_training(self.model, task, lambda: self._loss(data, scoring_rows, method))
+        return LocalClient(task, method, meta, data, batches, num_samples, examples)
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: Callable[[], torch.Tensor], hook: StepHook,
+             rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One local step: the loss, its gradient (scaled under float16), the hook's say on the gradients (DP-SGD's
+        per-example clipping; a cohort's slices that a client does not train), the optimizer's step. Returns the
+        loss, left on the device: a round's losses are read once, not once per step. ``rows``: the step's rows of
+        the client's data, for the hook."""
+        optimizer.zero_grad(set_to_none=True)
+        value = loss()
+        self.scaler.scale(value).backward()
+        hook.before_step(rows)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        hook.after_step()
+        return value.detach()
+
+    def finish_client(self, client: LocalClient, meta: Optional[dict[str, Any]] = None) -> ClientUpdate:
+        """The client's upload, built by its method from the trained model, and its mean loss over the steps.
+        ``meta``: what the upload carries beside the method's own metadata (DP-SGD's share of clipped examples)."""
+        if meta:
+            client.meta = {**client.meta, **meta}
         self.model.eval()
-        tensors, new_client_state = self.method.upload(self.model, task, meta)
+        tensors, new_client_state = client.method.upload(self.model, client.task, client.meta)
         return ClientUpdate(
-            client_id=task.client_id,
+            client_id=client.task.client_id,
             tensors={k: v.detach().cpu() for k, v in tensors.items()},
-            num_samples=num_samples,
+            num_samples=client.num_samples,
             # one host sync for the whole round, not one per step
-            train_loss=float(torch.stack(losses).double().mean()) if losses else math.nan,
-            heads_trained=int(meta.get("heads_trained", 0)),
-            meta=meta,
+            train_loss=float(torch.stack(client.losses).double().mean()) if client.losses else math.nan,
+            heads_trained=int(client.meta.get("heads_trained", 0)),
+            meta=client.meta,
             client_state=None if new_client_state is None else {k: v.detach().cpu() for k, v in new_client_state.items()},
         )
 
@@ -218,23 +267,16 @@ class ModelHost:
         return [torch.from_numpy(np.flatnonzero(np.isin(local, chosen.numpy())))
                 for chosen in cls._batch_order(int(local.max()) + 1, steps, batch_size, generator)]
 
-    def _loss(self, data: Batch, rows: torch.Tensor) -> torch.Tensor:
-        """What a local step minimises: the task's loss on these rows plus the method's penalty, if it has one
-        (a method has one only while a client trains: between its begin_training and its upload). Under DP-SGD the
-        task's loss of each example alone, averaged (:meth:`Task.example_loss`)."""
+    def _loss(self, data: Batch, rows: torch.Tensor, method: Optional[FederatedMethod] = None) -> torch.Tensor:
+        """What a local step minimises: the task's loss on these rows plus the penalty of ``method`` (the client's
+        copy; default the host's), if it has one (a method has one only while a client trains: between its
+        begin_training and its upload). Under DP-SGD the task's loss of each example alone, averaged
+        (:meth:`Task.example_loss`)."""
         task_loss = self.task.example_loss if self.privacy.per_example_gradients else self.task.loss
         with self.autocast():
             loss = task_loss(self.model, self.task.batch(data, rows.numpy(), self.device))
-            penalty = self.method.local_penalty(self.model)
+            penalty = (method or self.method).local_penalty(self.model)
             return loss if penalty is None else loss + penalty
-
-    def train_cohort(self, tasks: list[ClientTask], state: State, client_states: list[Optional[State]],
-                     datas: list[Batch], announce=lambda line: None) -> list[ClientUpdate]:
-        """Train several clients of one round in lockstep through shared forward passes (ravan_ray/cohort.py);
-        their updates, in the order of ``tasks``, equal their one-by-one updates to float rounding (dropout aside)."""
-        from ravan_ray.cohort import train_cohort
-
-        return train_cohort(self, tasks, state, client_states, datas, announce)
 
     # ----------------------------------------------------------------- global model
     @torch.no_grad()

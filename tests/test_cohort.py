@@ -12,7 +12,7 @@ import torch
 
 from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray import cohort as cohort_module
-from ravan_ray.cohort import cohorts
+from ravan_ray.cohort import cohorts, train_cohort
 from ravan_ray.config import ConfigError, load_config
 from ravan_ray.federation import prepare_data, run_federation
 from ravan_ray.methods.base import ClientTask
@@ -61,7 +61,7 @@ def federate_both_ways(host: ModelHost, rounds: int, sizes=(16, 16, 5)):
         datas = [local_data(c, n) for c, n in zip(range(len(tasks)), sizes)]  # one client has fewer rows than a batch
         solo = [host.train_client(t, state, solo_states.get(t.client_id), d) for t, d in zip(tasks, datas)]
         notes: list[str] = []
-        together = host.train_cohort(tasks, state, [cohort_states.get(t.client_id) for t in tasks], datas, notes.append)
+        together = train_cohort(host, tasks, state, [cohort_states.get(t.client_id) for t in tasks], datas, notes.append)
         yield solo, together, notes
         solo_states.update({u.client_id: u.client_state for u in solo if u.client_state})
         cohort_states.update({u.client_id: u.client_state for u in together if u.client_state})
@@ -109,7 +109,7 @@ def test_a_clients_unselected_heads_get_no_update_in_a_cohort(monkeypatch):
 
     monkeypatch.setattr(Ravan, "upload", spy)
     tasks = [ClientTask(c, 1, level, 0) for c, level in enumerate(LEVELS)]
-    host.train_cohort(tasks, state, [None] * 3, [local_data(c) for c in range(3)])
+    train_cohort(host, tasks, state, [None] * 3, [local_data(c) for c in range(3)])
     assert sum(count for count, _ in seen) > 0 and all(same for _, same in seen)
 
 
@@ -242,7 +242,7 @@ def test_every_tasks_per_row_losses_give_its_batch_loss_and_a_padded_cohort_its_
     state = host.initial_state()
     tasks = [ClientTask(c, 1, 1.0, config.seed) for c in range(3)]
     solo = [host.train_client(t, state, None, d) for t, d in zip(tasks, local)]
-    assert_same_updates(solo, host.train_cohort(tasks, state, [None] * 3, local))
+    assert_same_updates(solo, train_cohort(host, tasks, state, [None] * 3, local))
 
 
 def deterministic(run_dir) -> pd.DataFrame:

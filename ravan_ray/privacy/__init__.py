@@ -21,7 +21,7 @@ from ravan_ray.config import RunConfig
 from ravan_ray.privacy.accounting import PrivacyBudget, calibrate_noise, epsilon_for
 from ravan_ray.privacy.client_level import ClientLevel
 from ravan_ray.privacy.dp_sgd import SampleLevel
-from ravan_ray.privacy.mechanism import NoPrivacy, PrivacyMechanism, summary_line
+from ravan_ray.privacy.mechanism import NoPrivacy, PrivacyMechanism, StepHook, summary_line
 
 #: ``privacy.mode`` -> its mechanism
 MECHANISMS: dict[str, type[PrivacyMechanism]] = {cls.name: cls for cls in (NoPrivacy, ClientLevel, SampleLevel)}
@@ -33,4 +33,4 @@ def build_mechanism(config: RunConfig) -> PrivacyMechanism:
 
 
 __all__ = ["MECHANISMS", "build_mechanism", "ClientLevel", "NoPrivacy", "PrivacyBudget", "PrivacyMechanism",
-           "SampleLevel", "calibrate_noise", "epsilon_for", "summary_line"]
+           "SampleLevel", "StepHook", "calibrate_noise", "epsilon_for", "summary_line"]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ravan_ray.config import ConfigError
 from ravan_ray.methods.base import ClientTask, ClientUpdate, State
 from ravan_ray.methods.private_terms import PrivateTerms
 from ravan_ray.privacy.accounting import PerStepBudget, PrivacyBudget, plan_budget
-from ravan_ray.privacy.mechanism import DifferentialPrivacy
+from ravan_ray.privacy.mechanism import DifferentialPrivacy, StepHook
 
 NOISE_STREAM = 4  # ClientTask.generator stream of DP-SGD's noise (no other draw uses it; FLoRA's fresh factors: 6)
 
@@ -51,36 +51,21 @@ class SampleLevel(DifferentialPrivacy):
         participation = tuple(tuple(int(r) for r in rounds) for rounds in sampled_rounds)
         return plan_budget(self.config, PerStepBudget(0.0, privacy.delta, rates, participation, fed.local_steps))
 
-    def train_steps(self, model: torch.nn.Module, method: PrivateTerms, optimizer: torch.optim.Optimizer,
-                    batches: list[torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor], task: ClientTask,
-                    scaler: torch.amp.GradScaler,
-                    examples: Optional[np.ndarray] = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """The local steps under DP-SGD, without loss scaling; the upload carries the share of clipped examples.
-        The noise is drawn from the client task's own stream, on the model's device. ``examples``: each row's
-        example where one makes several rows (its rows' gradients are clipped together)."""
+    def step_hook(self, model: torch.nn.Module, method: PrivateTerms, optimizer: torch.optim.Optimizer,
+                  task: ClientTask, batches: list[torch.Tensor], examples: Optional[np.ndarray] = None) -> StepHook:
+        """DP-SGD around the client's optimizer, without loss scaling; the upload carries the share of clipped
+        examples. The noise is drawn from the client task's own stream, on the model's device. ``examples``: each
+        row's example where one makes several rows (its rows' gradients are clipped together)."""
         privacy = self.config.privacy
         method.before_private_steps(model)
         # Opacus draws the noise on the parameters' device, so the generator lives there too
         device = next(p.device for p in model.parameters() if p.requires_grad)
-        groups = [None if examples is None else row_groups(examples[batch.numpy()]) for batch in batches]
-        batch_size = len(batches[0]) if examples is None else int(groups[0].max()) + 1  # examples per batch
+        first = None if examples is None else row_groups(examples[batches[0].numpy()])
+        batch_size = len(batches[0]) if first is None else int(first.max()) + 1  # examples per batch
         dp = DPSGD(model, optimizer, float(privacy.noise_multiplier), float(privacy.clip_norm), batch_size,
                    task.generator(stream=NOISE_STREAM, device=device),
                    after_noise=lambda: method.after_private_noise(model))
-        losses = []
-        with warnings.catch_warnings():
-            # Opacus' backward hooks on a model whose inputs need no gradient (a frozen base): expected, harmless
-            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            try:
-                for batch, group in zip(batches, groups):
-                    dp.zero_grad()
-                    value = loss(batch)
-                    value.backward()
-                    dp.step(group)
-                    losses.append(value.detach())
-            finally:
-                dp.close()
-        return losses, {"clip_fraction": dp.clip_fraction}
+        return PrivateSteps(dp, examples)
 
     def privatize(self, method: PrivateTerms, state: State, updates: list[ClientUpdate],
                   round_index: int) -> tuple[list[ClientUpdate], dict[str, Any]]:
@@ -150,6 +135,35 @@ def register_adapter_samplers() -> None:
     _REGISTERED = True
 
 
+class PrivateSteps(StepHook):
+    """DP-SGD's hook in a client's local steps: the loop steps Opacus' DPOptimizer, and before each step the rows'
+    per-example gradients are summed per example (where one makes several rows) and the clipped ones counted."""
+
+    def __init__(self, dp: "DPSGD", examples: Optional[np.ndarray]):
+        super().__init__(dp.optimizer)
+        self.dp, self.examples = dp, examples
+        self.quiet = warnings.catch_warnings()
+
+    def __enter__(self) -> "PrivateSteps":
+        self.quiet.__enter__()
+        # Opacus' backward hooks on a model whose inputs need no gradient (a frozen base): expected, harmless
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        return self
+
+    def before_step(self, rows: Optional[torch.Tensor]) -> None:
+        self.dp.prepare_step(None if self.examples is None else row_groups(self.examples[rows.numpy()]))
+
+    def meta(self) -> dict[str, Any]:
+        return {"clip_fraction": self.dp.clip_fraction}
+
+    def __exit__(self, *exc) -> bool:
+        try:
+            self.dp.close()
+        finally:
+            self.quiet.__exit__(*exc)
+        return False
+
+
 class DPSGD:
     """DP-SGD for one client task: Opacus' per-example gradients on ``model`` and its DPOptimizer around
     ``optimizer`` (per-example clipping to C, N(0, (z C)^2) on the sum, divided by the batch size). The noise comes
@@ -172,11 +186,11 @@ class DPSGD:
         self.examples = 0
         self.clipped = 0
 
-    def step(self, groups: Optional[torch.Tensor] = None) -> None:
-        """Count the examples whose gradient norm exceeds C (for clip_fraction), then clip, noise and step.
-        ``groups``: per row, its example's index in the batch, where an example makes several rows: each example's
-        gradient is then the sum of its rows' (the loss is the mean over rows, so Opacus' per-row gradient is the
-        row's own), and that sum is what is clipped."""
+    def prepare_step(self, groups: Optional[torch.Tensor] = None) -> None:
+        """Count the examples whose gradient norm exceeds C (for clip_fraction); the optimizer's step then clips,
+        noises and steps. ``groups``: per row, its example's index in the batch, where an example makes several rows:
+        each example's gradient is then the sum of its rows' (the loss is the mean over rows, so Opacus' per-row
+        gradient is the row's own), and that sum is what is clipped."""
         if groups is not None:
             self.sum_rows_per_example(groups)
         norms = [p.grad_sample.flatten(1).double().norm(dim=1) for p in self.optimizer.params
@@ -185,7 +199,6 @@ class DPSGD:
             per_example = torch.stack(norms, dim=1).norm(dim=1)
             self.examples += int(per_example.numel())
             self.clipped += int((per_example > self.clip_norm).sum())
-        self.optimizer.step()
 
     def sum_rows_per_example(self, groups: torch.Tensor) -> None:
         count = int(groups.max()) + 1

@@ -8,7 +8,8 @@ strategy: the method aggregates as it always does, and the mechanism acts around
   driver's preflight): a setting the method cannot run privately is one ConfigError;
 - in the driver (:meth:`PrivacyMechanism.plan_budget`): the accountant's budget, with the noise multiplier given or
   calibrated, whose ``epsilon(round)`` fills metrics.csv's ``epsilon`` column;
-- in each client's local training (:meth:`PrivacyMechanism.train_steps`, from ``ModelHost``): the S local steps;
+- in each client's local training (:meth:`PrivacyMechanism.step_hook`, from ``ModelHost.train_client``): how a
+  local step changes between its backward pass and the optimizer's step (:class:`StepHook`);
 - on the parameter server (:meth:`PrivacyMechanism.privatize` before the method's aggregate,
   :meth:`PrivacyMechanism.state_entries` after it): the uploads the method aggregates and the round's metrics;
 - in summary.json (:meth:`PrivacyMechanism.summary`, read back by :func:`summary_line`).
@@ -20,7 +21,7 @@ sample level (DP-SGD, ``dp_sgd.SampleLevel``). What a method says under privacy 
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Optional, Sequence
+from typing import Any, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -33,9 +34,37 @@ from ravan_ray.methods.private_terms import PrivateTerms
 from ravan_ray.privacy.accounting import POISSON, PrivacyBudget, Sampling
 
 
+class StepHook:
+    """How a local step is changed between its backward pass and the optimizer's step (``ModelHost.step``), and what
+    the client's upload carries from its steps. This base changes nothing: the plain step, with loss scaling under
+    float16. A context manager around the client's steps: leaving it removes what it put on the model (DP-SGD's
+    hooks)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        #: the optimizer the loop zeroes and steps (DP-SGD's wraps the client's own)
+        self.optimizer = optimizer
+
+    def before_step(self, rows: Optional[torch.Tensor]) -> None:
+        """The step's gradients are in, the optimizer has not stepped. ``rows``: the step's rows of the client's data
+        (None for a cohort's step)."""
+
+    def after_step(self) -> None:
+        """The optimizer has stepped."""
+
+    def meta(self) -> dict[str, Any]:
+        """What the client's upload carries from its steps (DP-SGD: the share of clipped examples)."""
+        return {}
+
+    def __enter__(self) -> "StepHook":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+
 class PrivacyMechanism:
-    """The protocol, with the behaviour of a run without privacy as its defaults: the plain local-step loop, the
-    uploads aggregated as they are, no budget, nothing in the summary."""
+    """The protocol, with the behaviour of a run without privacy as its defaults: plain local steps, the uploads
+    aggregated as they are, no budget, nothing in the summary."""
 
     #: the ``privacy.mode`` this mechanism implements (summary.json's ``privacy_mode``)
     name: ClassVar[str] = ""
@@ -62,22 +91,13 @@ class PrivacyMechanism:
         return None
 
     # ----------------------------------------------------------------- a client's local training
-    def train_steps(self, model: nn.Module, method: PrivateTerms, optimizer: torch.optim.Optimizer,
-                    batches: list[torch.Tensor], loss: Callable[[torch.Tensor], torch.Tensor], task: ClientTask,
-                    scaler: torch.amp.GradScaler,
-                    examples: Optional[np.ndarray] = None) -> tuple[list[torch.Tensor], dict[str, Any]]:
-        """The client's local steps, one per batch of row indices (``loss(rows)``: the loss on those rows); returns
-        (the steps' losses, metadata the upload carries). ``examples``: each row's example where an example makes
-        several rows (DP-SGD clips per example), else None. Default: plain steps (with loss scaling under float16)."""
-        losses = []
-        for batch in batches:
-            optimizer.zero_grad(set_to_none=True)
-            value = loss(batch)
-            scaler.scale(value).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(value.detach())
-        return losses, {}
+    def step_hook(self, model: nn.Module, method: PrivateTerms, optimizer: torch.optim.Optimizer, task: ClientTask,
+                  batches: list[torch.Tensor], examples: Optional[np.ndarray] = None) -> StepHook:
+        """What this mechanism does to one client's local steps (``ModelHost.train_client`` runs them): the
+        optimizer the loop steps and what happens to each step's gradients. ``batches``: the steps' rows of the
+        client's data; ``examples``: each row's example where an example makes several rows (DP-SGD clips per
+        example), else None. Default: plain steps."""
+        return StepHook(optimizer)
 
     # ----------------------------------------------------------------- the server's round
     def privatize(self, method: PrivateTerms, state: State, updates: list[ClientUpdate],

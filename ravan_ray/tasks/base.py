@@ -111,6 +111,8 @@ class Task(ABC):
         self.config = config
         self.options = config.data.options(self.options_model)
         self.info: dict[str, Any] = dict(info or {})
+        #: the frozen base's dtype (``model.dtype``); forward passes run under autocast in it where it is a half one
+        self.dtype = torch_dtype(config.model.dtype)
 
     # ----------------------------------------------------------------- driver
     @abstractmethod
@@ -147,7 +149,7 @@ class Task(ABC):
     def load_model(self) -> LoadedModel:
         m = self.config.model
         return load_model(self.transformers_class(), m.name, self.name, self.config.seed, self.new_head,
-                          torch_dtype(m.dtype), **self.model_overrides())
+                          self.dtype, **self.model_overrides())
 
     def skeleton(self) -> nn.Module:
         """The model's architecture without weights (meta device)."""

@@ -31,7 +31,10 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
-from ravan_ray.data.sources import BUILTIN_INSTRUCTION_DATASETS
+from ravan_ray.data.instructions import BUILTIN_INSTRUCTION_DATASETS
+from ravan_ray.methods import REGISTRY as METHODS
+from ravan_ray.registry import registered_class
+from ravan_ray.tasks import REGISTRY as TASKS
 
 BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -55,23 +58,19 @@ class Options(BaseModel):
 OptionsT = TypeVar("OptionsT", bound=Options)
 
 
+def _registry(kind: str) -> dict[str, str]:
+    return METHODS if kind == "method" else TASKS
+
+
 def registered_names(kind: str) -> list[str]:
-    """The registered method or task names. Imported here, when a config is validated, not when this module
-    is: the method and task modules import this one."""
-    if kind == "method":
-        from ravan_ray.methods import REGISTRY
-    else:
-        from ravan_ray.tasks import REGISTRY
-    return list(REGISTRY)
+    """The registered method or task names."""
+    return list(_registry(kind))
 
 
 def registered_options(kind: str) -> dict[str, type[Options]]:
-    """name -> options model of every registered method or task."""
-    if kind == "method":
-        from ravan_ray.methods import method_class as plugin_class
-    else:
-        from ravan_ray.tasks import task_class as plugin_class
-    return {name: plugin_class(name).options_model for name in registered_names(kind)}
+    """name -> options model of every registered method or task (imports each: a method or task module reads this
+    one, so it is imported by name, when a config is validated, not when this module is)."""
+    return {name: registered_class(_registry(kind), name, kind).options_model for name in registered_names(kind)}
 
 
 def check_registered(kind: str, name: str) -> str:
@@ -521,6 +520,16 @@ class RunConfig(_Section):
             raise ValueError("privacy.mode=sample needs model.gradient_checkpointing=false (per-example gradients are "
                              "captured by hooks that recomputed activations bypass)")
         return self
+
+    def aggregation_weights(self, reference: str) -> str:
+        """How the server weights clients: ``method.aggregation_weights`` when given, else uniform under client-level
+        DP, whose noise is scaled to uniform weights (a sample-count weight would let one client's data size scale
+        its share of the noisy sum; ``_check_consistency`` refuses one given), else ``reference``, the method's
+        reference code's weighting."""
+        given = self.method.aggregation_weights
+        if given is not None:
+            return given
+        return "uniform" if self.privacy.mode == "client" else reference
 
     @property
     def pool_size(self) -> int:

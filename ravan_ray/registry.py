@@ -1,5 +1,6 @@
-"""Name -> class registries for the two seams (methods, tasks): imported on first use, so a run pays only
-for the method and task it uses."""
+"""Looking up the two seams' registries (methods/__init__.py, tasks/__init__.py: name -> "module:Class"): a class is
+imported on first use, so a run pays only for the method and task it uses, and the config can validate against
+the registries without importing what imports it."""
 
 from __future__ import annotations
 

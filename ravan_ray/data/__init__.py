@@ -22,14 +22,16 @@ A task (ravan_ray/tasks/) takes the columns it needs from the splits. Every prob
 raises :class:`DataError` with a one-line message (the CLI prints it and exits with code 2). Nothing here
 imports Ray: clients get plain arrays.
 
-The rooms: ``sources.py`` (the splits of each kind of source, label encoding), ``partition.py`` (clients'
-shares), ``synthetic.py`` (the generated task), ``text.py`` (what text tasks share: tokenizing),
-``instructions.py`` (labelled texts as instruction data), ``errors.py`` (:class:`DataError`).
+The rooms: ``sources.py`` (the splits of each kind of source), ``splits.py`` (the :class:`Splits` every source
+returns, label encoding), ``instructions.py`` (labelled texts as instruction data), ``partition.py`` (clients'
+shares), ``synthetic.py`` (the generated task), ``text.py`` (what text tasks share: tokenizing), ``errors.py``
+(:class:`DataError`).
 """
 
 from ravan_ray.data.errors import DataError
 from ravan_ray.data.partition import PARTITION_KINDS, label_histogram, partition
-from ravan_ray.data.sources import Splits, encode_labels, is_class_id, load_splits
+from ravan_ray.data.sources import load_splits
+from ravan_ray.data.splits import Splits, encode_labels, is_class_id
 from ravan_ray.data.synthetic import make_synthetic
 from ravan_ray.data.text import TextClassificationData, as_texts, check_vocabulary, tokenize
 

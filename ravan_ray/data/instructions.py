@@ -20,7 +20,10 @@ from __future__ import annotations
 from typing import Any
 
 from ravan_ray.data.errors import DataError
-from ravan_ray.data.sources import BUILTIN_INSTRUCTION_DATASETS, Splits, encode_labels
+from ravan_ray.data.splits import Splits, encode_labels
+
+#: Datasets shipped inside the package, as instruction data: name -> the shipped dataset it is made of.
+BUILTIN_INSTRUCTION_DATASETS = {"banking77-instruct": "banking77"}
 
 TEXT_FIELD, LABEL_FIELD = "text", "label"
 INSTRUCTION_FIELDS = ("instruction", "input", "output")

@@ -6,56 +6,22 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
 from ravan_ray.data.errors import DataError, one_line
-from ravan_ray.logs import quiet_logger
+from ravan_ray.data.instructions import (BUILTIN_INSTRUCTION_DATASETS, classification_as_instructions,
+                                         default_instruction)
+from ravan_ray.data.splits import Splits
 from ravan_ray.data.synthetic import make_synthetic
+from ravan_ray.logs import quiet_logger
 
 SUPPORTED_EXTENSIONS = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 # Datasets shipped inside the package: name -> folder with train.jsonl.gz, test.jsonl.gz, label_names.json.
 BUILTIN_DATASETS = {"banking77": Path(__file__).parents[1] / "data_files" / "banking77"}
-# Shipped datasets as instruction data (ravan_ray/data/instructions.py): name -> (dataset, its instruction).
-BUILTIN_INSTRUCTION_DATASETS = {"banking77-instruct": "banking77"}
 TEST_SPLIT_NAMES = ("test", "validation", "valid", "dev")
-
-
-@dataclass
-class Splits:
-    """A dataset's train and test splits as ``datasets.Dataset`` objects (columns untouched)."""
-
-    train: Any
-    test: Any
-    where: str  # how messages name the source: "dataset 'nyu-mll/glue'", "/data/news.jsonl"
-    # Names of the integer class ids of ``data.label_field``, where the source gives them (a
-    # ``label_names.json`` beside local files, a ``ClassLabel`` feature on the hub or in an image folder).
-    label_names: list[str] | None = None
-    # Rows for model selection (data.validation_fraction / data.validation_split); None without one.
-    validation: Any = None
-
-    @property
-    def evaluation_splits(self) -> tuple[str, ...]:
-        """The splits a task prepares for evaluation: test, and validation where there is one."""
-        return ("test",) if self.validation is None else ("test", "validation")
-
-    def split(self, name: str) -> Any:
-        return {"train": self.train, "test": self.test, "validation": self.validation}[name]
-
-    def require(self, fields: dict[str, str | None], splits: tuple[str, ...] | None = None) -> None:
-        """One line naming the first field (by its config key) that a split lacks (default: every split)."""
-        for role, field in fields.items():
-            for split_name in splits or ("train", *self.evaluation_splits):
-                split = self.split(split_name)
-                if field is not None and field not in split.column_names:
-                    raise DataError(f"data.{role} '{field}' is not a column of {self.where} ({split_name} split); "
-                                    f"available columns: {split.column_names}")
-
-    def column(self, split: str, field: str) -> list:
-        return list(self.split(split)[field])  # (not ds.data: after a select() that is still the whole table)
 
 
 def load_splits(data_config: Any, seed: int, label_field: str | None = None) -> Splits:
@@ -99,8 +65,6 @@ def load_splits(data_config: Any, seed: int, label_field: str | None = None) -> 
     if splits.validation is not None and splits.validation.num_rows == 0:
         raise DataError(f"the validation split of {splits.where} has no rows")
     if d.as_instructions or (d.path is None and d.name in BUILTIN_INSTRUCTION_DATASETS):
-        from ravan_ray.data.instructions import classification_as_instructions, default_instruction
-
         splits = classification_as_instructions(splits, d.instruction or default_instruction(d))
     return splits
 
@@ -376,48 +340,3 @@ def _unlabelled(split: Any, label_field: str | None) -> bool:
     if not label_field or label_field not in split.column_names or split.num_rows == 0:
         return False
     return all(v == -1 for v in split[label_field])
-
-
-def encode_labels(raw: list, label_field: str, where: str, known_names: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Class ids for the values of a label column. Integer labels are class ids (named by ``known_names``
-    when given, else "0", "1", ...); any other labels are names, mapped to ids in sorted order (or in
-    ``known_names`` order when that lists them all). Encode train and test together, so both share one
-    id space."""
-    missing = sum(v is None for v in raw)
-    if missing:
-        raise DataError(f"{missing} rows of {where} have no value in label field '{label_field}'")
-
-    # A number that is not a class id (3.5, NaN) would make every label a name: "1.0" in one split and "1"
-    # in another then become two classes. Numbers are class ids, or the column is refused.
-    not_ids = [(row, v) for row, v in enumerate(raw) if _is_number(v) and not is_class_id(v)]
-    if not_ids:
-        row, value = not_ids[0]
-        raise DataError(f"label field '{label_field}' of {where} has {len(not_ids)} values that are not class ids "
-                        f"(e.g. {value!r} in row {row + 1}); labels must be integer class ids or class names")
-    if all(is_class_id(v) for v in raw):
-        ids = np.asarray(raw, dtype=np.int64)
-        if ids.min() < 0:
-            raise DataError(f"label field '{label_field}' of {where} has negative class ids (e.g. {ids.min()})")
-        if known_names is not None:
-            if ids.max() >= len(known_names):
-                raise DataError(
-                    f"label field '{label_field}' of {where} has class id {ids.max()} but only "
-                    f"{len(known_names)} label names are given"
-                )
-            return ids, list(known_names)
-        return ids, [str(i) for i in range(int(ids.max()) + 1)]
-
-    strings = [str(v) for v in raw]
-    distinct = set(strings)
-    names = list(known_names) if known_names is not None and distinct <= set(known_names) else sorted(distinct)
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index[s] for s in strings], dtype=np.int64), names
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.number)) and not isinstance(value, (bool, np.bool_))
-
-
-def is_class_id(value: Any) -> bool:
-    return (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))) or (
-        isinstance(value, float) and value.is_integer())

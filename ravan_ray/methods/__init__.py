@@ -1,8 +1,11 @@
-"""Federated methods, one file each, all behind :class:`ravan_ray.methods.base.FederatedMethod`."""
+"""Federated methods, one file (or folder) each, all behind :class:`ravan_ray.methods.base.FederatedMethod`.
+
+This module is the registry, and only that: it imports no method (nor the protocol), so the config validates
+names and options against it (ravan_ray/config.py) without an import cycle, and a run imports only the method it
+uses."""
 
 from __future__ import annotations
 
-from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State
 from ravan_ray.registry import registered_class
 
 # name -> "module:Class"; imported on first use so a run pays only for the method it uses.
@@ -23,12 +26,14 @@ REGISTRY: dict[str, str] = {
 }
 
 
-def method_class(name: str) -> type[FederatedMethod]:
+def method_class(name: str) -> type:
+    """The :class:`~ravan_ray.methods.base.FederatedMethod` subclass registered as ``name``."""
     return registered_class(REGISTRY, name, "method")
 
 
-def build_method(config) -> FederatedMethod:
+def build_method(config):
+    """The method of ``config`` (a :class:`~ravan_ray.methods.base.FederatedMethod`)."""
     return method_class(config.method.name)(config)
 
 
-__all__ = ["REGISTRY", "build_method", "method_class", "ClientTask", "ClientUpdate", "FederatedMethod", "State"]
+__all__ = ["REGISTRY", "build_method", "method_class"]

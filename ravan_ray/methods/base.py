@@ -203,12 +203,8 @@ class FederatedMethod(ABC):
     @classmethod
     def aggregation_weighting(cls, config: RunConfig) -> str:
         """The weighting a run of this method uses: ``method.aggregation_weights`` when given, else the reference's
-        (``reference_weights``), but uniform under client-level DP, whose noise is scaled to uniform weights (a
-        sample-count weight would let one client's data size scale its share of the noisy sum)."""
-        given = config.method.aggregation_weights
-        if given is not None:
-            return given
-        return "uniform" if config.privacy.mode == "client" else cls.reference_weights
+        (``reference_weights``) where the privacy setting allows it (:meth:`RunConfig.aggregation_weights`)."""
+        return config.aggregation_weights(cls.reference_weights)
 
     @classmethod
     def ignores_compute_mix(cls, config: RunConfig) -> bool:

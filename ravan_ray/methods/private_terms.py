@@ -20,15 +20,12 @@ needs terms beyond the uploads (products of factors, weighted factors).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
 from ravan_ray.methods.base import HEAD_PREFIX, ClientUpdate, State
-
-if TYPE_CHECKING:
-    from ravan_ray.privacy import PrivacyMechanism
 
 #: in a private upload's meta under client-level DP: the std of the noise on each coordinate of the uploads' sum
 NOISE_STD = "privacy_noise_std"
@@ -38,10 +35,11 @@ class PrivateTerms:
     """Mixin of a :class:`~ravan_ray.methods.base.FederatedMethod` that can run under differential privacy (every
     method here does). Subclasses override the hooks marked "override"."""
 
-    def check_privacy(self, mechanism: PrivacyMechanism) -> None:
-        """override: raise ConfigError when this method cannot run under the privacy ``mechanism``. Called before
-        the run starts, and only under differential privacy: Ravan refuses gradient scoring, HetLoRA its pruning
-        penalty under DP-SGD (``mechanism.per_example_gradients``)."""
+    def check_privacy(self, mechanism: Any) -> None:
+        """override: raise ConfigError when this method cannot run under the privacy ``mechanism`` (a
+        :class:`ravan_ray.privacy.PrivacyMechanism`: its ``name``, ``per_example_gradients``; the methods never
+        import the privacy package, which imports them). Called before the run starts, and only under differential
+        privacy: Ravan refuses gradient scoring, HetLoRA its pruning penalty under DP-SGD."""
 
     # ----------------------------------------------------------------- client level
     def privacy_delta(self, state: State, update: ClientUpdate) -> State:

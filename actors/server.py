@@ -25,6 +25,7 @@ from actors.memory import return_freed_memory
 from ravan_ray.adapters import effective_rank
 from ravan_ray.checkpoints import save_checkpoint
 from ravan_ray.config import RunConfig, from_dict
+from ravan_ray.methods import method_columns
 from ravan_ray.methods.base import ClientUpdate, State, state_bytes
 from ravan_ray.models import FrozenWeights
 from ravan_ray.results import validation_name
@@ -76,11 +77,12 @@ class ParameterServer:
         metrics: dict[str, Any] = {
             "uplink_bytes": sum(state_bytes(u.tensors) for u in updates),
             "rejected_uploads": len(rejected),
-            "heads_trained": float(np.mean([u.heads_trained for u in accepted])) if accepted else 0.0,
+            **method_columns(),  # every registered method's own columns, at their values for another method's run
             "agg_error": math.nan,
             "effective_rank": math.nan,
         }
         if accepted:
+            metrics.update(self.method.round_metrics(accepted))  # this method's own (Ravan's heads_trained)
             accepted, privacy_metrics = self.privacy.privatize(self.method, self.state, accepted, round_index)
             metrics.update(privacy_metrics)
             old_state = self.state

@@ -1,13 +1,16 @@
-"""Adapter layers: Ravan's multi-head LoRA (PAPER.md sections 1-2) and plain LoRA for the baselines.
+"""Adapter layers shared by the methods: the frozen-bases layer (B_i H_i A_i with frozen B_i, A_i: Ravan's heads,
+Fed-SB's B R A) and plain LoRA, plus the model surgery that puts them in place.
 
-Ravan replaces a frozen ``nn.Linear`` W by
+:class:`FrozenBasesLinear` replaces a frozen ``nn.Linear`` W by
 
     y = W x + sum_{i=1..h} s_i B_i H_i A_i x
 
-with frozen bases B_i (d_out x r), A_i (r x d_in), trainable cores H_i (r x r, zero at start) and
-trainable scalars s_i. The bases are regenerated on every client from (run seed, layer name), never
-shipped; because they are identical everywhere, averaging the uploaded s_i H_i is exactly averaging
-the clients' weight updates.
+with frozen bases B_i (d_out x r), A_i (r x d_in), trainable cores H_i (r x r, zero at start) and trainable
+scalars s_i. Where the bases are identical on every client (regenerated from the run seed, or sent once), averaging
+the uploaded s_i H_i is exactly averaging the clients' weight updates (Raje et al. 2025, arXiv 2506.05568, section 3;
+Singhal et al. 2025, arXiv 2502.15436, section 3). Ravan draws its h heads' bases with its own initialisations
+(ravan_ray/methods/ravan/layer.py); Fed-SB uses one head and replaces the bases by an SVD (methods/fed_sb.py).
+:class:`LoRALinear` is plain LoRA (Hu et al. 2021, arXiv 2106.09685), for the LoRA baselines.
 
 Pure PyTorch on purpose: nothing here knows about Ray, clients or servers.
 """
@@ -23,42 +26,25 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
-    "INITS",
     "SCALINGS",
     "COMPUTES",
-    "rank_from_budget",
     "budget_from_lora_rank",
-    "make_bases",
+    "layer_generator",
+    "gaussian_bases",
     "effective_rank",
-    "RavanLinear",
+    "AdapterLayer",
+    "FrozenBasesLinear",
     "LoRALinear",
     "inject",
     "adapted_layers",
 ]
 
-INITS = ("normal", "gram_schmidt", "constant", "shared_subspace")
 SCALINGS = ("trainable", "constant")
 COMPUTES = ("auto", "factorised", "dense")
 
 
 # ----------------------------------------------------------------------------------------------
 # budgets
-
-
-def rank_from_budget(budget: int, heads: int) -> int:
-    """Per-head rank r = floor(sqrt(N / h)) for a per-matrix trainable budget N (h heads of r x r)."""
-    if heads < 1:
-        raise ValueError(f"heads must be >= 1, got {heads}")
-    if budget < 1:
-        raise ValueError(f"budget must be >= 1 trainable parameter per matrix, got {budget}")
-    # floor(sqrt(N / h)) == isqrt(N // h) for integers, without float rounding surprises.
-    rank = math.isqrt(budget // heads)
-    if rank < 1:
-        raise ValueError(
-            f"budget {budget} is too small for {heads} heads: each head needs at least 1 parameter "
-            f"(rank 1 core); raise the budget to >= {heads} or use fewer heads"
-        )
-    return rank
 
 
 def budget_from_lora_rank(lora_rank: int, d_in: int, d_out: int) -> int:
@@ -74,7 +60,9 @@ def budget_from_lora_rank(lora_rank: int, d_in: int, d_out: int) -> int:
 # frozen bases
 
 
-def _generator(seed: int, layer_name: str) -> torch.Generator:
+def layer_generator(seed: int, layer_name: str) -> torch.Generator:
+    """The generator of a layer's frozen draws (bases, LoRA's A): a function of (run seed, layer name) only, so every
+    process draws the same tensors."""
     # Python's hash() of a str changes with PYTHONHASHSEED, i.e. between processes; every client
     # must draw the same bases, so the seed comes from a cryptographic hash instead.
     digest = hashlib.sha256(f"ravan-ray|{int(seed)}|{layer_name}".encode()).digest()
@@ -83,82 +71,13 @@ def _generator(seed: int, layer_name: str) -> torch.Generator:
     return gen
 
 
-def _orthonormal_columns(x: Tensor) -> Tensor:
-    # The sign fix makes the factorisation unique (positive diagonal of R), so the result does not
-    # depend on which LAPACK produced it.
-    q, r = torch.linalg.qr(x, mode="reduced")
-    signs = torch.sign(torch.diagonal(r))
-    signs[signs == 0] = 1.0
-    return q * signs
-
-
-def make_bases(
-    heads: int,
-    rank: int,
-    d_in: int,
-    d_out: int,
-    init: str,
-    seed: int,
-    layer_name: str,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor]:
-    """Frozen bases B (h, d_out, r) and A (h, r, d_in): a pure function of its arguments.
-
-    Scale: every column of B and every row of A has (expected) unit norm, i.e. B ~ N(0, 1/d_out)
-    and A ~ N(0, 1/d_in) for ``normal``. ``gram_schmidt`` bases are then the exactly orthonormal
-    version of the same draw, so the Table-4 ablation compares orthogonality rather than scale, and
-    ||B H A||_F ~= ||H||_F: the norm of a core is the norm of the weight update it makes (what the
-    ``weight`` head score measures), and an Adam step on the h cores moves W by about lr * sqrt(N),
-    the same order as an Adam step on a LoRA of equal budget N.
-
-    - normal:          B_i, A_i i.i.d. Gaussian with the scale above.
-    - gram_schmidt:    [B_1..B_h] has orthonormal columns, [A_1; ..; A_h] orthonormal rows (QR of a
-                       Gaussian draw). Needs h r <= min(d_in, d_out).
-    - constant:        one ``normal`` draw shared by all heads.
-    - shared_subspace: B_i = M R_i, A_i = R_i N with M, N drawn like ``normal`` and R_i a random
-                       orthogonal r x r matrix per head (invertible and scale preserving), so all
-                       heads live in the same r-dimensional column/row space.
-
-    Draws are made in float64 on the CPU and cast to ``dtype``, so the bases do not depend on the
-    dtype or device a client happens to use.
-    """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; allowed: {', '.join(INITS)}")
-    if heads < 1 or rank < 1 or d_in < 1 or d_out < 1:
-        raise ValueError(
-            f"heads, rank, d_in, d_out must all be >= 1, got {heads}, {rank}, {d_in}, {d_out}"
-        )
-    if init == "gram_schmidt" and heads * rank > min(d_in, d_out):
-        raise ValueError(
-            f"gram_schmidt needs heads * rank <= min(d_in, d_out) to make the heads' subspaces "
-            f"orthogonal, got {heads} * {rank} = {heads * rank} > min({d_in}, {d_out}); use fewer "
-            f"heads, a smaller budget, or init 'normal'"
-        )
-    gen = _generator(seed, layer_name)
-    f64 = dict(generator=gen, dtype=torch.float64)
-
-    def normal_b(n: int) -> Tensor:  # (d_out, n)
-        return torch.randn(d_out, n, **f64) / math.sqrt(d_out)
-
-    def normal_a(n: int) -> Tensor:  # (n, d_in)
-        return torch.randn(n, d_in, **f64) / math.sqrt(d_in)
-
-    if init == "normal":
-        B = normal_b(heads * rank).view(d_out, heads, rank).permute(1, 0, 2)
-        A = normal_a(heads * rank).view(heads, rank, d_in)
-    elif init == "gram_schmidt":
-        B = _orthonormal_columns(torch.randn(d_out, heads * rank, **f64))
-        B = B.view(d_out, heads, rank).permute(1, 0, 2)
-        A = _orthonormal_columns(torch.randn(d_in, heads * rank, **f64)).T
-        A = A.reshape(heads, rank, d_in)
-    elif init == "constant":
-        B = normal_b(rank).expand(heads, d_out, rank)
-        A = normal_a(rank).expand(heads, rank, d_in)
-    else:  # shared_subspace
-        M, N = normal_b(rank), normal_a(rank)
-        R = torch.stack([_orthonormal_columns(torch.randn(rank, rank, **f64)) for _ in range(heads)])
-        B = M @ R  # (h, d_out, r)
-        A = R @ N  # (h, r, d_in)
+def gaussian_bases(heads: int, rank: int, d_in: int, d_out: int, generator: torch.Generator,
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """Bases B (h, d_out, r) ~ N(0, 1/d_out) and A (h, r, d_in) ~ N(0, 1/d_in), drawn in float64 from ``generator``
+    (B first) and cast to ``dtype``: every column of B and every row of A has unit expected norm."""
+    f64 = dict(generator=generator, dtype=torch.float64)
+    B = (torch.randn(d_out, heads * rank, **f64) / math.sqrt(d_out)).view(d_out, heads, rank).permute(1, 0, 2)
+    A = (torch.randn(heads * rank, d_in, **f64) / math.sqrt(d_in)).view(heads, rank, d_in)
     return B.contiguous().to(dtype), A.contiguous().to(dtype)
 
 
@@ -185,25 +104,25 @@ def effective_rank(matrix: Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _adapter_dtype(base: nn.Linear) -> torch.dtype:
+def adapter_dtype(base: nn.Linear) -> torch.dtype:
     # Half-precision bases keep float32 adapters (as PEFT does): cores are tiny and averaged across
     # clients, where bf16 rounding would be visible. A float64 base gets float64 adapters.
     return torch.promote_types(base.weight.dtype, torch.float32)
 
 
-def _check_linear(base: nn.Module, cls: str) -> None:
+def check_linear(base: nn.Module, cls: str) -> None:
     if not isinstance(base, nn.Linear):
         raise TypeError(f"{cls} wraps an nn.Linear, got {type(base).__name__}")
 
 
 # ----------------------------------------------------------------------------------------------
-# Ravan
+# the layers
 
 
-class _MergeableAdapter(nn.Module):
-    """What RavanLinear and LoRALinear share: a frozen ``base`` linear plus ``delta_weight()``, the
-    merge / unmerge / effective-rank operations defined on that pair, the shape (``rank``, ``d_in``,
-    ``d_out``), and the copy and load of the ``trainable_names`` tensors a client uploads."""
+class AdapterLayer(nn.Module):
+    """What every adapter layer shares (FrozenBasesLinear and its Ravan subclass, LoRALinear): a frozen ``base``
+    linear plus ``delta_weight()``, the merge / unmerge / effective-rank operations defined on that pair, the shape
+    (``rank``, ``d_in``, ``d_out``), and the copy and load of the ``trainable_names`` tensors a client uploads."""
 
     base: nn.Linear
     merged: bool
@@ -270,8 +189,12 @@ class _MergeableAdapter(nn.Module):
             raise RuntimeError(f"{what}() while merged would corrupt base.weight; call unmerge() first")
 
 
-class RavanLinear(_MergeableAdapter):
+class FrozenBasesLinear(AdapterLayer):
     """y = W x + sum_i s_i B_i H_i A_i x with frozen W, B_i, A_i and trainable H_i (cores), s_i (scales).
+
+    ``bases``: (B (h, d_out, r), A (h, r, d_in)); Ravan draws them from the run seed (RavanLinear), Fed-SB replaces
+    placeholders with an SVD (``set_bases``). ``scaling``: "trainable" scales s_i, or "constant" (s_i stay at their
+    value; only the cores train).
 
     ``head_mask`` selects the heads a client trains this round: every head takes part in the forward
     pass, but only selected heads receive gradient, and the forward reads the unselected heads from
@@ -289,30 +212,22 @@ class RavanLinear(_MergeableAdapter):
 
     trainable_names = ("cores", "scales")
 
-    def __init__(
-        self,
-        base: nn.Linear,
-        heads: int,
-        rank: int,
-        init: str = "normal",
-        scaling: str = "trainable",
-        seed: int = 0,
-        layer_name: str = "",
-    ):
+    def __init__(self, base: nn.Linear, heads: int, rank: int, bases: tuple[Tensor, Tensor],
+                 scaling: str = "trainable"):
         super().__init__()
-        _check_linear(base, "RavanLinear")
+        check_linear(base, type(self).__name__)
         if scaling not in SCALINGS:
             raise ValueError(f"unknown scaling {scaling!r}; allowed: {', '.join(SCALINGS)}")
         self.base = base
         for p in self.base.parameters():
             p.requires_grad_(False)
-        self.init, self.scaling, self.seed, self.layer_name = init, scaling, seed, layer_name
+        self.scaling = scaling
         self._heads, self._rank = heads, rank
         self._d_out, self._d_in = base.weight.shape
-        dtype, device = _adapter_dtype(base), base.weight.device
-        B, A = make_bases(heads, rank, self._d_in, self._d_out, init, seed, layer_name, dtype)
-        self.register_buffer("bases_B", B.to(device), persistent=False)
-        self.register_buffer("bases_A", A.to(device), persistent=False)
+        dtype, device = adapter_dtype(base), base.weight.device
+        B, A = bases
+        self.register_buffer("bases_B", B.to(device=device, dtype=dtype), persistent=False)
+        self.register_buffer("bases_A", A.to(device=device, dtype=dtype), persistent=False)
         # The selection is a client's choice for one round, not model state: kept out of state_dict.
         self.register_buffer(
             "head_mask", torch.ones(heads, dtype=torch.bool, device=device), persistent=False
@@ -459,7 +374,7 @@ class RavanLinear(_MergeableAdapter):
     def extra_repr(self) -> str:
         return (
             f"d_in={self._d_in}, d_out={self._d_out}, heads={self._heads}, rank={self._rank}, "
-            f"init={self.init!r}, scaling={self.scaling!r}, merged={self.merged}"
+            f"scaling={self.scaling!r}, merged={self.merged}"
         )
 
 
@@ -467,10 +382,10 @@ class RavanLinear(_MergeableAdapter):
 # plain LoRA
 
 
-class LoRALinear(_MergeableAdapter):
+class LoRALinear(AdapterLayer):
     """Plain LoRA y = W x + scale * B A x for the baselines (FedIT, FFA-LoRA, HetLoRA, ...).
 
-    A ~ N(0, 1/d_in) is drawn from the same stable (seed, layer_name) hash as Ravan's bases, so every
+    A ~ N(0, 1/d_in) is drawn from the same stable (seed, layer_name) hash as Ravan's bases (layer_generator), so every
     client starts from the same A (FFA-LoRA relies on it); B starts at zero. ``scale`` is the
     caller's alpha / r.
 
@@ -492,7 +407,7 @@ class LoRALinear(_MergeableAdapter):
         train_B: bool = True,
     ):
         super().__init__()
-        _check_linear(base, "LoRALinear")
+        check_linear(base, "LoRALinear")
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         self.base = base
@@ -500,8 +415,8 @@ class LoRALinear(_MergeableAdapter):
             p.requires_grad_(False)
         self._rank, self.scale, self.seed, self.layer_name = rank, float(scale), seed, layer_name
         self._d_out, self._d_in = base.weight.shape
-        dtype, device = _adapter_dtype(base), base.weight.device
-        A = torch.randn(rank, self._d_in, generator=_generator(seed, layer_name), dtype=torch.float64)
+        dtype, device = adapter_dtype(base), base.weight.device
+        A = torch.randn(rank, self._d_in, generator=layer_generator(seed, layer_name), dtype=torch.float64)
         A = (A / math.sqrt(self._d_in)).to(dtype)
         self.lora_A = nn.Parameter(A.to(device), requires_grad=train_A)
         self.lora_B = nn.Parameter(
@@ -537,7 +452,7 @@ class LoRALinear(_MergeableAdapter):
         return y + F.linear(z, (self.scale * self._masked_B()).to(dt))
 
     def cohort_forward(self, blocks: Tensor, tensors: dict[str, Tensor]) -> Optional[Tensor]:
-        """The forward of C clients at once (see RavanLinear.cohort_forward): one base GEMM for every client's rows,
+        """The forward of C clients at once (see FrozenBasesLinear.cohort_forward): one base GEMM for every client's rows,
         a batched product with each client's own A and B (or the layer's, where they are the same for all, as
         FFA-LoRA's A). None when the frozen base weight differs between clients."""
         if self.merged or any(name.startswith("base.") for name in tensors):
@@ -616,12 +531,11 @@ def inject(
     targets = list(target_modules)
     for p in model.parameters():
         p.requires_grad_(False)
-    adapters = (RavanLinear, LoRALinear)
     names = []
     for name, module in model.named_modules():
         if not name or not _matches(name, targets):
             continue
-        if isinstance(module, adapters):
+        if isinstance(module, AdapterLayer):
             raise ValueError(f"{name} is already adapted ({type(module).__name__}); inject once per model")
         if not isinstance(module, nn.Linear):
             raise ValueError(
@@ -645,5 +559,5 @@ def inject(
 
 
 def adapted_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Qualified name -> RavanLinear / LoRALinear for every adapter in the model."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, (RavanLinear, LoRALinear))}
+    """Qualified name -> adapter layer (:class:`AdapterLayer`) for every adapter in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}

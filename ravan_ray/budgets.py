@@ -1,14 +1,15 @@
-"""Compute heterogeneity: budget levels, client mixes, and the number of heads (or rank) per client.
+"""Compute heterogeneity: budget levels, client mixes, and the rank a client of a level holds.
 
-PAPER.md section 4: client c has a budget N_c in {1/4, 1/2, 3/4, 1} x N_max and trains
-round(N_c / N_max * h) heads, at least 1. The paper shows the bell and skewed mixes only as bar heights,
-so the proportions below are this project's choice (over the levels 1/4, 1/2, 3/4, 1):
+Raje et al. 2025 (arXiv 2506.05568), compute heterogeneity: client c has a budget N_c in {1/4, 1/2, 3/4, 1} x
+N_max; a method that reads it trains less at a lower level (Ravan fewer heads: methods/ravan/budget.py;
+HetLoRA and FlexLoRA a lower rank: :func:`rank_for_level`). The paper shows the bell and skewed mixes only as bar
+heights, so the proportions below are this project's choice (over the levels 1/4, 1/2, 3/4, 1):
 
     homogeneous   every client at the top level (no compute heterogeneity)
     uniform       25% / 25% / 25% / 25%
     bell          10% / 40% / 40% / 10%   (most clients at the middle levels)
-    skewed_right  55% / 25% / 15% /  5%   (most clients at the lowest level, long tail to the right)
     skewed_left    5% / 15% / 25% / 55%   (most clients at the top level)
+    skewed_right  55% / 25% / 15% /  5%   (most clients at the lowest level, long tail to the right)
 
 Counts per level use largest-remainder rounding of proportion x num_clients (so a mix of 20 clients
 is exactly 2/8/8/2 for bell), then the levels are assigned to clients by a seeded permutation.
@@ -25,9 +26,11 @@ import numpy as np
 NAMED_MIXES: dict[str, tuple[float, ...]] = {
     "uniform": (0.25, 0.25, 0.25, 0.25),
     "bell": (0.10, 0.40, 0.40, 0.10),
-    "skewed_right": (0.55, 0.25, 0.15, 0.05),
     "skewed_left": (0.05, 0.15, 0.25, 0.55),
+    "skewed_right": (0.55, 0.25, 0.15, 0.05),
 }
+#: every named compute mix (``compute.distribution``), in the order reports show them
+MIXES = ("homogeneous", *NAMED_MIXES)
 
 
 def mix_proportions(distribution: Union[str, Sequence[float]], levels: Sequence[float]) -> np.ndarray:
@@ -39,7 +42,7 @@ def mix_proportions(distribution: Union[str, Sequence[float]], levels: Sequence[
             return proportions
         if distribution not in NAMED_MIXES:
             raise ValueError(
-                f"compute.distribution: unknown mix '{distribution}' (allowed: homogeneous, {', '.join(NAMED_MIXES)}, or a list of proportions)"
+                f"compute.distribution: unknown mix '{distribution}' (allowed: {', '.join(MIXES)}, or a list of proportions)"
             )
         if distribution == "uniform":
             return np.full(len(levels), 1.0 / len(levels))
@@ -71,11 +74,6 @@ def client_levels(
 
 def round_half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
-
-
-def heads_for_level(level: float, heads: int) -> int:
-    """K_c = max(1, round(level * h))."""
-    return max(1, min(heads, round_half_up(level * heads)))
 
 
 def rank_for_level(level: float, max_rank: int) -> int:

@@ -31,12 +31,12 @@ from pydantic import (BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
 
+from ravan_ray.budgets import MIXES
 from ravan_ray.data.instructions import BUILTIN_INSTRUCTION_DATASETS
 from ravan_ray.methods import REGISTRY as METHODS
 from ravan_ray.registry import registered_class
 from ravan_ray.tasks import REGISTRY as TASKS
 
-BUDGET_MIXES = ("homogeneous", "uniform", "bell", "skewed_right", "skewed_left")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -248,8 +248,6 @@ class MethodConfig(_PluginSection):
     # The per-matrix trainable budget N. Give either `budget` (N itself) or `lora_rank` (N = r_L (d_in + d_out)).
     budget: Optional[int] = Field(None, ge=1)
     lora_rank: Optional[int] = Field(8, ge=1)
-    # Ravan's heads h: the budget matching splits N over them, and the run records each level's head count.
-    heads: int = Field(4, ge=1)
     # How the server weights clients: uniform, or by their sample counts. None: what the method's reference code
     # does (its ``reference_weights``, said in its file: data size for FedIT, FLoRA, FlexLoRA and FedSVD, uniform
     # for the others), except under privacy.mode=client, whose noise is calibrated to uniform weights.
@@ -275,19 +273,19 @@ class OptimizerConfig(_Section):
 
 class ComputeConfig(_Section):
     # A named client mix (see budgets.py for the proportions) or explicit proportions, one per level.
-    distribution: Union[Literal[BUDGET_MIXES], list[float]] = "homogeneous"  # type: ignore[valid-type]
+    distribution: Union[Literal[MIXES], list[float]] = "homogeneous"  # type: ignore[valid-type]
     levels: list[float] = Field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0], min_length=1)
 
     @field_validator("distribution", mode="before")
     @classmethod
     def _a_mix_or_proportions(cls, value):
         # One message for both members of the union (pydantic's would name the literal's member only).
-        if isinstance(value, str) and value in BUDGET_MIXES:
+        if isinstance(value, str) and value in MIXES:
             return value
         if isinstance(value, (list, tuple)) and all(isinstance(p, numbers.Real) and not isinstance(p, bool)
                                                     for p in value):
             return [float(p) for p in value]
-        raise ValueError(f"must be one of {', '.join(BUDGET_MIXES)}, or a list of proportions, one per level")
+        raise ValueError(f"must be one of {', '.join(MIXES)}, or a list of proportions, one per level")
 
     @field_validator("levels")
     @classmethod

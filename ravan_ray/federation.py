@@ -31,7 +31,7 @@ import pandas as pd
 import ray
 
 from actors import ClientFleet, ParameterServer
-from ravan_ray.budgets import client_levels, heads_for_level
+from ravan_ray.budgets import client_levels
 from ravan_ray.checkpoints import (CheckpointError, checkpoint_at, discard_checkpoints_after, latest_checkpoint,
                                    list_checkpoints, load_checkpoint)
 from ravan_ray.cluster import ray_runtime, shortfall, total
@@ -39,6 +39,7 @@ from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
 from ravan_ray.logs import quiet_logger
+from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask
 from ravan_ray.models import export_weights
 from ravan_ray.privacy import PrivacyBudget, build_mechanism
@@ -271,7 +272,7 @@ def record_setup(config: RunConfig, run_dir: Path, data: FederatedData, resolved
                                                          "partition": data.partition_kind})
     data.histogram.to_csv(run_dir / "label_histogram.csv")
     pd.DataFrame({"client": range(fed.num_clients), "level": levels,
-                  "heads": [heads_for_level(lv, config.method.heads) for lv in levels],
+                  **build_method(config).budget_columns(levels),  # the method's own (Ravan's heads per client)
                   "samples": [len(p) for p in data.partitions]}).to_csv(run_dir / "client_budgets.csv", index=False)
 
 

@@ -19,12 +19,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+from ravan_ray.methods import method_columns
+
 
 # metrics.csv's columns: these, with the task's own metrics (Task.metrics: test_accuracy and test_loss
-# for classification, test_exact_match and test_f1 for QA, ...) after train_loss.
+# for classification, test_exact_match and test_f1 for QA, ...) after train_loss, and the registered methods' own
+# (FederatedMethod.metrics_columns: Ravan's heads_trained) after clients.
 ROUND_COLUMNS = ["round", "wall_s", "round_s", "train_loss"]
-FEDERATION_COLUMNS = [
-    "uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients", "heads_trained",
+FEDERATION_COLUMNS = ["uplink_bytes", "downlink_bytes", "agg_error", "effective_rank", "clients"]
+OUTCOME_COLUMNS = [
     "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts", "agg_s", "eval_s",
     # differential privacy (empty without it): epsilon spent so far at privacy.delta, the share of clients (client
     # mode) or examples (sample mode) whose norm exceeded the clip norm this round, that clip norm, and (client mode)
@@ -67,7 +70,7 @@ def _cell(key: str, value: Any) -> Any:
 
 
 def metric_columns(task_metrics: Iterable[str] = DEFAULT_TASK_METRICS) -> list[str]:
-    return [*ROUND_COLUMNS, *task_metrics, *FEDERATION_COLUMNS]
+    return [*ROUND_COLUMNS, *task_metrics, *FEDERATION_COLUMNS, *method_columns(), *OUTCOME_COLUMNS]
 
 
 def write_metrics(path: str | Path, rows: Iterable[dict[str, Any]],

@@ -245,7 +245,6 @@ class ModelHost:
             num_samples=client.num_samples,
             # one host sync for the whole round, not one per step
             train_loss=float(torch.stack(client.losses).double().mean()) if client.losses else math.nan,
-            heads_trained=int(client.meta.get("heads_trained", 0)),
             meta=client.meta,
             client_state=None if new_client_state is None else {k: v.detach().cpu() for k, v in new_client_state.items()},
         )

@@ -1,21 +1,13 @@
-"""Claims about the adapter maths (PAPER.md sections 1, 2 and 5) and the model surgery."""
+"""Claims about the adapter maths (Raje et al. 2025, arXiv 2506.05568: the multi-head update, Table 4's base
+initialisations, Table 10's ranks; LoRA, arXiv 2106.09685) and the model surgery."""
 
 import pytest
 import torch
 from hypothesis import given, settings, assume, strategies as st
 from torch import nn
 
-from ravan_ray.adapters import (
-    INITS,
-    LoRALinear,
-    RavanLinear,
-    adapted_layers,
-    budget_from_lora_rank,
-    effective_rank,
-    inject,
-    make_bases,
-    rank_from_budget,
-)
+from ravan_ray.adapters import LoRALinear, adapted_layers, budget_from_lora_rank, effective_rank, inject
+from ravan_ray.methods.ravan import INITS, RavanLinear, make_bases, rank_from_budget
 
 
 def ravan(d_in=12, d_out=10, heads=4, rank=2, init="normal", seed=0, name="layer", **kw):

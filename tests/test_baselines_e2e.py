@@ -1,6 +1,7 @@
 """Every method end to end through the CLI on Ray (tiny BERT, 2 rounds): a valid run directory, the
-exactness column of PAPER.md's baselines table in ``agg_error``, and up/downlink bytes equal to the tensors
-each method really sends. One run per (method, compute mix), shared by the tests below."""
+exactness each method's paper claims (README's Methods table, column "exact") in ``agg_error``, and up/downlink
+bytes equal to the tensors each method really sends. One run per (method, compute mix), shared by the tests
+below."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 from conftest import TINY_OVERRIDES, tiny_model
-from ravan_ray.budgets import heads_for_level, rank_for_level
+from ravan_ray.budgets import rank_for_level
 from ravan_ray.cli import main
 from ravan_ray.methods import REGISTRY as METHODS
 from ravan_ray.methods.base import HEAD_PREFIX
+from ravan_ray.methods.ravan import heads_for_level
 
 E2E_OVERRIDES = [*TINY_OVERRIDES, "resources.pool_size=1", "federation.eval_every=2"]
 HETEROGENEOUS = ("hetlora", "flexlora", "fed_plora")  # their main run uses a bell-shaped compute mix

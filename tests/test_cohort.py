@@ -129,7 +129,8 @@ def _stacked_forward_and_grads(layer, stacked, blocks, batched):
                                   "ravan shared cores, dense", "lora", "lora shared A and mask",
                                   "lora per-client rank masks"])
 def test_the_adapters_hand_written_cohort_forward_equals_vmap_of_their_forward(case):
-    from ravan_ray.adapters import LoRALinear, RavanLinear
+    from ravan_ray.adapters import LoRALinear
+    from ravan_ray.methods.ravan import RavanLinear
 
     g = torch.Generator().manual_seed(0)
     clients = 3

@@ -71,7 +71,7 @@ def test_a_bad_value_of_an_option_is_one_line_naming_the_key(damped):
 
 def test_an_unknown_key_is_one_line_naming_it_and_the_keys_the_chosen_method_takes(damped):
     assert refusal("method.name=damped", "method.damped_facter=0.2") == (
-        "unknown config key 'method.damped_facter' (method damped takes: name, budget, lora_rank, heads, "
+        "unknown config key 'method.damped_facter' (method damped takes: name, budget, lora_rank, "
         "aggregation_weights, lora_alpha, damped_factor)")
     assert refusal("method.name=hetlora", "method.hetlora_gama=0.5").endswith(
         "lora_alpha, hetlora_gamma, hetlora_lambda, hetlora_norm)")

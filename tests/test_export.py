@@ -17,13 +17,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ravan_ray.adapters import INITS, LoRALinear, RavanLinear
+from ravan_ray.adapters import LoRALinear
 from ravan_ray.checkpoints import save_checkpoint
 from ravan_ray.cli import main
 from ravan_ray.config import load_config, read_yaml, save_config
 from ravan_ray.export import EXPORT_INFO, export_run
 from ravan_ray.methods import REGISTRY, method_class
 from ravan_ray.methods.base import ClientTask
+from ravan_ray.methods.ravan import INITS, RavanLinear
 from ravan_ray.training import ModelHost
 
 from conftest import TINY_INFO, TINY_OVERRIDES

@@ -6,7 +6,7 @@ import torch
 
 from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.config import load_config
-from ravan_ray.scoring import head_scores
+from ravan_ray.methods.ravan import head_scores
 from ravan_ray.training import ModelHost
 from toys import local_data, rand
 

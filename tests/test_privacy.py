@@ -82,7 +82,7 @@ def _ravan_update(state, client, heads, scale, generator, move_cores=True):
         cores = state[key][heads] + (0.5 * torch.randn(state[key][heads].shape, generator=generator) if move_cores else 0)
         tensors[key] = scale * cores  # what Ravan uploads: s_i H_i of the heads it trained
         meta[layer] = heads
-    return ClientUpdate(client, tensors, 10, 0.0, len(heads), {"heads": meta})
+    return ClientUpdate(client, tensors, 10, 0.0, {"heads": meta, "heads_trained": len(heads)})
 
 
 def test_ravan_update_is_s_h_minus_broadcast_on_trained_heads_and_zero_on_the_others():

@@ -36,4 +36,14 @@ def build_method(config):
     return method_class(config.method.name)(config)
 
 
-__all__ = ["REGISTRY", "build_method", "method_class"]
+def method_columns() -> dict[str, float]:
+    """Every registered method's own columns of metrics.csv (``FederatedMethod.metrics_columns``: Ravan's
+    ``heads_trained``), each at the value a run of another method writes there. Every run writes them all, as its
+    config.yaml lists every registered option, so the runs of a sweep over methods share their columns."""
+    columns: dict[str, float] = {}
+    for name in REGISTRY:
+        columns.update(method_class(name).metrics_columns)
+    return columns
+
+
+__all__ = ["REGISTRY", "build_method", "method_class", "method_columns"]

@@ -33,6 +33,7 @@ from torch import nn
 
 from ravan_ray.budgets import mix_proportions
 from ravan_ray.config import Options, RunConfig
+from ravan_ray.methods.budget import RankRule
 
 State = dict[str, torch.Tensor]
 HEAD_PREFIX = "head/"
@@ -67,7 +68,6 @@ class ClientUpdate:
     tensors: State  # communicated: uplink bytes are exactly sum(t.nbytes)
     num_samples: int
     train_loss: float
-    heads_trained: int = 0  # per adapted layer (Ravan); 0 for methods without heads
     meta: dict[str, Any] = field(default_factory=dict)  # small selection metadata (head indices, rank)
     client_state: Optional[State] = None  # stays with the client across rounds
 
@@ -121,6 +121,15 @@ class FederatedMethod(ABC):
     #: The method's own keys under ``method:`` (HetLoRA's pruning knobs, ...), read through ``self.options``.
     options_model: ClassVar[type[Options]] = Options
 
+    #: How the shared per-matrix budget N becomes this method's rank (``methods/budget.py``: LORA_RANK, B_ONLY,
+    #: CORE); a method whose rule needs more (its options) overrides :meth:`rank` instead.
+    rank_rule: ClassVar[Optional[RankRule]] = None
+
+    #: This method's own columns of metrics.csv (filled by :meth:`round_metrics`: Ravan's ``heads_trained``), each
+    #: with the value the runs of every other method write there: metrics.csv has every registered method's
+    #: columns, as config.yaml has every registered option, so the runs of a sweep over methods share their columns.
+    metrics_columns: ClassVar[dict[str, float]] = {}
+
     def __init__(self, config: RunConfig):
         self.config = config
         self.options = config.method.options(self.options_model)
@@ -137,7 +146,25 @@ class FederatedMethod(ABC):
         """Derived settings worth recording in the run's config.yaml (ranks per method, ...)."""
         return {}
 
+    @classmethod
+    def rank(cls, method_config, d_in: int, d_out: int) -> int:
+        """override: the rank this method uses on a d_out x d_in matrix under the shared budget (``method_config``:
+        the ``method:`` section). Default: by the method's :attr:`rank_rule`."""
+        if cls.rank_rule is None:
+            raise TypeError(f"method {cls.name} declares no rank_rule and does not override rank()")
+        return cls.rank_rule.rank_for(method_config, d_in, d_out)
+
+    def budget_columns(self, levels: Sequence[float]) -> dict[str, list]:
+        """override: this method's own columns of client_budgets.csv, one value per client from its compute level
+        ``levels[c]`` (Ravan: the heads it trains). Default: none."""
+        return {}
+
     # ----------------------------------------------------------------- server side
+    def round_metrics(self, updates: list[ClientUpdate]) -> dict[str, float]:
+        """override: this round's values of :attr:`metrics_columns`, from the uploads the server accepted (at least
+        one). Default: none."""
+        return {}
+
     def initial_state(self, model: nn.Module) -> State:
         """override: the first global state, read off the freshly wrapped model."""
         return self.head_state(model)

@@ -5,7 +5,8 @@ Efficient Low-Rank Fine-Tuning", arXiv 2411.19557).
 
 Every adapted weight gets W + s B R A with B (d_out x r) and A (r x d_in) frozen and shared, and only the
 r x r matrix R trained, uploaded and averaged. With B and A shared, B mean(R_c) A = mean(B R_c A): exact.
-The module is Ravan's layer with one head and constant scale (``RavanLinear(heads=1)`` + ``set_bases``).
+The module is the frozen-bases layer with one head and constant scale (``FrozenBasesLinear(heads=1)``, whose
+placeholder bases ``set_bases`` replaces), the layer Ravan's heads are made of.
 
 The initialisation, as the reference code does it (fed-sb ``utils/gradient_utils.py``
 ``estimate_and_process_grads_torch``, ``utils/initialization_utils.py`` ``find_and_initialize_grad``):
@@ -60,11 +61,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ravan_ray.adapters import RavanLinear, inject
+from ravan_ray.adapters import FrozenBasesLinear, adapter_dtype, gaussian_bases, inject, layer_generator
 from ravan_ray.config import Options
 from ravan_ray.methods.base import (HEAD_PREFIX, SYNCED_KEY, ClientTask, ClientUpdate, FederatedMethod, State,
                                     initial_sync, mark_synced, state_bytes, synced_round, weighted_mean)
-from ravan_ray.methods.budget import layer_summary, method_rank
+from ravan_ray.methods.budget import CORE, layer_summary
 from ravan_ray.methods.private_terms import PrivateTerms
 
 INIT_ROUND = 1  # the round whose clients estimate the update; its aggregation creates the bases
@@ -110,6 +111,7 @@ class FedSB(PrivateTerms, FederatedMethod):
     changes_base_weights = True  # merges updates into W
     exact = True
     options_model = FedSBOptions
+    rank_rule = CORE  # only the r x r core trains: r = floor(sqrt(N))
 
     def __init__(self, config):
         super().__init__(config)
@@ -142,15 +144,17 @@ class FedSB(PrivateTerms, FederatedMethod):
         return 1.0 if alpha is None else float(alpha) / rank
 
     def wrap_model(self, model: nn.Module) -> dict[str, nn.Module]:
-        def make_layer(name: str, linear: nn.Linear) -> RavanLinear:
-            rank = method_rank(self.config.method, linear.in_features, linear.out_features)
+        def make_layer(name: str, linear: nn.Linear) -> FrozenBasesLinear:
+            rank = self.rank(self.config.method, linear.in_features, linear.out_features)
             self.ranks[name] = rank
             self.shapes[name] = (linear.out_features, linear.in_features)
             # The bases drawn here are placeholders until round 1's SVD replaces them; R stays 0 until then.
-            return RavanLinear(linear, heads=1, rank=rank, scaling="constant", seed=self.seed, layer_name=name)
+            bases = gaussian_bases(1, rank, linear.in_features, linear.out_features, layer_generator(self.seed, name),
+                                   adapter_dtype(linear))
+            return FrozenBasesLinear(linear, heads=1, rank=rank, bases=bases, scaling="constant")
 
         inject(model, self.config.model.target_modules, make_layer)
-        return {name: module for name, module in model.named_modules() if isinstance(module, RavanLinear)}
+        return {name: module for name, module in model.named_modules() if isinstance(module, FrozenBasesLinear)}
 
     def resolved(self) -> dict:
         return {"rank": dict(self.ranks), "lora_scale": {n: self.scale(r) for n, r in self.ranks.items()},

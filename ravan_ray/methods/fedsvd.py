@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from ravan_ray.methods.base import ClientTask, ClientUpdate, State, weighted_mean
+from ravan_ray.methods.budget import B_ONLY
 from ravan_ray.methods.flexlora import truncated_factors
 from ravan_ray.methods.lora import LoRAMethod, factor_key
 
@@ -55,6 +56,7 @@ class FedSVD(LoRAMethod):
     shared_factors = ("lora_A", "lora_B")  # both are broadcast (A changes every round) ...
     trained_factors = ("lora_B",)  # ... but clients train and upload B only
     alpha_per_rank = 1.0
+    rank_rule = B_ONLY  # only B trains (A is set by the server's SVD): r = floor(N / d_out)
 
     def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
         weights = self.client_weights(updates)

@@ -18,6 +18,7 @@ Choices the paper leaves open:
 from __future__ import annotations
 
 from ravan_ray.methods.base import ClientUpdate, State
+from ravan_ray.methods.budget import B_ONLY
 from ravan_ray.methods.lora import LoRAMethod
 
 
@@ -27,6 +28,7 @@ class FFALoRA(LoRAMethod):
     shared_factors = ("lora_B",)
     trained_factors = ("lora_B",)
     alpha_per_rank = 2.0
+    rank_rule = B_ONLY  # only B trains: r = floor(N / d_out)
 
     def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:
         return self.average_factors(state, updates, self.client_weights(updates))

@@ -1,5 +1,6 @@
 """Full fine-tuning with FedAvg (McMahan et al., "Communication-Efficient Learning of Deep Networks from
-Decentralized Data", AISTATS 2017): the upper reference of PAPER.md's baselines table.
+Decentralized Data", AISTATS 2017, arXiv 1602.05629, Algorithm 1): the upper reference (Full-FT) of the
+baselines Raje et al. 2025 (arXiv 2506.05568) compare Ravan with.
 
 Every client trains every weight of the network except the embeddings, uploads them all, and the server
 takes their weighted mean. The adapted layers (the target linear layers, left as plain ``nn.Linear``)
@@ -28,7 +29,7 @@ from torch import nn
 
 from ravan_ray.adapters import inject
 from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State, weighted_mean
-from ravan_ray.methods.budget import layer_summary, method_rank
+from ravan_ray.methods.budget import layer_summary
 from ravan_ray.methods.private_terms import PrivateTerms
 
 PREFIX = "full/"
@@ -45,14 +46,20 @@ class FullFT(PrivateTerms, FederatedMethod):
         super().__init__(config)
         self.shapes: dict[str, tuple[int, int]] = {}
 
+    @classmethod
+    def rank(cls, method_config, d_in: int, d_out: int) -> int:
+        """No budget: the update of a d_out x d_in matrix is full rank, min(d_in, d_out)."""
+        return min(d_in, d_out)
+
     def wrap_model(self, model: nn.Module) -> dict[str, nn.Module]:
         names = inject(model, self.config.model.target_modules, lambda name, linear: linear)  # checks the targets
         self.shapes = {name: tuple(model.get_submodule(name).weight.shape) for name in names}
         return {name: model.get_submodule(name) for name in names}
 
     def resolved(self) -> dict:
-        ranks = {name: method_rank(self.config.method, d_in, d_out) for name, (d_out, d_in) in self.shapes.items()}
-        return {"rank": ranks, "trains": "every parameter except nn.Embedding tables", **layer_summary(self.config.method, self.shapes)}
+        ranks = {name: self.rank(self.config.method, d_in, d_out) for name, (d_out, d_in) in self.shapes.items()}
+        return {"rank": ranks, "trains": "every parameter except nn.Embedding tables",
+                **layer_summary(self.config.method, self.shapes, budgeted=False)}
 
     def body_parameters(self, model: nn.Module) -> list[str]:
         """Every parameter outside the embedding tables and the task head (which has its own switch)."""

@@ -29,7 +29,7 @@ from ravan_ray.adapters import LoRALinear, inject
 from ravan_ray.budgets import rank_for_level
 from ravan_ray.methods.base import (EVAL_PREFIX, ClientTask, ClientUpdate, FederatedMethod, State,
                                     weighted_mean)
-from ravan_ray.methods.budget import layer_summary, method_rank
+from ravan_ray.methods.budget import LORA_RANK, layer_summary
 from ravan_ray.methods.private_terms import PrivateTerms
 
 FACTORS = ("lora_A", "lora_B")
@@ -60,6 +60,7 @@ class LoRAMethod(PrivateTerms, FederatedMethod):
     trained_factors: ClassVar[tuple[str, ...]] = FACTORS
     #: lora_alpha / r when ``method.lora_alpha`` is unset: the original code's alpha divided by its rank
     alpha_per_rank: ClassVar[float] = 1.0
+    rank_rule = LORA_RANK  # B and A train: r = floor(N / (d_in + d_out))
 
     def __init__(self, config):
         super().__init__(config)
@@ -73,7 +74,7 @@ class LoRAMethod(PrivateTerms, FederatedMethod):
 
     def wrap_model(self, model: nn.Module) -> dict[str, nn.Module]:
         def make_layer(name: str, linear: nn.Linear) -> LoRALinear:
-            rank = method_rank(self.config.method, linear.in_features, linear.out_features)
+            rank = self.rank(self.config.method, linear.in_features, linear.out_features)
             self.ranks[name] = rank
             self.shapes[name] = (linear.out_features, linear.in_features)
             return LoRALinear(linear, rank, seed=self.seed, layer_name=name, scale=self.lora_scale(rank),

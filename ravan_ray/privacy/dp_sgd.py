@@ -1,6 +1,7 @@
 """Sample-level differential privacy: DP-SGD in each client's local training.
 
-**Sample level** (``privacy.mode: sample``): DP-SGD (Abadi et al. 2016) in local training through Opacus'
+**Sample level** (``privacy.mode: sample``): DP-SGD (Abadi et al. 2016, arXiv 1607.00133, Algorithm 1) in local
+training, as a hook on each of ``ModelHost``'s local steps (:class:`PrivateSteps`), through Opacus'
 ``GradSampleModule`` (per-example gradients; the adapter layers, which Opacus has no rule for and whose constant
 buffers its functorch fallback refuses, get a registered rule that is that fallback with the buffers passed in:
 :func:`adapter_grad_sample`) and ``DPOptimizer`` (per-example clipping to C, noise z C on the sum).
@@ -10,7 +11,7 @@ buffers its functorch fallback refuses, get a registered rule that is that fallb
 tokens, not the batch's token mean, under which one example's gradient would depend on the others' token counts),
 so a per-example gradient is that example's alone. Where one example makes several rows (a long QA context's
 windows, ``TaskData.train_examples``), batches draw ``batch_size`` examples with all their rows, and an example's
-gradient is the sum of its rows' gradients, clipped as one (:meth:`DPSGD.step`): the sampling rate, the clipping
+gradient is the sum of its rows' gradients, clipped as one (:meth:`DPSGD.prepare_step`): the sampling rate, the clipping
 and the accountant's unit are all the example (per-example clipping, not group privacy over the windows).
 """
 
@@ -120,19 +121,17 @@ def without_hooks(layer: torch.nn.Module) -> torch.nn.Module:
     return clone
 
 
-_REGISTERED = False
+def register_adapter_samplers(model: torch.nn.Module) -> None:
+    """Give every adapter layer class in ``model`` (any :class:`~ravan_ray.adapters.AdapterLayer`: the shared layers
+    and a method's own, such as Ravan's) the per-example gradient rule :func:`adapter_grad_sample`. Opacus looks rules
+    up by a module's exact class, so each class in the model is registered, once."""
+    from opacus.grad_sample import GradSampleModule, register_grad_sampler
 
+    from ravan_ray.adapters import AdapterLayer
 
-def register_adapter_samplers() -> None:
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    from opacus.grad_sample import register_grad_sampler
-
-    from ravan_ray.adapters import LoRALinear, RavanLinear
-
-    register_grad_sampler([RavanLinear, LoRALinear])(adapter_grad_sample)
-    _REGISTERED = True
+    new = {type(m) for m in model.modules() if isinstance(m, AdapterLayer)} - set(GradSampleModule.GRAD_SAMPLERS)
+    if new:
+        register_grad_sampler(sorted(new, key=lambda cls: cls.__qualname__))(adapter_grad_sample)
 
 
 class PrivateSteps(StepHook):
@@ -175,7 +174,7 @@ class DPSGD:
         from opacus import GradSampleModule
         from opacus.optimizers import DPOptimizer
 
-        register_adapter_samplers()
+        register_adapter_samplers(model)
         self.clip_norm = clip_norm
         # strict=False: the adapter layers' buffers are constants (see adapter_grad_sample), not data.
         self.module = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)

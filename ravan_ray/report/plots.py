@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
+from ravan_ray.budgets import MIXES
 from ravan_ray.report.runs import LOWER_IS_BETTER, displayed, metric_label
 from ravan_ray.report.tables import in_order, short_name
 
@@ -86,8 +87,7 @@ def plot_budget_mix(summary: pd.DataFrame, keys: list[str], path: Path, score: s
         return "the budget mix (compute.distribution) takes a single value"
     other = [k for k in keys if k != mix]
     mixes = in_order(list(displayed(summary[mix]).unique()))
-    preferred = ["homogeneous", "uniform", "bell", "skewed_left", "skewed_right"]
-    mixes = [m for m in preferred if m in mixes] + [m for m in mixes if m not in preferred]
+    mixes = [m for m in MIXES if m in mixes] + [m for m in mixes if m not in MIXES]
     labels = (displayed(summary[other]).agg(", ".join, axis=1) if other
               else pd.Series("all", index=summary.index))
     series = in_order(list(labels.unique()))
@@ -135,7 +135,7 @@ def plot_heads(runs: pd.DataFrame, summary: pd.DataFrame, keys: list[str], path:
         std = scale * part[f"final_{score}_std"].fillna(0.0).to_numpy(float)
         ax.errorbar(h, gain, yerr=std, marker="o", capsize=3, label=label or None)
     ax.axhline(0.0, color="grey", linewidth=0.8)
-    from ravan_ray.methods.budget import full_rank_heads
+    from ravan_ray.methods.ravan.budget import full_rank_heads
 
     # past full_rank_heads the update's total rank can no longer grow
     ticks = {int(v) for v in summary[heads].astype(float)}

@@ -33,25 +33,29 @@ Under differential privacy (``ravan_ray/privacy/``):
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+import math
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
-from ravan_ray.adapters import RavanLinear, inject
-from ravan_ray.budgets import heads_for_level
+from ravan_ray.adapters import inject
 from ravan_ray.config import ConfigError, Options
 from ravan_ray.methods.base import ClientTask, ClientUpdate, FederatedMethod, State, weighted_mean
-from ravan_ray.methods.budget import layer_summary, method_rank
+from ravan_ray.methods.budget import given_budget, layer_summary, per_matrix_budget
 from ravan_ray.methods.private_terms import PrivateTerms, gather_slices, noise_per_trainer, scatter_slices
-from ravan_ray.scoring import head_scores, top_k
+from ravan_ray.methods.ravan.budget import heads_for_level, rank_from_budget
+from ravan_ray.methods.ravan.layer import RavanLinear
+from ravan_ray.methods.ravan.scoring import head_scores, top_k
 
 
 class RavanOptions(Options):
-    """How the heads are built, trained and chosen (the number of heads, ``method.heads``, is shared: the
-    budget matching splits N over them)."""
+    """How many heads, and how they are built, trained and chosen (``method.heads``, ``method.init``, ...)."""
 
+    # the heads h: the budget matching splits N over them (r = floor(sqrt(N / h)) each)
+    heads: int = Field(4, ge=1)
     init: Literal["normal", "gram_schmidt", "constant", "shared_subspace"] = "normal"
     scaling: Literal["trainable", "constant"] = "trainable"
     scoring: Literal["random", "weight", "gradient"] = "random"
@@ -64,28 +68,54 @@ class Ravan(PrivateTerms, FederatedMethod):
     report_tables = {"method.heads": "number of heads", "method.init": "initialisation",
                      "method.scoring": "head scoring", "method.scaling": "scaling"}
     options_model = RavanOptions
+    metrics_columns = {"heads_trained": 0.0}  # the mean over the round's clients of the heads each trained per layer
 
     def __init__(self, config):
         super().__init__(config)
         self.ranks: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
 
-    def wrap_model(self, model: nn.Module) -> dict[str, nn.Module]:
-        cfg = self.config.method
+    @classmethod
+    def rank(cls, method_config, d_in: int, d_out: int) -> int:
+        """Each head's rank r = floor(sqrt(N / h)) under the shared budget N. A rank above d = min(d_in, d_out) adds
+        nothing but memory and is refused with the largest budget that makes sense, heads of rank d (N = h d^2), and
+        the budget at which the heads' total rank sqrt(N h) already reaches d (N = d^2 / h), where the paper's gains
+        from more heads stop."""
+        heads = method_config.options(cls.options_model).heads
+        budget = per_matrix_budget(method_config, d_in, d_out)
+        rank = rank_from_budget(budget, heads)
+        d = min(d_in, d_out)
+        if rank > d:
+            saturation = math.ceil(d * d / heads)
+            raise ValueError(
+                f"{given_budget(method_config)} gives ravan's {heads} heads rank {rank} on a {d_out} x {d_in} matrix, "
+                f"more than {d}: use method.budget <= {heads * d * d} (heads of rank {d}); the heads' total rank "
+                f"already reaches {d} at sqrt(N h) = d, N = {saturation} (method.lora_rank ~ "
+                f"{max(1, saturation // (d_in + d_out))})")
+        return rank
 
+    def wrap_model(self, model: nn.Module) -> dict[str, nn.Module]:
         def make_layer(name: str, linear: nn.Linear) -> RavanLinear:
-            rank = method_rank(cfg, linear.in_features, linear.out_features)
+            rank = self.rank(self.config.method, linear.in_features, linear.out_features)
             self.ranks[name] = rank
             self.shapes[name] = (linear.out_features, linear.in_features)
-            return RavanLinear(linear, heads=cfg.heads, rank=rank, init=self.options.init,
+            return RavanLinear(linear, heads=self.options.heads, rank=rank, init=self.options.init,
                                scaling=self.options.scaling, seed=self.seed, layer_name=name)
 
         inject(model, self.config.model.target_modules, make_layer)
         return {name: module for name, module in model.named_modules() if isinstance(module, RavanLinear)}
 
     def resolved(self) -> dict:
-        return {"heads": self.config.method.heads, "rank_per_head": dict(self.ranks),
+        return {"heads": self.options.heads, "rank_per_head": dict(self.ranks),
                 **layer_summary(self.config.method, self.shapes)}
+
+    def budget_columns(self, levels: Sequence[float]) -> dict[str, list]:
+        """client_budgets.csv's ``heads``: the heads K_c each client trains at its level."""
+        return {"heads": [heads_for_level(level, self.options.heads) for level in levels]}
+
+    def round_metrics(self, updates: list[ClientUpdate]) -> dict[str, float]:
+        """metrics.csv's ``heads_trained``: the mean over the round's clients of the heads each trained per layer."""
+        return {"heads_trained": float(np.mean([u.meta["heads_trained"] for u in updates]))}
 
     # ----------------------------------------------------------------- server
     def initial_state(self, model: nn.Module) -> State:
@@ -176,7 +206,7 @@ class Ravan(PrivateTerms, FederatedMethod):
     def begin_training(self, model: nn.Module, task: ClientTask, batch_loss: Callable[[], torch.Tensor]) -> dict:
         super().begin_training(model, task, batch_loss)
         layers = self.adapted_modules(model)
-        k = heads_for_level(task.level, self.config.method.heads)
+        k = heads_for_level(task.level, self.options.heads)
         scores = head_scores(self.options.scoring, layers, task.generator(stream=1), batch_loss, model)
         selected = top_k(scores, k)
         for name, layer in layers.items():

@@ -1,4 +1,5 @@
-"""Head scores (PAPER.md section 3, step 3): which K_c heads a client trains this round.
+"""Head scores (Raje et al. 2025, arXiv 2506.05568, Algorithm 1, step 3): which K_c heads a client trains this
+round.
 
 - ``random``:   score ~ U(0, 1), drawn from the client's private task RNG.
 - ``weight``:   ||s_i H_i||_F of the broadcast cores (s_i is 1 at the start of a round). Ties, e.g. all
@@ -18,7 +19,7 @@ from typing import Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from ravan_ray.adapters import RavanLinear
+from ravan_ray.methods.ravan.layer import RavanLinear
 
 SCORES = ("random", "weight", "gradient")
 

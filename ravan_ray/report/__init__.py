@@ -46,8 +46,11 @@ own curves.png); :func:`write_report` here puts report.md together.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
+
+import pandas as pd
 
 from ravan_ray.report.plots import plot_budget_mix, plot_heads, plot_per_round, plot_run
 from ravan_ray.report.runs import (IGNORED_MIX_MARK, IGNORED_MIX_NOTE, ReportError, display, find_runs, in_percent,
@@ -66,101 +69,147 @@ def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequen
     ``select``: config keys tuned on the validation split (e.g. optimizer.lr): report.md then opens with the
     selected table (:func:`select_configurations`), and candidates.csv / selected.csv hold its numbers."""
     dirs = [Path(d) for d in dirs]
+    run_dirs = _run_dirs(dirs)
+    output = Path(output) if output else (dirs[0] / "report" if len(dirs) == 1 else Path("report"))
+    output.mkdir(parents=True, exist_ok=True)
+    report = Report.read(run_dirs, dirs[0].resolve() if len(dirs) == 1 else None)
+    selection = report.selection(output, list(select), select_on, rows) if select else []
+    report.runs.to_csv(output / "runs.csv", index=False)
+    report.summary.to_csv(output / "report.csv", index=False)
+    configurations = report.all_configurations()
+    tables, single_valued = report.pivot_tables()
+    plots, not_drawn = report.plots(output)
+    lines = [*report.heading(dirs), *selection, *configurations, *tables, *plots, *_skipped(not_drawn + single_valued),
+             *report.runs_table()]
+    path = output / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _run_dirs(dirs: list[Path]) -> list[Path]:
     if not dirs:
         raise ReportError("give at least one run or sweep directory")
     run_dirs = find_runs(dirs)
     if not run_dirs:
         raise ReportError("no runs (directories with metrics.csv, config.yaml and summary.json) under "
                           + ", ".join(str(d) for d in dirs))
-    output = Path(output) if output else (dirs[0] / "report" if len(dirs) == 1 else Path("report"))
-    output.mkdir(parents=True, exist_ok=True)
-    root = dirs[0].resolve() if len(dirs) == 1 else None
-    runs, rounds = read_runs(run_dirs, root)
-    keys = varying_keys(runs)
-    summary = summarise(runs, keys)
-    score = score_name(runs)
-    selection_lines: list[str] = []
-    if select:
-        candidates, selected = select_configurations(runs, rounds, list(select), keys, score, select_on)
+    return run_dirs
+
+
+def _skipped(skipped: list[str]) -> list[str]:
+    return ["## Skipped", ""] + [f"- {s}" for s in skipped] + [""] if skipped else []
+
+
+@dataclass
+class Report:
+    """The runs a report covers, grouped into configurations, and the sections of report.md drawn from them."""
+
+    runs: pd.DataFrame  # one row per run: its flattened config and summary
+    rounds: pd.DataFrame  # metrics.csv rows of all runs
+    keys: list[str]  # the config keys that differ between runs, seeds aside
+    summary: pd.DataFrame  # one row per configuration: mean, std and n over seeds
+    score: str  # the runs' task's primary metric, or "score" when their tasks rank by different metrics
+
+    @classmethod
+    def read(cls, run_dirs: list[Path], root: Optional[Path]) -> "Report":
+        runs, rounds = read_runs(run_dirs, root)
+        keys = varying_keys(runs)
+        return cls(runs, rounds, keys, summarise(runs, keys), score_name(runs))
+
+    @property
+    def percent(self) -> bool:
+        return in_percent(self.score, self.runs)
+
+    @property
+    def score_text(self) -> str:
+        return metric_label(self.score, self.percent)
+
+    def selection(self, output: Path, tuned: list[str], select_on: str, rows: Sequence[str]) -> list[str]:
+        """The configurations chosen on the validation split (candidates.csv, selected.csv) and their section."""
+        candidates, selected = select_configurations(self.runs, self.rounds, tuned, self.keys, self.score, select_on)
         candidates.to_csv(output / "candidates.csv", index=False)
         selected.to_csv(output / "selected.csv", index=False)
-        selection_lines = selection_markdown(runs, rounds, candidates, selected, list(select), keys, score, select_on,
-                                             rows)
+        return selection_markdown(self.runs, self.rounds, candidates, selected, tuned, self.keys, self.score,
+                                  select_on, rows)
 
-    runs.to_csv(output / "runs.csv", index=False)
-    summary.to_csv(output / "report.csv", index=False)
+    def heading(self, dirs: list[Path]) -> list[str]:
+        runs, summary, score = self.runs, self.summary, self.score
+        ranked_by = (f"the final {score.replace('_', ' ')}" if score != "score"
+                     else "the final value of each run's task's primary metric (column `metric`)")
+        return [f"# Report: {len(runs)} run{'s' * (len(runs) != 1)} in {len(summary)} "
+                f"configuration{'s' * (len(summary) != 1)}", "",
+                "Sources: " + ", ".join(f"`{d}`" for d in dirs), "",
+                f"Scores ({'in %, ' if self.percent else ''}as mean ± sample std (number of seeds)) are {ranked_by}. "
+                "Configurations differ in: " + (", ".join(f"`{k}`" for k in self.keys) or "nothing (seeds only)")
+                + ".", ""]
 
-    percent = in_percent(score, runs)
-    score_text = metric_label(score, percent)
-    lines = [f"# Report: {len(runs)} run{'s' * (len(runs) != 1)} in {len(summary)} "
-             f"configuration{'s' * (len(summary) != 1)}", ""]
-    lines.append("Sources: " + ", ".join(f"`{d}`" for d in dirs))
-    lines.append("")
-    ranked_by = (f"the final {score.replace('_', ' ')}" if score != "score"
-                 else "the final value of each run's task's primary metric (column `metric`)")
-    lines.append(f"Scores ({'in %, ' if percent else ''}as mean ± sample std (number of seeds)) are {ranked_by}. "
-                 "Configurations differ in: " + (", ".join(f"`{k}`" for k in keys) or "nothing (seeds only)") + ".")
-    lines += [""] + selection_lines + ["## All configurations", ""]
-    others = [m for m in task_metrics(runs) if m != score and f"final_{m}_mean" in summary]
-    header = [short_name(k) for k in keys] + (["metric"] if score == "score" else []) + [
-        "n", "seeds", f"final {score_text}", f"best {score_text}"] + [
-        f"final {metric_label(m, in_percent(m, runs))}" for m in others] + ["uplink MB", "wall s"]
-    metric_of = runs.groupby(keys, dropna=False)["metric"].first() if keys and score == "score" else None
-    table = []
-    for _, row in summary.iterrows():
-        n = int(row["n"])
-        label = [display(row[k]) for k in keys]
-        if metric_of is not None:
-            label.append(metric_of.loc[tuple(row[k] for k in keys) if len(keys) > 1 else row[keys[0]]])
-        table.append(label + [
-            n, row["seeds"],
-            score_cell(row[f"final_{score}_mean"], row[f"final_{score}_std"], n, percent) + marked(row),
-            score_cell(row[f"best_{score}_mean"], row[f"best_{score}_std"], n, percent)] + [
-            score_cell(row[f"final_{m}_mean"], row[f"final_{m}_std"], n, in_percent(m, runs)) for m in others] + [
-            f"{row['total_uplink_bytes_mean'] / 1e6:.3g}", f"{row['wall_s_mean']:.1f}"])
-    all_configurations = markdown_table(header, table)
-    lines += [all_configurations, ""] + ([IGNORED_MIX_NOTE, ""] if IGNORED_MIX_MARK in all_configurations else [])
+    def all_configurations(self) -> list[str]:
+        """Every configuration: its score (final and best), the task's other metrics, traffic and time."""
+        runs, summary, keys, score, percent = self.runs, self.summary, self.keys, self.score, self.percent
+        others = [m for m in task_metrics(runs) if m != score and f"final_{m}_mean" in summary]
+        header = [short_name(k) for k in keys] + (["metric"] if score == "score" else []) + [
+            "n", "seeds", f"final {self.score_text}", f"best {self.score_text}"] + [
+            f"final {metric_label(m, in_percent(m, runs))}" for m in others] + ["uplink MB", "wall s"]
+        metric_of = runs.groupby(keys, dropna=False)["metric"].first() if keys and score == "score" else None
+        table = []
+        for _, row in summary.iterrows():
+            n = int(row["n"])
+            label = [display(row[k]) for k in keys]
+            if metric_of is not None:
+                label.append(metric_of.loc[tuple(row[k] for k in keys) if len(keys) > 1 else row[keys[0]]])
+            table.append(label + [
+                n, row["seeds"],
+                score_cell(row[f"final_{score}_mean"], row[f"final_{score}_std"], n, percent) + marked(row),
+                score_cell(row[f"best_{score}_mean"], row[f"best_{score}_std"], n, percent)] + [
+                score_cell(row[f"final_{m}_mean"], row[f"final_{m}_std"], n, in_percent(m, runs)) for m in others] + [
+                f"{row['total_uplink_bytes_mean'] / 1e6:.3g}", f"{row['wall_s_mean']:.1f}"])
+        return ["## All configurations", "", *_with_mix_note(markdown_table(header, table))]
 
-    skipped, single = [], []
-    for title, row_keys in report_tables(runs):
-        present = [k for k in row_keys if k in keys]
-        if not present:
-            single.append(" / ".join(f"`{k}`" for k in row_keys))
-            continue
-        col_keys = [k for k in keys if k not in present]
-        if title.startswith("Final score per budget mix") and "method.name" in col_keys:
-            col_keys = ["method.name"] + [k for k in col_keys if k != "method.name"]
-        heading = title.replace("score", score.replace("_", " ") if score != "score" else "score")
-        pivot = pivot_markdown(summary, present, col_keys, score, percent)
-        lines += [f"## {heading}", "", pivot, ""] + ([IGNORED_MIX_NOTE, ""] if IGNORED_MIX_MARK in pivot else [])
+    def pivot_tables(self) -> tuple[list[str], list[str]]:
+        """A table per key the report's tables pivot on (task, method, budget mix, each method's ablations, data
+        partition) that differs between the runs; and the line naming those that do not."""
+        lines, single = [], []
+        for table in report_tables(self.runs):
+            present = [k for k in table.rows if k in self.keys]
+            if not present:
+                single.append(" / ".join(f"`{k}`" for k in table.rows))
+                continue
+            heading = table.title.replace("score", self.score.replace("_", " ") if self.score != "score" else "score")
+            pivot = pivot_markdown(self.summary, present, table.columns(self.keys), self.score, self.percent)
+            lines += [f"## {heading}", "", *_with_mix_note(pivot)]
+        return lines, (["Tables per " + ", ".join(single) + ": a single value in these runs"] if single else [])
 
-    plots = [
-        ("accuracy_per_round.png", f"{score.replace('_', ' ').capitalize()} per round",
-         lambda p: plot_per_round(runs, rounds, keys, score, score_text, score.replace("_", " ").capitalize(), p,
-                                  percent)),
-        ("accuracy_by_budget_mix.png", f"Final {score.replace('_', ' ')} by budget mix",
-         lambda p: plot_budget_mix(summary, keys, p, score, percent)),
-        ("heads_gain.png", f"{score.replace('_', ' ').capitalize()} gain vs heads",
-         lambda p: plot_heads(runs, summary, keys, p, score, percent)),
-        ("effective_rank.png", "Effective rank per round",
-         lambda p: plot_per_round(runs, rounds, keys, "effective_rank", "effective rank",
-                                  "Effective rank of the aggregated update", p)),
-    ]
-    lines += ["## Plots", ""]
-    for filename, title, draw in plots:
-        reason = draw(output / filename)
-        if reason:
-            skipped.append(f"{title} plot: {reason}")
-            (output / filename).unlink(missing_ok=True)
-        else:
-            lines += [f"### {title}", "", f"![{title}]({filename})", ""]
-    if single:
-        skipped.append("Tables per " + ", ".join(single) + ": a single value in these runs")
-    if skipped:
-        lines += ["## Skipped", ""] + [f"- {s}" for s in skipped] + [""]
-    lines += ["## Runs", "", markdown_table(["run", "seed", f"final {score_text}", "rounds"], [
-        [r["run"], r.get("seed"), score_cell(r[f"final_{score}"], math.nan, 1, percent).replace(" (1)", ""), r["rounds"]]
-        for _, r in runs.iterrows()]), ""]
-    path = output / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    def plots(self, output: Path) -> tuple[list[str], list[str]]:
+        """The PNGs, and why each plot that is not drawn is not (its grouping has fewer than two values)."""
+        runs, rounds, keys, score, percent = self.runs, self.rounds, self.keys, self.score, self.percent
+        named = score.replace("_", " ")
+        plots = [
+            ("accuracy_per_round.png", f"{named.capitalize()} per round",
+             lambda p: plot_per_round(runs, rounds, keys, score, self.score_text, named.capitalize(), p, percent)),
+            ("accuracy_by_budget_mix.png", f"Final {named} by budget mix",
+             lambda p: plot_budget_mix(self.summary, keys, p, score, percent)),
+            ("heads_gain.png", f"{named.capitalize()} gain vs heads",
+             lambda p: plot_heads(runs, self.summary, keys, p, score, percent)),
+            ("effective_rank.png", "Effective rank per round",
+             lambda p: plot_per_round(runs, rounds, keys, "effective_rank", "effective rank",
+                                      "Effective rank of the aggregated update", p)),
+        ]
+        lines, not_drawn = ["## Plots", ""], []
+        for filename, title, draw in plots:
+            reason = draw(output / filename)
+            if reason:
+                not_drawn.append(f"{title} plot: {reason}")
+                (output / filename).unlink(missing_ok=True)
+            else:
+                lines += [f"### {title}", "", f"![{title}]({filename})", ""]
+        return lines, not_drawn
+
+    def runs_table(self) -> list[str]:
+        return ["## Runs", "", markdown_table(["run", "seed", f"final {self.score_text}", "rounds"], [
+            [r["run"], r.get("seed"), score_cell(r[f"final_{self.score}"], math.nan, 1, self.percent).replace(" (1)", ""),
+             r["rounds"]] for _, r in self.runs.iterrows()]), ""]
+
+
+def _with_mix_note(table: str) -> list[str]:
+    """A markdown table, with the footnote on methods that ignore the budget mix where it marks one."""
+    return [table, ""] + ([IGNORED_MIX_NOTE, ""] if IGNORED_MIX_MARK in table else [])

@@ -4,7 +4,8 @@ value with the best validation mean, its test score, and paired intervals betwee
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -126,92 +127,130 @@ def paired_difference(frame: pd.DataFrame, first: dict[str, Any], second: dict[s
     return out
 
 
+@dataclass
+class SelectionView:
+    """How the selected table is laid out: its row keys (``--rows``, by default the method, or the first other
+    differing key) and column keys (the remaining settings), the row and column values present, and lookups into the
+    selection's frames."""
+
+    candidates: pd.DataFrame
+    selected: pd.DataFrame
+    tuned: list[str]
+    settings: list[str]  # the differing keys that are not tuned
+    row_keys: list[str]
+    col_keys: list[str]
+    rows_seen: list[tuple]
+    cols_seen: list[tuple]
+    percent: bool
+    higher: bool  # whether a higher score is better
+
+    @classmethod
+    def of(cls, runs: pd.DataFrame, candidates: pd.DataFrame, selected: pd.DataFrame, tuned: list[str],
+           keys: list[str], score: str, rows: Sequence[str]) -> "SelectionView":
+        settings = [k for k in keys if k not in tuned]
+        unknown = [k for k in rows if k not in settings]
+        if unknown:
+            raise ReportError(f"--rows {unknown[0]}: not a key that differs between these runs "
+                              f"(those are: {', '.join(settings) or 'none'})")
+        row_keys = list(rows) or (["method.name"] if "method.name" in settings else settings[:1])
+        col_keys = [k for k in settings if k not in row_keys]
+
+        def seen(group: list[str]) -> list[tuple]:
+            return in_order(list({tuple(r) for r in displayed(selected[group]).itertuples(index=False)})) \
+                if group else [()]
+
+        return cls(candidates, selected, tuned, settings, row_keys, col_keys, seen(row_keys), seen(col_keys),
+                   in_percent(score, runs), not lower_is_better(score))
+
+    def lookup(self, row_value: tuple, col_value: tuple) -> Optional[pd.Series]:
+        """The selected configuration at this row and column, or None."""
+        match = self.selected
+        for key, value in zip(self.row_keys + self.col_keys, row_value + col_value):
+            match = match[displayed(match[key]) == str(value)]
+        return None if match.empty else match.iloc[0]
+
+    def at_edge(self, row: pd.Series, key: str) -> bool:
+        """Whether the chosen numeric value of ``key`` is the end of the values tried for this setting."""
+        tried = self.candidates
+        for other in self.settings:
+            tried = tried[displayed(tried[other]) == display(row[other])]
+        values = pd.to_numeric(tried[key], errors="coerce").dropna().unique()
+        value = pd.to_numeric(pd.Series([row[key]]), errors="coerce").iloc[0]
+        return len(values) >= 3 and not math.isnan(value) and value in (values.min(), values.max())
+
+    def ranked(self, col_value: tuple) -> list[tuple[pd.Series, tuple]]:
+        """(selected configuration, row value) of every row with a test score in this column, best first."""
+        found = [(self.lookup(r, col_value), r) for r in self.rows_seen if self.lookup(r, col_value) is not None]
+        found = [(f, r) for f, r in found if not math.isnan(f["test_mean"])]
+        return sorted(found, key=lambda x: x[0]["test_mean"], reverse=self.higher)
+
+
 def selection_markdown(runs: pd.DataFrame, rounds: pd.DataFrame, candidates: pd.DataFrame, selected: pd.DataFrame,
                        tuned: list[str], keys: list[str], score: str, select_on: str,
                        rows: Sequence[str] = ()) -> list[str]:
     """The paper-style table (rows: ``rows``, by default the method, or the first other differing key;
     columns: the remaining settings; cells: test mean ± std (n seeds) at the chosen tuned values, the best
     per column in bold), the paired interval of the top two per column, and every candidate configuration."""
-    percent = in_percent(score, runs)
-    scale = 100.0 if percent else 1.0
-    settings = [k for k in keys if k not in tuned]
-    unknown = [k for k in rows if k not in settings]
-    if unknown:
-        raise ReportError(f"--rows {unknown[0]}: not a key that differs between these runs "
-                          f"(those are: {', '.join(settings) or 'none'})")
-    row_keys = list(rows) or (["method.name"] if "method.name" in settings else settings[:1])
-    col_keys = [k for k in settings if k not in row_keys]
-    higher = not lower_is_better(score)
-    val = validation_name(score)
+    view = SelectionView.of(runs, candidates, selected, tuned, keys, score, rows)
+    return [*_introduction(view, score, select_on), *_selected_table(view, score),
+            *_top_two_per_column(view, runs.merge(selection_scores(runs, rounds, score, select_on), on="run")),
+            *_every_candidate(view, score, select_on)]
+
+
+def _introduction(view: SelectionView, score: str, select_on: str) -> list[str]:
+    tuned = ", ".join(f"`{k}`" for k in view.tuned)
     how = ("the final round's" if select_on == "final" else "the best round's (test read at that round)")
-    lines = [f"## Selected on validation: {', '.join(f'`{k}`' for k in tuned)}", "",
-             f"For every configuration of the other keys, the value of {', '.join(f'`{k}`' for k in tuned)} with "
-             f"the best mean over seeds of {how} `{val}` is chosen; the cells are the {score.replace('_', ' ')}"
-             f"{' in %' if percent else ''} of that choice, mean ± sample std (number of seeds), best per column in "
-             "bold. Test metrics play no part in the choice.", ""]
-    rows_seen = in_order(list({tuple(r) for r in displayed(selected[row_keys]).itertuples(index=False)})) \
-        if row_keys else [()]
-    cols_seen = in_order(list({tuple(r) for r in displayed(selected[col_keys]).itertuples(index=False)})) \
-        if col_keys else [()]
+    return [f"## Selected on validation: {tuned}", "",
+            f"For every configuration of the other keys, the value of {tuned} with the best mean over seeds of {how} "
+            f"`{validation_name(score)}` is chosen; the cells are the {score.replace('_', ' ')}"
+            f"{' in %' if view.percent else ''} of that choice, mean ± sample std (number of seeds), best per column "
+            "in bold. Test metrics play no part in the choice.", ""]
 
-    def at_edge(row: pd.Series, key: str) -> bool:
-        """Whether the chosen numeric value of ``key`` is the end of the values tried for this setting."""
-        tried = candidates
-        for other in settings:
-            tried = tried[displayed(tried[other]) == display(row[other])]
-        values = pd.to_numeric(tried[key], errors="coerce").dropna().unique()
-        value = pd.to_numeric(pd.Series([row[key]]), errors="coerce").iloc[0]
-        return len(values) >= 3 and not math.isnan(value) and value in (values.min(), values.max())
 
-    def lookup(row_value, col_value):
-        match = selected
-        for key, value in zip(row_keys + col_keys, row_value + col_value):
-            match = match[displayed(match[key]) == str(value)]
-        return None if match.empty else match.iloc[0]
-
-    best = {}
-    for col_value in cols_seen:
-        means = [(lookup(r, col_value)["test_mean"], r) for r in rows_seen if lookup(r, col_value) is not None]
-        means = [(m, r) for m, r in means if not math.isnan(m)]
-        if means:
-            best[col_value] = (max if higher else min)(means, key=lambda x: x[0])[1]
-    header = [" / ".join(short_name(k) for k in row_keys) or "configuration"] + (
-        [", ".join(f"{short_name(k)}={v}" for k, v in zip(col_keys, col)) for col in cols_seen]
-        if col_keys else [f"{metric_label(score, percent)} (chosen {', '.join(short_name(k) for k in tuned)})"])
+def _selected_table(view: SelectionView, score: str) -> list[str]:
+    """The table of chosen configurations, the best per column in bold, with a note where a choice is at the edge of
+    the values tried."""
+    best = {col: view.ranked(col)[0][1] for col in view.cols_seen if view.ranked(col)}
+    header = [" / ".join(short_name(k) for k in view.row_keys) or "configuration"] + (
+        [", ".join(f"{short_name(k)}={v}" for k, v in zip(view.col_keys, col)) for col in view.cols_seen]
+        if view.col_keys else
+        [f"{metric_label(score, view.percent)} (chosen {', '.join(short_name(k) for k in view.tuned)})"])
     table = []
-    for row_value in rows_seen:
+    for row_value in view.rows_seen:
         line = [" / ".join(row_value) or "all runs"]
-        for col_value in cols_seen:
-            found = lookup(row_value, col_value)
+        for col_value in view.cols_seen:
+            found = view.lookup(row_value, col_value)
             if found is None:
                 line.append("–")
                 continue
-            cell = score_cell(found["test_mean"], found["test_std"], int(found["n"]), percent)
+            cell = score_cell(found["test_mean"], found["test_std"], int(found["n"]), view.percent)
             if best.get(col_value) == row_value:
                 cell = f"**{cell}**"
-            chosen = ", ".join(f"{short_name(k)} {display(found[k])}" + (" (edge)" if at_edge(found, k) else "")
-                               for k in tuned)
+            chosen = ", ".join(f"{short_name(k)} {display(found[k])}" + (" (edge)" if view.at_edge(found, k) else "")
+                               for k in view.tuned)
             line.append(f"{cell} [{chosen}]")
         table.append(line)
-    lines += [markdown_table(header, table), ""]
-    if any(at_edge(row, k) for _, row in selected.iterrows() for k in tuned):
+    lines = [markdown_table(header, table), ""]
+    if any(view.at_edge(row, k) for _, row in view.selected.iterrows() for k in view.tuned):
         lines += ["(edge): the chosen value is the smallest or largest of three or more tried; the best may lie "
                   "outside the grid, so widen it before trusting that row.", ""]
+    return lines
 
-    per_run = runs.merge(selection_scores(runs, rounds, score, select_on), on="run")
+
+def _top_two_per_column(view: SelectionView, per_run: pd.DataFrame) -> list[str]:
+    """Per column, the difference between its top two rows, paired by seed, with its interval and what it says."""
+    scale = 100.0 if view.percent else 1.0
+    unit = " points" if view.percent else ""
     notes = []
-    for col_value in cols_seen:
-        ranked = [(lookup(r, col_value), r) for r in rows_seen if lookup(r, col_value) is not None]
-        ranked = [(f, r) for f, r in ranked if not math.isnan(f["test_mean"])]
+    for col_value in view.cols_seen:
+        ranked = view.ranked(col_value)
         if len(ranked) < 2:
             continue
-        ranked.sort(key=lambda x: x[0]["test_mean"], reverse=higher)
         (top, top_row), (second, second_row) = ranked[0], ranked[1]
-        diff = paired_difference(per_run, {k: top[k] for k in settings + tuned},
-                                 {k: second[k] for k in settings + tuned})
-        where = ", ".join(f"{short_name(k)}={v}" for k, v in zip(col_keys, col_value))
+        configuration = view.settings + view.tuned
+        diff = paired_difference(per_run, {k: top[k] for k in configuration}, {k: second[k] for k in configuration})
+        where = ", ".join(f"{short_name(k)}={v}" for k, v in zip(view.col_keys, col_value))
         names = (" / ".join(top_row) or "first", " / ".join(second_row) or "second")
-        unit = " points" if percent else ""
         if diff["n"] < 2:
             verdict = f"{diff['n']} common seed(s): no interval; run more seeds before calling a winner"
             text = f"{scale * diff['mean']:+.2f}{unit}"
@@ -222,17 +261,21 @@ def selection_markdown(runs: pd.DataFrame, rounds: pd.DataFrame, candidates: pd.
             text = (f"{scale * diff['mean']:+.2f}{unit}, 95% paired t-interval [{scale * diff['low']:+.2f}, "
                     f"{scale * diff['high']:+.2f}] over {diff['n']} seeds")
         notes.append(f"- {where + ': ' if where else ''}{names[0]} - {names[1]} = {text}: {verdict}.")
-    if notes:
-        lines += ["Top two per column, paired by seed (same data split and client sampling):", "", *notes, ""]
+    if not notes:
+        return []
+    return ["Top two per column, paired by seed (same data split and client sampling):", "", *notes, ""]
 
-    lines += ["### Every candidate (the chosen ones marked)", ""]
-    header = [short_name(k) for k in settings + tuned] + ["n", "seeds", f"{select_on} {metric_label(val, percent)}",
-                                                     metric_label(score, percent), "chosen"]
+
+def _every_candidate(view: SelectionView, score: str, select_on: str) -> list[str]:
+    """Every configuration tried, with its validation and test scores, the chosen ones marked."""
+    keys = view.settings + view.tuned
+    header = [short_name(k) for k in keys] + [
+        "n", "seeds", f"{select_on} {metric_label(validation_name(score), view.percent)}",
+        metric_label(score, view.percent), "chosen"]
     listed = []
-    for _, row in candidates.iterrows():
+    for _, row in view.candidates.iterrows():
         n = int(row["n"])
-        listed.append([display(row[k]) for k in settings + tuned] + [
-            n, row["seeds"], score_cell(row["selection_mean"], math.nan, 1, percent).replace(" (1)", ""),
-            score_cell(row["test_mean"], row["test_std"], n, percent), "✓" if row["chosen"] else ""])
-    lines += [markdown_table(header, listed), ""]
-    return lines
+        listed.append([display(row[k]) for k in keys] + [
+            n, row["seeds"], score_cell(row["selection_mean"], math.nan, 1, view.percent).replace(" (1)", ""),
+            score_cell(row["test_mean"], row["test_std"], n, view.percent), "✓" if row["chosen"] else ""])
+    return ["### Every candidate (the chosen ones marked)", "", markdown_table(header, listed), ""]

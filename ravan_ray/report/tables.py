@@ -4,6 +4,7 @@ markdown tables of them."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -19,18 +20,31 @@ SHORT_NAMES = {
     "method.scoring": "scoring", "method.scaling": "scaling", "method.lora_rank": "lora rank",
     "method.budget": "budget", "optimizer.lr": "lr", "model.name": "model", "data.name": "data",
 }
-# (title, the keys that form the table's rows); the other differing keys become its columns. "score" in a title
-# becomes the score's name ("test accuracy"). Each method's own ablations (FederatedMethod.report_tables) come
-# between the federation's tables and the data's.
+@dataclass(frozen=True)
+class ReportTable:
+    """One table of a report: ``rows``, the keys that form its rows; every other differing key becomes a column,
+    ``leading`` ones first. "score" in the title becomes the score's name ("test accuracy")."""
+
+    title: str
+    rows: tuple[str, ...]
+    leading: tuple[str, ...] = ()
+
+    def columns(self, keys: list[str]) -> list[str]:
+        """The table's column keys among the differing ``keys``: the other keys, the leading ones first."""
+        others = [k for k in keys if k not in self.rows]
+        return [k for k in self.leading if k in others] + [k for k in others if k not in self.leading]
+
+
+# Each method's own ablations (FederatedMethod.report_tables) come between the federation's tables and the data's.
 FEDERATION_TABLES = [
-    ("Final score per task", ["model.task"]),
-    ("Final score per method", ["method.name"]),
-    ("Final score per budget mix and method", ["compute.distribution"]),
+    ReportTable("Final score per task", ("model.task",)),
+    ReportTable("Final score per method", ("method.name",)),
+    ReportTable("Final score per budget mix and method", ("compute.distribution",), leading=("method.name",)),
 ]
-DATA_TABLES = [("Final score per data partition", ["data.partition.kind", "data.partition.alpha"])]
+DATA_TABLES = [ReportTable("Final score per data partition", ("data.partition.kind", "data.partition.alpha"))]
 
 
-def report_tables(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
+def report_tables(runs: pd.DataFrame) -> list[ReportTable]:
     """The tables a report over ``runs`` may hold: every method's, and those of the runs' methods."""
     from ravan_ray.methods import method_class
 
@@ -40,7 +54,8 @@ def report_tables(runs: pd.DataFrame) -> list[tuple[str, list[str]]]:
             ablations.update(method_class(str(name)).report_tables)
         except ValueError:  # a method this version does not know: its runs still get the shared tables
             continue
-    return FEDERATION_TABLES + [(f"Final score per {what}", [key]) for key, what in ablations.items()] + DATA_TABLES
+    return FEDERATION_TABLES + [ReportTable(f"Final score per {what}", (key,)) for key, what in ablations.items()] + \
+        DATA_TABLES
 
 
 def varying_keys(runs: pd.DataFrame) -> list[str]:

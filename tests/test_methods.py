@@ -1,4 +1,4 @@
-"""Claims about the federated methods' server rules (PAPER.md sections 4-5), checked without Ray.
+"""Claims about the federated methods' server rules (each method's paper: its file's docstring), checked without Ray.
 
 Each rule is checked on a small hand-made example by calling ``method.aggregate`` directly, and the
 exactness column of the baselines table is checked on a real (tiny) model through ``ModelHost``: the

@@ -1,5 +1,5 @@
 """Data every task shares: load a dataset's splits (synthetic default, local files, image folders,
-Hugging Face hub ids), split it across clients (iid or label-Dirichlet, PAPER.md section 4), tokenize.
+Hugging Face hub ids), split it across clients (iid or label-Dirichlet: partition.py), tokenize.
 
 Sources, chosen by :func:`load_splits` from the ``data`` config section:
 

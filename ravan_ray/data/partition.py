@@ -1,4 +1,5 @@
-"""Splitting a dataset's examples across clients: iid, or label-Dirichlet (PAPER.md section 4)."""
+"""Splitting a dataset's examples across clients: iid, or label-Dirichlet (Hsu, Qi, Brown 2019, arXiv 1909.06335;
+Dirichlet(0.3) is the non-IID split of Raje et al. 2025, arXiv 2506.05568)."""
 
 from __future__ import annotations
 

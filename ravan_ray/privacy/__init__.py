@@ -4,15 +4,18 @@ Free of Ray: the driver, the parameter server and :class:`ravan_ray.training.Mod
 through the mechanism :func:`build_mechanism` returns for the config (``mechanism.py``: the protocol), never by
 reading ``privacy.mode`` themselves. One module per concern:
 
-- ``mechanism.py``: :class:`PrivacyMechanism`, and :class:`NoPrivacy` (``privacy.mode: none``);
+- ``mechanism.py``: :class:`PrivacyMechanism`, :class:`StepHook` (how a mechanism changes a local step of
+  ``ModelHost``'s loop), and :class:`NoPrivacy` (``privacy.mode: none``);
 - ``client_level.py``: DP-FedAvg (McMahan et al. 2018) with adaptive clipping (Andrew et al. 2021),
   :class:`ClientLevel` (``privacy.mode: client``);
-- ``dp_sgd.py``: DP-SGD (Abadi et al. 2016) through Opacus with the adapters' per-example gradient rule,
-  :class:`SampleLevel` (``privacy.mode: sample``);
+- ``dp_sgd.py``: DP-SGD (Abadi et al. 2016, arXiv 1607.00133, Algorithm 1) through Opacus with the adapters'
+  per-example gradient rule, :class:`SampleLevel` (``privacy.mode: sample``), whose step hook clips and noises;
 - ``accounting.py``: the RDP accountant, noise calibration for a target epsilon, the run's :class:`PrivacyBudget`.
 
 What each method says under privacy (its clipped update, how noise enters its uploads, what it refuses) is the
-methods' own protocol: :class:`ravan_ray.methods.private_terms.PrivateTerms`.
+methods' own protocol: :class:`ravan_ray.methods.private_terms.PrivateTerms`, which this package imports and the
+methods never import back. The default client weighting under client-level DP (uniform) is the config's rule
+(:meth:`ravan_ray.config.RunConfig.aggregation_weights`), beside its check that refuses sample-count weights.
 """
 
 from __future__ import annotations

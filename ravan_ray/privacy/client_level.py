@@ -1,7 +1,7 @@
 """Client-level differential privacy: DP-FedAvg on the parameter server, with adaptive clipping.
 
 **Client level** (``privacy.mode: client``; McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private
-Recurrent Language Models", ICLR 2018). The method expresses each upload as the client's update: the per-client
+Recurrent Language Models", ICLR 2018, arXiv 1710.06963, Algorithm 1). The method expresses each upload as the client's update: the per-client
 terms whose sum its server rule is a function of, usually its communicated tensors minus the broadcast, and for
 rules that need more (products of factors, norm-weighted factors) those terms too
 (``PrivateTerms.privacy_delta``; every method has one); the server clips each
@@ -9,7 +9,7 @@ update's joint L2 norm over all its tensors to C and adds N(0, (z C)^2) to every
 the method's own averaging (``PrivateTerms.noise_shares`` says how the noise enters the uploads so that the
 method's aggregate sees ``sum + noise``). The noise is drawn from (run seed, round), so a resumed run draws
 the same noise. With adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning
-with Adaptive Clipping", NeurIPS 2021) C moves every round by C <- C exp(-eta (b - gamma)), b the noised
+with Adaptive Clipping", NeurIPS 2021, arXiv 1905.03871, Algorithm 1) C moves every round by C <- C exp(-eta (b - gamma)), b the noised
 fraction of unclipped clients; the count gets noise sigma_b and the update noise z_delta =
 (z^-2 - (2 sigma_b)^-2)^(-1/2), so the pair is as private as one Gaussian release at z (the paper's Theorem 1):
 the accountant accounts z.

@@ -32,7 +32,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ravan_ray.adapters import LoRALinear, RavanLinear, budget_from_lora_rank, rank_from_budget
+from ravan_ray.adapters import LoRALinear, budget_from_lora_rank
+from ravan_ray.methods.ravan import RavanLinear, rank_from_budget
 
 
 # -- alternative Ravan forwards (all equal to RavanLinear.forward) ----------------------------------

@@ -271,7 +271,8 @@ def layer(sizes: list[int], reps: int) -> pd.DataFrame:
     import torch
     from torch.func import functional_call, vmap
 
-    from ravan_ray.adapters import LoRALinear, RavanLinear
+    from ravan_ray.adapters import LoRALinear
+    from ravan_ray.methods.ravan import RavanLinear
 
     torch.manual_seed(0)
     rows, width = 32 * 64, 384

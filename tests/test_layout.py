@@ -1,7 +1,7 @@
 """The layout's rules (DESIGN.md), checked on the source: no module imports one that imports it back (imports
 inside functions and under TYPE_CHECKING count: a lazy import still ties two modules), the local-training loop does
-not import cohort training, only the driver, the actors and the Ray glue import Ray, no method is branched on by
-name outside its own file, and nothing cites a document that is not in the repository."""
+not import cohort training, only the driver, the actors and the Ray glue import Ray, no method or task is branched
+on by name outside its own package, and nothing cites a document that is not in the repository."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import networkx as nx
 
-from ravan_ray.methods import REGISTRY
+from ravan_ray.methods import REGISTRY as METHODS
+from ravan_ray.tasks import REGISTRY as TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ravan_ray", "actors")
@@ -79,18 +80,17 @@ def test_only_the_driver_the_actors_and_the_ray_glue_import_ray():
                         "ravan_ray.sweep", "ravan_ray.sweep_trackers"}
 
 
-def test_no_method_is_branched_on_by_name_outside_the_methods_package():
-    names = set(REGISTRY)
+def test_no_method_or_task_is_branched_on_by_name_outside_its_own_package():
+    own = {**{name: "ravan_ray.methods" for name in METHODS}, **{name: "ravan_ray.tasks" for name in TASKS}}
     branches = []
-    for name, file in modules().items():
-        if name.startswith("ravan_ray.methods"):
-            continue
+    for module, file in modules().items():
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.Compare):
                 operands = [node.left, *node.comparators]
                 constants = [c for o in operands for c in ([o] if isinstance(o, ast.Constant) else
                                                            getattr(o, "elts", []))]
-                if any(isinstance(c, ast.Constant) and c.value in names for c in constants):
+                if any(isinstance(c, ast.Constant) and c.value in own and not module.startswith(own[c.value])
+                       for c in constants):
                     branches.append(f"{file.relative_to(ROOT)}:{node.lineno}")
     assert branches == []
 

@@ -241,7 +241,7 @@ class FederationConfig(_Section):
 
 class MethodConfig(_PluginSection):
     """The keys several methods, the budget matching and the reports read. A key only one method reads
-    (``hetlora_gamma``, Ravan's ``init``) is that method's option (``options_model`` in its file)."""
+    (``hetlora_gamma``, Ravan's ``heads`` and ``init``) is that method's option (``options_model`` in its file)."""
 
     plugin_kind = "method"
     name: str = "ravan"  # a name in ravan_ray/methods/__init__.py's REGISTRY

@@ -19,9 +19,12 @@ import ray
 import torch
 
 from actors.memory import return_freed_memory
+from ravan_ray.cluster import (ActorPlan, ClusterError, Deadline, Resources, SetupError, copies_that_fit, live_nodes,
+                               place_first, plan_actors, remote_error_line, wait_for)
 from ravan_ray.cohort import cohorts, train_cohort
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods.base import ClientTask, ClientUpdate, State
+from ravan_ray.model_files import ModelFiles, with_model_here
 from ravan_ray.models import FrozenWeights
 from ravan_ray.training import ModelHost
 
@@ -29,8 +32,9 @@ from ravan_ray.training import ModelHost
 @ray.remote
 class ClientActor:
     def __init__(self, config: dict[str, Any], task_info: dict[str, Any], train_data: dict[str, np.ndarray],
-                 partitions: list[np.ndarray], frozen: Optional[FrozenWeights] = None):
-        self.config: RunConfig = from_dict(config)
+                 partitions: list[np.ndarray], frozen: Optional[FrozenWeights] = None,
+                 model_files: Optional[ModelFiles] = None):
+        self.config: RunConfig = with_model_here(from_dict(config), model_files)
         torch.set_num_threads(max(1, int(round(self.config.resources.cpus_per_client))))
         self.host = ModelHost(self.config, task_info, frozen)
         # train_data arrives zero-copy from the object store, shared by every actor on the node.
@@ -87,72 +91,79 @@ class ClientActor:
 
 
 class ClientFleet:
-    """Hands client tasks to actors and recreates the actors that die."""
+    """Hands client tasks to actors, as many as the cluster's nodes hold, and replaces the actors that die where
+    they still fit.
+
+    Pool mode: interchangeable actors in ``slots``; the round's k-th cohort runs on ``slots[k % len(slots)]``. An
+    actor that cannot be placed in time, or is lost with its node and cannot be replaced on the nodes left, leaves
+    the pool, and the run goes on with the others (one line says so). Per-client mode: client c's own actor (slot
+    c); all of them must fit at once, so a cluster that can no longer hold them ends the run (it can resume in pool
+    mode). Which clients train together (the cohort size) is fixed when the run starts, so the numbers never depend
+    on how many actors serve them."""
 
     def __init__(self, config: RunConfig, task_info: dict[str, Any], train_ref, partitions: list[np.ndarray],
-                 cluster_cpus: Optional[float] = None, name_prefix: Optional[str] = None, frozen_ref=None):
+                 nodes: Optional[list[Resources]] = None, name_prefix: Optional[str] = None, frozen_ref=None,
+                 model_files_ref=None):
         self.config = config
         # The pretrained weights in the object store (FrozenWeights), or None: each actor loads the checkpoint.
         self.frozen_ref = frozen_ref
-        self.name_prefix = name_prefix  # actors are named PREFIX-client-SLOT, so operators can find them
+        self.model_files_ref = model_files_ref  # a local model directory's files (ModelFiles) for other nodes, or None
+        self.name_prefix = name_prefix  # actors are named PREFIX-client-SLOT-GENERATION, so operators can find them
         self.task_info = task_info
         self.train_ref = train_ref
         self.partitions_ref = ray.put(partitions)
         self.per_client = config.resources.actor_mode == "per_client"
+        res = config.resources
+        self.server_bundle = {"CPU": res.server_cpus, "GPU": res.server_gpus}
+        # ``nodes`` None: a Tune trial, whose placement group was sized for exactly config.pool_size actors.
+        self.sized_by_trial = nodes is None
+        self.notes_shown: set[str] = set()
+        self.plan = self._plan(nodes)
+        self.slots = [] if self.per_client else list(range(self.plan.size))
         self.actors: dict[int, Any] = {}
         self.generation = 0  # part of the actor name, so a replacement never collides with a dying actor
-        self.notes_shown: set[str] = set()
-        self.size = config.federation.num_clients if self.per_client else self._pool_size(cluster_cpus)
-        self.actor_cpus = self._actor_cpus(cluster_cpus)
+        # resources.cohort_size with ``auto`` resolved for the actors that serve a round
+        self.cohort = config.cohort_size(None if self.per_client else self.plan.size)
 
-    def _pool_size(self, cluster_cpus: Optional[float]) -> int:
-        """resources.pool_size, or enough actors that no core idles while the round's clients train.
+    @property
+    def size(self) -> int:
+        """The actors the fleet runs at most: one per client, or the pool's."""
+        return self.config.federation.num_clients if self.per_client else len(self.slots)
 
-        With ``fit`` actors on the cores, m clients run in waves of ``fit`` and a last wave of ``m % fit``
-        leaves cores idle (3 clients on 2 cores: the third trains alone). Single-threaded CPU actors can
-        share the cores instead (the OS time-slices whole processes, and each keeps its one torch thread,
-        so the numbers do not change), so the pool grows to the smallest size whose last wave still fills
-        the cores: 3 actors for 3 clients on 2 cores. Multi-threaded or GPU actors keep one per share."""
-        res = self.config.resources
-        if res.pool_size is not None or cluster_cpus is None:
-            return self.config.pool_size
-        per_round = self.config.cohorts_per_round
-        fit = self._fitting_actors(cluster_cpus)
-        if fit >= per_round or not self._can_share_cores():
-            return min(per_round, fit)
-        return next(size for size in range(fit, per_round + 1) if per_round % size == 0 or per_round % size >= fit)
+    def _plan(self, nodes: Optional[list[Resources]]) -> ActorPlan:
+        res, fed = self.config.resources, self.config.federation
+        wanted = fed.num_clients if self.per_client else self.config.pool_size
+        if nodes is None:
+            return ActorPlan(wanted, res.cpus_per_client, res.gpus_per_client)
+        can_share_cores = (not self.per_client and res.pool_size is None and res.gpus_per_client == 0
+                           and int(round(res.cpus_per_client)) <= 1)
+        plan = plan_actors(nodes, res.cpus_per_client, res.gpus_per_client, wanted, can_share_cores,
+                           self.server_bundle)
+        if plan.size < wanted:
+            bundle = f"{res.cpus_per_client:g} CPU" + (f", {res.gpus_per_client:g} GPU" if res.gpus_per_client else "")
+            if self.per_client:
+                raise ClusterError(f"per_client mode needs {wanted} client actors of {bundle} at once but the "
+                                   f"cluster's nodes hold {plan.size}; use resources.actor_mode=pool or lower "
+                                   f"resources.cpus_per_client / gpus_per_client")
+            if res.pool_size is not None:
+                self.note(f"the cluster's nodes hold {plan.size} client actors of {bundle}, not resources.pool_size="
+                          f"{res.pool_size}: {plan.size} serve the round's {fed.clients_per_round} clients")
+        return plan
 
-    def _can_share_cores(self) -> bool:
-        res = self.config.resources
-        return res.gpus_per_client == 0 and int(round(res.cpus_per_client)) <= 1
-
-    def _actor_cpus(self, cluster_cpus: Optional[float]) -> float:
-        """The CPUs each actor reserves: its share, or, in a pool grown to share the cores, the cores divided."""
-        res = self.config.resources
-        if self.per_client or res.pool_size is not None or cluster_cpus is None:
-            return res.cpus_per_client
-        return min(res.cpus_per_client, self._fitting_actors(cluster_cpus) * res.cpus_per_client / self.size)
-
-    def _fitting_actors(self, cluster_cpus: float) -> int:
-        """How many actors of ``cpus_per_client`` fit beside the server on the cluster's CPUs (at least one)."""
-        res = self.config.resources
-        return max(1, int((cluster_cpus - res.server_cpus) // res.cpus_per_client + 1e-9))
-
-    def resources_needed(self) -> dict[str, float]:
-        res = self.config.resources
-        return {"CPU": self.size * self.actor_cpus, "GPU": self.size * res.gpus_per_client}
+    def cohort_size(self) -> int:
+        return self.cohort
 
     def slot(self, client_id: int, position: int) -> int:
-        return client_id if self.per_client else position % self.size
+        return client_id if self.per_client else self.slots[position % len(self.slots)]
 
     def actor(self, slot: int):
         if slot not in self.actors:
-            res = self.config.resources
             self.generation += 1
             name = f"{self.name_prefix}-client-{slot}-{self.generation}" if self.name_prefix else None
             self.actors[slot] = ClientActor.options(
-                num_cpus=self.actor_cpus, num_gpus=res.gpus_per_client, name=name
-            ).remote(self.config.to_dict(), self.task_info, self.train_ref, self.partitions_ref, self.frozen_ref)
+                num_cpus=self.plan.cpus, num_gpus=self.plan.gpus, name=name
+            ).remote(self.config.to_dict(), self.task_info, self.train_ref, self.partitions_ref, self.frozen_ref,
+                     self.model_files_ref)
         return self.actors[slot]
 
     def start(self, clients: list[int]) -> None:
@@ -160,15 +171,86 @@ class ClientFleet:
         them, so that they load their models while the parameter server loads its own: on a fresh run that
         overlaps the two start-ups, the larger part of a short run's time. In a pool these are its first
         min(m, pool) slots; per client, those clients' own actors (the others start when first sampled)."""
-        for position, cohort in enumerate(cohorts(clients, self.cohort_size())):
+        for position, cohort in enumerate(cohorts(clients, self.cohort)):
             self.actor(self.slot(cohort[0], position))
 
-    def wait_ready(self, placements: list[tuple[ClientTask, int]]) -> None:
-        """Block until the actors for these (task, position) pairs have started (loaded their model).
-        Errors are left for the tasks themselves to report."""
-        slots = {self.slot(task.client_id, position) for task, position in placements}
-        pings = [self.actor(slot).ping.remote() for slot in slots]
-        ray.wait(pings, num_returns=len(pings))
+    def ready(self, cohorts_at: dict[int, list[ClientTask]], deadline: Deadline) -> set[int]:
+        """Start (where missing) the actors that will run these cohorts (position -> its tasks) and wait for them
+        until ``deadline``. Returns the positions left without an actor: per client, those whose own actor could
+        not be placed (they sit the round out); in a pool none, as actors that cannot be placed leave the pool and
+        their cohorts move to the others. Raises ClusterError when no actor is left, and SetupError when an actor's
+        constructor failed (a model that does not load on that node, ...)."""
+        unplaced: set[int] = set()
+        while True:
+            waiting = {position: self.slot(cohort[0].client_id, position)
+                       for position, cohort in cohorts_at.items() if position not in unplaced}
+            slots = set(waiting.values())
+            cannot = self._create_where_room(slots)
+            if cannot and not self.per_client:
+                self._leave_pool(cannot, f"{len(cannot)} client actor(s) lost with their node cannot be replaced on "
+                                         f"the nodes left")
+                continue
+            unplaced |= {position for position, slot in waiting.items() if slot in cannot}
+            pings = {self.actors[slot].ping.remote(): slot for slot in slots - cannot}
+            done, late = wait_for(list(pings), deadline)
+            lost = {pings[ref] for ref in done if not _started(ref)}
+            late_slots = {pings[ref] for ref in late}
+            for slot in lost | late_slots:
+                self.forget(slot)
+            if late_slots:
+                why = f"{len(late_slots)} client actor(s) did not start within {deadline.seconds:g} s"
+                if self.per_client:
+                    unplaced |= {position for position, slot in waiting.items() if slot in late_slots}
+                    self.note(f"{why}; their clients sit the round out")
+                else:
+                    self._leave_pool(late_slots, why)
+            if not lost and (self.per_client or not late_slots):
+                return unplaced
+
+    def _create_where_room(self, slots: set[int]) -> set[int]:
+        """Create the missing actors among ``slots`` while the live nodes have room for them (counted against the
+        nodes' totals, the fleet's own live actors included); returns the slots left without one."""
+        missing = sorted(slot for slot in slots if slot not in self.actors)
+        if not missing:
+            return set()
+        room = len(missing)
+        if not self.sized_by_trial:
+            nodes = place_first(live_nodes(), self.server_bundle) or []
+            bundle = {"CPU": self.plan.cpus, "GPU": self.plan.gpus}
+            room = sum(copies_that_fit(node, bundle) for node in nodes) - len(self.actors)
+        for slot in missing[:max(0, room)]:
+            self.actor(slot)
+        return set(missing[max(0, room):])
+
+    def make_room_for_server(self, deadline: Deadline) -> None:
+        """Before a lost parameter server starts again: forget the actors that died with it, and keep no more than
+        the live nodes hold beside the server, so that it fits (the pool gives up actors for it; per client, the
+        run cannot go on)."""
+        if self.sized_by_trial or not self.actors:
+            return
+        pings = {self.actors[slot].ping.remote(): slot for slot in self.actors}
+        done, _ = wait_for(list(pings), deadline)
+        for ref in done:
+            if not _started(ref):
+                self.forget(pings[ref])
+        nodes = place_first(live_nodes(), self.server_bundle)
+        room = sum(copies_that_fit(node, {"CPU": self.plan.cpus, "GPU": self.plan.gpus}) for node in nodes or [])
+        excess = len(self.actors) - room
+        if nodes is None or excess <= 0:
+            return  # the server fits, or fits nowhere whatever the fleet gives up (its start says so)
+        if self.per_client:
+            raise ClusterError(f"the nodes left cannot hold the parameter server beside an actor per client; use "
+                               f"resources.actor_mode=pool")
+        self._leave_pool(set(sorted(self.actors)[-excess:]),
+                         f"{excess} client actor(s) gave way to the parameter server on the nodes left")
+
+    def _leave_pool(self, slots: set[int], why: str) -> None:
+        self.slots = [slot for slot in self.slots if slot not in slots]
+        for slot in slots:
+            self.forget(slot)
+        if not self.slots:
+            raise ClusterError(f"no client actor is left: {why}")
+        self.note(f"{why}; the run goes on with {len(self.slots)}")
 
     def submit(self, cohort: list[ClientTask], position: int, state_ref, client_state_refs: list) -> list[tuple]:
         """(update, client state, status) refs of each client of a cohort (one client: its own local training),
@@ -179,20 +261,21 @@ class ClientFleet:
         refs = actor.train_cohort.options(num_returns=3 * len(cohort)).remote(cohort, state_ref, *client_state_refs)
         return [tuple(refs[i:i + 3]) for i in range(0, len(refs), 3)]
 
-    def show_notes(self, notes) -> None:
-        """Print each line an actor reported about its cohorts (trained one by one, cut to fit) once per run."""
-        for line in notes:
-            if line not in self.notes_shown:
-                self.notes_shown.add(line)
-                print(f"ravan-ray: {line}", file=sys.stderr, flush=True)
+    def note(self, line: str) -> None:
+        """Print a line about the fleet (or one an actor reported about its cohorts) once per run."""
+        if line not in self.notes_shown:
+            self.notes_shown.add(line)
+            print(f"ravan-ray: {line}", file=sys.stderr, flush=True)
 
-    def cohort_size(self) -> int:
-        """resources.cohort_size, with ``auto`` resolved for the actors that serve a round (RunConfig.cohort_size)."""
-        return self.config.cohort_size(None if self.per_client else self.size)
+    def show_notes(self, notes) -> None:
+        for line in notes:
+            self.note(line)
 
     def replace(self, client_id: int, position: int) -> None:
         """Forget (and kill) the actor behind a failed or straggling task; it is recreated on next use."""
-        slot = self.slot(client_id, position)
+        self.forget(self.slot(client_id, position))
+
+    def forget(self, slot: int) -> None:
         actor = self.actors.pop(slot, None)
         if actor is not None:
             ray.kill(actor, no_restart=True)
@@ -201,3 +284,15 @@ class ClientFleet:
         for actor in self.actors.values():
             ray.kill(actor, no_restart=True)
         self.actors.clear()
+
+
+def _started(ping_ref) -> bool:
+    """Whether an actor answered its ping. An actor whose constructor raised is a setup error for the user; one
+    that died otherwise (its node lost while it started) is False, to be replaced."""
+    try:
+        ray.get(ping_ref)
+        return True
+    except ray.exceptions.RayActorError as error:
+        if getattr(error, "_actor_init_failed", False):
+            raise SetupError(f"a client actor could not start{remote_error_line(error, where=True)}") from None
+        return False

@@ -1,4 +1,5 @@
-"""The parameter server: holds the global state, aggregates through the method, evaluates, checkpoints.
+"""The parameter server: holds the global state, aggregates through the method, evaluates; the driver checkpoints
+what it holds.
 
 It hosts one copy of the model (``ModelHost``) for three things the method protocol cannot do on tensors
 alone: the agg_error and effective_rank diagnostics (they need the full per-layer ΔW, and for Ravan the
@@ -23,10 +24,10 @@ import torch
 
 from actors.memory import return_freed_memory
 from ravan_ray.adapters import effective_rank
-from ravan_ray.checkpoints import save_checkpoint
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods import method_columns
 from ravan_ray.methods.base import ClientUpdate, State, state_bytes
+from ravan_ray.model_files import ModelFiles, with_model_here
 from ravan_ray.models import FrozenWeights
 from ravan_ray.results import validation_name
 from ravan_ray.training import ModelHost
@@ -40,8 +41,8 @@ def is_finite_update(update: ClientUpdate) -> bool:
 class ParameterServer:
     def __init__(self, config: dict[str, Any], task_info: dict[str, Any], test_data: dict[str, Any],
                  initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None,
-                 validation_data: Optional[dict[str, Any]] = None):
-        self.config: RunConfig = from_dict(config)
+                 validation_data: Optional[dict[str, Any]] = None, model_files: Optional[ModelFiles] = None):
+        self.config: RunConfig = with_model_here(from_dict(config), model_files)
         res = self.config.resources
         self.threads = max(1, int(round(max(res.server_cpus, res.cpus_per_client))))
         torch.set_num_threads(self.threads)
@@ -132,11 +133,10 @@ class ParameterServer:
         return_freed_memory()
         return {**metrics, "eval_s": time.perf_counter() - started}
 
-    def checkpoint(self, run_dir: str, round_index: int, meta: dict[str, Any], keep: int, client_ids: list[int],
-                   *client_states: Optional[State]) -> str:
-        """Save round ``round_index``'s held state with these client states."""
-        states = {cid: cs for cid, cs in zip(client_ids, client_states) if cs}
-        return str(save_checkpoint(run_dir, round_index, self.held[round_index], states, meta, keep=keep))
+    def held_state(self, round_index: int) -> State:
+        """Round ``round_index``'s aggregated state, for the driver to checkpoint: the driver writes every file of a
+        run, on its own machine, wherever this actor runs."""
+        return self.held[round_index]
 
     def release(self, round_index: int) -> None:
         """The driver is done with this round (and every earlier one): stop holding their states."""

@@ -102,7 +102,7 @@ def main() -> None:
     import ray
     from ravan_ray.federation import run_federation
 
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     out = Path(args.out)
     timings = []
     for set_name in args.sets:

@@ -57,7 +57,7 @@ def main() -> None:
               f"federation.clients_per_round={args.clients_per_round}", f"data.max_test_samples={args.max_test}",
               f"federation.eval_every={args.rounds}", "resources.num_cpus=2", "output.keep_checkpoints=1",
               f"privacy.delta={args.delta}", "privacy.mode=client", *args.set]
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     rows = []
     for method in args.methods:
         runs = [("inf", ["privacy.noise_multiplier=0", "privacy.clip_norm=.inf"])]

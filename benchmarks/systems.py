@@ -66,7 +66,7 @@ def start_ray(num_cpus: int, num_gpus: float = 0.0) -> float:
     import logging
     import ray
     t = time.perf_counter()
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING,
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False)
     return time.perf_counter() - t
 

@@ -30,11 +30,10 @@ def _run_dir(config, output: Optional[str]) -> Path:
 def cmd_run(args: argparse.Namespace) -> int:
     from ravan_ray.federation import run_federation
     from ravan_ray.privacy import build_mechanism
-    from ravan_ray.trackers import check_installed
 
     config = load_config(args.config, args.set or ())
     check_paths(config)
-    check_installed(config.output.trackers)
+    check_installed_trackers(config)
     build_mechanism(config).check_config()  # a method's refusal of the privacy setting, before anything loads
     if args.dry_run:
         print(f"config OK (no model or data loaded): task {config.model.task}, model {config.model.name}, "
@@ -45,11 +44,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     require_directory(run_dir, "--output")
     if (run_dir / "metrics.csv").exists():
         raise ConfigError(f"{run_dir} already holds a run; use 'ravan-ray resume {run_dir}' or another --output")
-    with _quiet_progress(args.quiet or args.json):
+    with _quiet_progress(args.quiet or args.json), _interruptible(run_dir):
         summary = run_federation(config, run_dir)
     _draw_curves(summary, run_dir)
     _print_summary(summary, run_dir, args)
     return 0
+
+
+# What `resume --set` may change: where and how a run executes and where it logs, never what it computes.
+RESUMABLE_SECTIONS = ("resources.", "output.")
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -59,12 +62,53 @@ def cmd_resume(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").is_file():
         raise CheckpointError(f"{run_dir} is not a run directory (no config.yaml)")
-    config = load_config(run_dir / "config.yaml")
-    with _quiet_progress(args.quiet or args.json):
+    for text in args.set or ():
+        key = text.split("=", 1)[0].strip()
+        if not key.startswith(RESUMABLE_SECTIONS):
+            raise ConfigError(f"resume --set {key}: a resumed run may change only resources.* and output.* keys "
+                              f"(where and how it runs), not what it computes; start a new run for that")
+    config = load_config(run_dir / "config.yaml", args.set or ())
+    check_installed_trackers(config)
+    with _quiet_progress(args.quiet or args.json), _interruptible(run_dir):
         summary = run_federation(config, run_dir, resume=True, from_round=args.from_round)
     _draw_curves(summary, run_dir)
     _print_summary(summary, run_dir, args)
     return 0
+
+
+def check_installed_trackers(config) -> None:
+    from ravan_ray.trackers import check_installed
+
+    check_installed(config.output.trackers)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: carries the run directory, for the line that says how to continue it."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+@contextlib.contextmanager
+def _interruptible(run_dir: Path):
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir) from None
+
+
+def interrupted_line(interrupt: KeyboardInterrupt) -> str:
+    run_dir = getattr(interrupt, "run_dir", None)
+    if run_dir is None:
+        return "ravan-ray: interrupted"
+    from ravan_ray.checkpoints import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        return f"ravan-ray: interrupted before a round finished; nothing of {run_dir} to resume"
+    return (f"ravan-ray: interrupted; {run_dir} keeps its rounds up to {int(checkpoint.name.removeprefix('round_'))}, "
+            f"and 'ravan-ray resume {run_dir}' continues it")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -228,6 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue an interrupted run from its last checkpoint")
     resume.add_argument("run_dir")
+    resume.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
+                        help="change where and how the run executes (resources.* and output.* keys only, repeatable), "
+                             "e.g. resources.address=ray://HEAD:10001 or resources.pool_size=2")
     resume.add_argument("--from-round", type=int, metavar="N",
                         help="continue from round N's checkpoint instead of the last one (the later checkpoints "
                              "are discarded and their rounds played again), e.g. when the last one is damaged")
@@ -282,18 +329,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("ravan-ray: interrupted; 'ravan-ray resume DIR' continues from the last checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(interrupted_line(interrupt), file=sys.stderr)
         return 130
-    except (ValueError, OSError) as error:  # every user-facing error class derives from ValueError
-        if os.environ.get("RAVAN_DEBUG"):
+    except Exception as error:
+        message = None if os.environ.get("RAVAN_DEBUG") else error_line(error)
+        if message is None:
             raise
-        if isinstance(error, OSError) and error.filename is not None:  # an unwritable --output, a vanished file
-            message = f"{error.filename}: {error.strerror or type(error).__name__}"
-        else:
-            message = " ".join(str(error).split()) or type(error).__name__
         print(f"ravan-ray: error: {message}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def error_line(error: Exception) -> Optional[str]:
+    """The one line a user reads for an error: every user-facing error class derives from ValueError, and an error
+    raised inside an actor or task comes back from Ray, whatever its name (the remote traceback shrinks to its
+    exception's message). None: a bug here, whose traceback is worth showing."""
+    ray = sys.modules.get("ray")
+    if ray is not None and isinstance(error, ray.exceptions.RayError):
+        from ravan_ray.cluster import remote_error_line
+
+        return remote_error_line(error)
+    if isinstance(error, OSError) and error.filename is not None:  # an unwritable --output, a vanished file
+        return f"{error.filename}: {error.strerror or type(error).__name__}"
+    if isinstance(error, (ValueError, OSError)):
+        return " ".join(str(error).split()) or type(error).__name__
+    return None
 
 
 if __name__ == "__main__":

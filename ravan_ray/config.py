@@ -219,6 +219,9 @@ class DataConfig(_PluginSection):
         return self
 
 
+DEFAULT_ROUND_TIMEOUT_S = 1800.0
+
+
 class FederationConfig(_Section):
     num_clients: int = Field(20, ge=1)
     clients_per_round: int = Field(3, ge=1)
@@ -231,12 +234,21 @@ class FederationConfig(_Section):
     # second copy of the model) instead of between the two rounds with every core. The metrics are the
     # same either way; a round's metrics.csv row is written once its evaluation is in.
     overlap_evaluation: bool = True
-    # Straggler handling: uploads that arrive after this many seconds are dropped and counted.
-    round_timeout_s: Optional[float] = Field(None, gt=0)
+    # The longest any wait of a round may take (ravan_ray/cluster.py Deadline): the clients' training (an upload later
+    # than this is a straggler: dropped and counted), a retry, starting client actors and each call to the parameter
+    # server (these two at least two minutes, whatever this says: loading a model or evaluating on a busy machine).
+    # Generous by default (a lost node or a dead actor is reported by Ray long before), never infinite: a run never
+    # waits for ever on an actor that cannot be placed. null (older runs' config.yaml) means the default.
+    round_timeout_s: float = Field(DEFAULT_ROUND_TIMEOUT_S, gt=0)
     # What to do when a client actor dies mid-round: drop it from the round, or run it again once.
     on_client_failure: Literal["skip", "retry"] = "skip"
     # How often a dead parameter server is restored from the last checkpoint before the run gives up.
     max_server_restarts: int = Field(3, ge=0)
+
+    @field_validator("round_timeout_s", mode="before")
+    @classmethod
+    def _default_timeout(cls, value):
+        return DEFAULT_ROUND_TIMEOUT_S if value is None else value
 
 
 class MethodConfig(_PluginSection):

@@ -17,7 +17,6 @@ resumed from a checkpoint, or run with another actor mode, produces the same num
 from __future__ import annotations
 
 import logging
-import re
 import sys
 import time
 import uuid
@@ -33,14 +32,16 @@ import ray
 from actors import ClientFleet, ParameterServer
 from ravan_ray.budgets import client_levels
 from ravan_ray.checkpoints import (CheckpointError, checkpoint_at, discard_checkpoints_after, latest_checkpoint,
-                                   list_checkpoints, load_checkpoint)
-from ravan_ray.cluster import ray_runtime, shortfall, total
+                                   list_checkpoints, load_checkpoint, save_checkpoint)
+from ravan_ray.cluster import (ClusterError, Deadline, SetupError, Unresponsive, describe, get_within, live_nodes,
+                               patient_deadline, ray_runtime, remote_error_line, wait_for)
 from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
 from ravan_ray.logs import quiet_logger
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask
+from ravan_ray.model_files import read_model_files
 from ravan_ray.models import export_weights
 from ravan_ray.privacy import PrivacyBudget, build_mechanism
 from ravan_ray.tasks import build_task, task_class
@@ -51,10 +52,6 @@ from ravan_ray.trackers import Trackers
 
 log = logging.getLogger(__name__)
 RoundCallback = Callable[[dict[str, Any], Optional[str]], None]
-
-
-class SetupError(ValueError):
-    """The run cannot start as configured (resources, model, targets); one line for the user."""
 
 
 @dataclass
@@ -143,39 +140,6 @@ def with_noise_multiplier(config: RunConfig, budget: Optional[PrivacyBudget]) ->
     return resolved
 
 
-def check_resources(config: RunConfig, fleet: ClientFleet) -> None:
-    """Fail fast, instead of waiting forever, when the actors can never all be placed."""
-    if ray.util.get_current_placement_group() is not None:
-        return  # a Tune trial: its placement group was sized for exactly these actors
-    res = config.resources
-    need = total([fleet.resources_needed(), {"CPU": res.server_cpus, "GPU": res.server_gpus}])
-    have = ray.cluster_resources()
-    kind = shortfall(need, have)
-    if kind is not None:
-        raise SetupError(
-            f"{res.actor_mode} mode needs {need[kind]:g} {kind} for {fleet.size} client actors (+ server) but the "
-            f"cluster has {have.get(kind, 0.0):g}; lower resources.{'cpus' if kind == 'CPU' else 'gpus'}_per_client"
-            + (" or use resources.actor_mode=pool" if res.actor_mode == "per_client" else " or resources.pool_size"))
-
-
-_ERROR_LINE = re.compile(r"^(\w*(Error|Exception)): (.+)$")
-# Errors raised for bad input inside an actor's constructor; anything else is a bug and is re-raised.
-_INPUT_ERRORS = {"ValueError", "ModelError", "DataError", "ConfigError", "SetupError", "OSError", "FileNotFoundError"}
-
-
-def started(actor: Any, what: str) -> Any:
-    """Wait for an actor's constructor; a setup problem inside it (no target module, model not found)
-    becomes one SetupError line instead of a remote traceback."""
-    try:
-        ray.get(actor.ping.remote())
-    except ray.exceptions.RayActorError as error:
-        lines = [m for m in map(_ERROR_LINE.match, str(error).splitlines()) if m]
-        if not lines or lines[-1].group(1) not in _INPUT_ERRORS:
-            raise
-        raise SetupError(f"{what} could not start: {lines[-1].group(3)}") from None
-    return actor
-
-
 def run_federation(config: RunConfig, run_dir: str | Path, resume: bool = False,
                    on_round: Optional[RoundCallback] = None, from_round: Optional[int] = None,
                    track: bool = True) -> dict[str, Any]:
@@ -204,24 +168,26 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
     record_setup(config, run_dir, data, resolved, levels)
     config = with_noise_multiplier(config, budget)  # what the actors run: the noise multiplier, given or calibrated
-    first_round, state, client_states, rows = last_checkpoint(run_dir, from_round) if resume else (1, None, {}, None)
+    first_round, state, client_states, rows = resume_point(run_dir, from_round) if resume else (1, None, {}, None)
     if from_round is not None:
         discard_checkpoints_after(run_dir, from_round)
     run_log = RunLog(config, run_dir, metric_columns, first_round, rows, trackers)
+    if first_round > 1:
+        run_log.write_files()  # the restored rows, whatever happened to metrics.csv since (a finished run plays none)
 
     with ray_runtime(config.resources):
         task_info = data.task_info
         actor_prefix = f"ravan-{uuid.uuid4().hex[:8]}"
         in_trial = ray.util.get_current_placement_group() is not None
         frozen_ref = publish_frozen_weights(config, task_info)
-        fleet = ClientFleet(config, task_info, ray.put(data.train), data.partitions, name_prefix=actor_prefix,
-                            cluster_cpus=None if in_trial else ray.cluster_resources().get("CPU"),
-                            frozen_ref=frozen_ref)
-        check_resources(config, fleet)
+        model_files_ref = publish_model_files(config)
+        fleet = ClientFleet(config, task_info, ray.put(data.train), data.partitions,
+                            nodes=None if in_trial else live_nodes(), name_prefix=actor_prefix, frozen_ref=frozen_ref,
+                            model_files_ref=model_files_ref)
         if first_round <= fed.rounds:
             fleet.start(round_clients(config, first_round))
         # A server that cannot start raises here; the fleet's actors (not detached) end with their handles.
-        server = RestartableServer(config, data, state, f"{actor_prefix}-server", frozen_ref)
+        server = RestartableServer(config, data, state, f"{actor_prefix}-server", frozen_ref, model_files_ref)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
         run_log.start()
         # Played rounds whose rows wait for their evaluation (at most the last one or two with overlap).
@@ -239,7 +205,8 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
                                           or not fed.overlap_evaluation):
                         played = unfinished.popleft()
                         if played.evaluation is not None:
-                            played.row.update(ray.get(played.evaluation))
+                            played.row.update(get_within(played.evaluation, patient_deadline(fed.round_timeout_s),
+                                                         "the parameter server's evaluation"))
                         if budget is not None:
                             played.row["epsilon"] = budget.epsilon(played.row["round"])
                         run_log.record(played.row, played.outcome.log, server.restarts)
@@ -247,19 +214,33 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
                         run_log.write()
                         if on_round is not None:
                             on_round(played.row, checkpoint_path)
-                except ray.exceptions.RayActorError:  # the parameter server died: restart it from its checkpoint
+                except SERVER_LOST as error:  # the parameter server died or hangs: restart it from its checkpoint
                     if server.restarts == fed.max_server_restarts:
                         raise
-                    log.warning("parameter server lost in round %d; restoring from the last checkpoint", round_index)
+                    log.warning("parameter server lost in round %d (%s); restoring from the last checkpoint",
+                                round_index, type(error).__name__)
                     unfinished.clear()
+                    fleet.make_room_for_server(patient_deadline(fed.round_timeout_s))
                     round_index, client_state_refs = server.restart(run_dir)
                     run_log.rewind(round_index)
             run_log.finish()
+        except ClusterError as error:
+            kept = run_log.rows[-1]["round"] if run_log.rows else 0
+            raise ClusterError(f"{error}. The run stopped after round {kept}; 'ravan-ray resume {run_dir}' continues "
+                               f"it from its last checkpoint (--set resources.KEY=VALUE to run it differently)"
+                               ) from None
         finally:
             run_log.close()
             fleet.shutdown()
             server.kill()
     return run_log.summary()
+
+
+# What ends a parameter server, or the objects of a round it was aggregating: the run restores it from the last
+# checkpoint and plays the rounds since again (the same numbers: a round is a function of state, seed and round).
+# OutOfMemoryError: Ray's memory monitor killed its process to save the node.
+SERVER_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError,
+               Unresponsive)
 
 
 def record_setup(config: RunConfig, run_dir: Path, data: FederatedData, resolved: dict[str, Any],
@@ -297,10 +278,12 @@ def play_round(config: RunConfig, round_index: int, server, fleet: ClientFleet, 
     started = time.perf_counter()
     sampled = round_clients(config, round_index)
     state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(sampled)
-    downlink_bytes = ray.get(downlink_ref)  # also: the server is alive before clients depend on it
+    # also: the server is alive before clients depend on it
+    downlink_bytes = get_within(downlink_ref, patient_deadline(fed.round_timeout_s), "the parameter server")
     tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]
     outcome = run_clients(fleet, tasks, state_ref, client_state_refs, fed)
-    server_metrics = ray.get(server.aggregate.remote(round_index, *outcome.update_refs))
+    server_metrics = get_within(server.aggregate.remote(round_index, *outcome.update_refs),
+                                patient_deadline(fed.round_timeout_s), "the parameter server")
     row = {"round": round_index, "clients": len(outcome.update_refs),
            "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else np.nan,
            "downlink_bytes": downlink_bytes, "failed_clients": outcome.failed,
@@ -322,10 +305,13 @@ def finish_round(config: RunConfig, run_dir: Path, played: PlayedRound, server,
     round_index = played.row["round"]
     checkpoint_path = None
     if round_index % config.output.checkpoint_every == 0 or round_index == config.federation.rounds:
+        state = get_within(server.held_state.remote(round_index), patient_deadline(config.federation.round_timeout_s),
+                           "the parameter server")
         ids = sorted(played.client_state_refs)
-        checkpoint_path = ray.get(server.checkpoint.remote(
-            str(run_dir), round_index, {"seed": config.seed, "rows": rows}, config.output.keep_checkpoints,
-            ids, *[played.client_state_refs[i] for i in ids]))
+        client_states = dict(zip(ids, ray.get([played.client_state_refs[i] for i in ids])))
+        checkpoint_path = str(save_checkpoint(run_dir, round_index, state,
+                                              {cid: cs for cid, cs in client_states.items() if cs},
+                                              {"seed": config.seed, "rows": rows}, keep=config.output.keep_checkpoints))
     server.release.remote(round_index)
     return checkpoint_path
 
@@ -338,26 +324,57 @@ def publish_frozen_weights(config: RunConfig, task_info: dict[str, Any]):
     return ray.put(export_weights(build_task(config, task_info).load_model()))
 
 
+def publish_model_files(config: RunConfig):
+    """A model directory of this machine (``model.name`` a local path), put in the object store for the actors on
+    other machines (ravan_ray/model_files.py); None when every actor runs on this machine or the model is no
+    directory here."""
+    import ray.util.client
+
+    if len(live_nodes()) <= 1 and not ray.util.client.ray.is_connected():
+        return None
+    files = read_model_files(config.model.name)
+    return None if files is None else ray.put(files)
+
+
 class RestartableServer:
     """The parameter server actor, and what it takes to start it again from the run's last checkpoint."""
 
-    def __init__(self, config: RunConfig, data: FederatedData, state: Optional[dict], name: str, frozen_ref=None):
-        self.config, self.task_info, self.name, self.frozen_ref = config, data.task_info, name, frozen_ref
+    def __init__(self, config: RunConfig, data: FederatedData, state: Optional[dict], name: str, frozen_ref=None,
+                 model_files_ref=None):
+        self.config, self.task_info, self.name = config, data.task_info, name
+        self.frozen_ref, self.model_files_ref = frozen_ref, model_files_ref
         self.test_ref = ray.put(data.test)
         self.validation_ref = None if data.validation is None else ray.put(data.validation)
         self.restarts = 0
         self.actor = self._start(state, name)
 
     def _start(self, state: Optional[dict], name: str):
+        """The server, started and answering, within the round timeout; one line when it cannot start (its
+        constructor failed, or no node had room for it in time)."""
         res = self.config.resources
         server = ParameterServer.options(num_cpus=res.server_cpus, num_gpus=res.server_gpus, name=name) \
-            .remote(self.config.to_dict(), self.task_info, self.test_ref, state, self.frozen_ref, self.validation_ref)
-        return started(server, "the parameter server")
+            .remote(self.config.to_dict(), self.task_info, self.test_ref, state, self.frozen_ref, self.validation_ref,
+                    self.model_files_ref)
+        deadline = patient_deadline(self.config.federation.round_timeout_s)
+        ready, _ = wait_for([server.ping.remote()], deadline)
+        if not ready:
+            ray.kill(server, no_restart=True)
+            raise ClusterError(f"the parameter server did not start within {deadline.seconds:g} s (it needs "
+                               f"{describe({'CPU': res.server_cpus, 'GPU': res.server_gpus})} on a node)")
+        try:
+            ray.get(ready[0])
+        except ray.exceptions.RayActorError as error:
+            if getattr(error, "_actor_init_failed", False):
+                raise SetupError(f"the parameter server could not start{remote_error_line(error, where=True)}") \
+                    from None
+            raise
+        return server
 
     def restart(self, run_dir: Path) -> tuple[int, dict[int, Any]]:
-        """A new server from the last checkpoint, after the old one died: returns (the round to play next,
-        every client's state then, in the object store). Every round is a function of (state, seed, round),
-        so the rounds played again since that checkpoint come out the same."""
+        """A new server from the last checkpoint, after the old one died or stopped answering: returns (the round
+        to play next, every client's state then, in the object store). Every round is a function of (state, seed,
+        round), so the rounds played again since that checkpoint come out the same."""
+        self.kill()
         self.restarts += 1
         next_round, state, client_states, _ = last_checkpoint(run_dir)
         client_state_refs = {cid: ray.put(cs) for cid, cs in client_states.items()}
@@ -366,6 +383,18 @@ class RestartableServer:
 
     def kill(self) -> None:
         ray.kill(self.actor, no_restart=True)
+
+
+def resume_point(run_dir: Path, at_round: Optional[int] = None
+                 ) -> tuple[int, Optional[dict], dict[int, Any], Optional[list[dict[str, Any]]]]:
+    """Where ``resume`` continues: :func:`last_checkpoint`, refusing a run that has played rounds but has no
+    checkpoint to continue them from (instead of silently starting it over)."""
+    point = last_checkpoint(run_dir, at_round)
+    metrics = run_dir / "metrics.csv"
+    if point[0] == 1 and metrics.is_file() and len(metrics.read_text().strip().splitlines()) > 1:
+        raise CheckpointError(f"{run_dir} has rounds in metrics.csv but no checkpoint in {run_dir / 'checkpoints'}, so "
+                              f"there is nothing to continue from; start the run again with another --output")
+    return point
 
 
 def last_checkpoint(run_dir: Path, at_round: Optional[int] = None
@@ -402,11 +431,14 @@ class RoundOutcome:
 def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_state_refs: dict[int, Any],
                 fed) -> RoundOutcome:
     """Dispatch the round's client tasks, in cohorts of ``resources.cohort_size`` (fixed chunks of the sorted
-    client ids, so which clients train together never depends on the actors); drop stragglers past the timeout;
-    skip or retry dead clients (a cohort fails, is dropped and is retried as a whole).
+    client ids, so which clients train together never depends on the actors); drop stragglers past the round
+    timeout; skip or retry clients whose actor died (a cohort fails, is dropped and is retried as a whole, on
+    another actor of the pool where its own is gone for good).
 
-    The updates themselves stay in the object store and go straight to the server; the driver only
-    fetches each client's small status (its loss) to learn whether it finished."""
+    Every wait has a deadline: starting the actors (a replacement included; ``federation.round_timeout_s`` but at
+    least cluster.MIN_PATIENCE_S), then the clients' training (``round_timeout_s``), once more for a retry. The
+    updates themselves stay in the object store and go straight to the server; the driver only fetches each
+    client's small status (its loss) to learn whether it finished."""
     by_id = {t.client_id: t for t in tasks}
     pending = {position: [by_id[c] for c in members]
                for position, members in enumerate(cohorts([t.client_id for t in tasks], fleet.cohort_size()))}
@@ -418,15 +450,17 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
     for _ in range(attempts):
         if not pending:
             break
-        if fed.round_timeout_s is not None:  # the timeout is for training, not for an actor loading its model
-            fleet.wait_ready([(cohort[0], position) for position, cohort in pending.items()])
+        for position in sorted(fleet.ready(pending, patient_deadline(fed.round_timeout_s))):  # no actor for these
+            for task in pending.pop(position):
+                failed += 1
+                log.append({"round": round_index, "client": task.client_id, "status": "unplaced"})
         refs, position_of = {}, {}
         for position, cohort in pending.items():
             triples = fleet.submit(cohort, position, state_ref, [client_state_refs.get(t.client_id) for t in cohort])
             for task, triple in zip(cohort, triples):
                 refs[task.client_id], position_of[task.client_id] = triple, position
         status_refs = {refs[cid][2]: cid for cid in refs}
-        ready, late = ray.wait(list(status_refs), num_returns=len(status_refs), timeout=fed.round_timeout_s)
+        ready, late = wait_for(list(status_refs), Deadline(fed.round_timeout_s))
         replaced: set[int] = set()  # a cohort's actor is restarted once, however many of its clients failed
         for ref in late:  # stragglers: drop this round, restart their actor so it does not lag next round
             cid = status_refs[ref]
@@ -443,7 +477,7 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
             position = position_of[cid]
             try:
                 status = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):
+            except CLIENT_LOST:
                 failed += 1  # counted even when the retry succeeds: the failure happened
                 log.append({"round": round_index, "client": cid, "status": "failed"})
                 if position not in replaced:
@@ -462,9 +496,19 @@ def run_clients(fleet: ClientFleet, tasks: list[ClientTask], state_ref, client_s
     ids = sorted(done)
     return RoundOutcome(
         update_refs=[done[c][0] for c in ids],
-        client_state_refs={c: done[c][1] for c in ids if done[c][2]["has_client_state"]},
+        client_state_refs={c: held_by_driver(done[c][1]) for c in ids if done[c][2]["has_client_state"]},
         train_losses=[done[c][2]["train_loss"] for c in ids],
         failed=failed,
         dropped=dropped,
         log=log,
     )
+
+
+# A client task whose actor died (its node lost, killed, out of memory), or whose result went with its node.
+CLIENT_LOST = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError, ray.exceptions.OutOfMemoryError)
+
+
+def held_by_driver(ref):
+    """A client's own state (the part of its model it keeps between rounds), copied from the node it was made on
+    into the driver's: that node may be lost before the client's next round or the next checkpoint."""
+    return ray.put(ray.get(ref))

@@ -275,12 +275,16 @@ class RunLog:
         self.rows.append(row)
         self.clients.extend(client_log)
 
-    def write(self) -> None:
-        """Rewrite the files with the rounds recorded so far, and show the last one on the progress line."""
-        row = self.rows[-1]
+    def write_files(self) -> None:
+        """Rewrite metrics.csv, clients.csv and summary.json with the rounds recorded so far."""
         write_metrics(self.run_dir / "metrics.csv", self.rows, self.task_metrics)
         write_table(self.run_dir / "clients.csv", self.clients)
         write_summary(self.run_dir / "summary.json", self.summary())
+
+    def write(self) -> None:
+        """Rewrite the files with the rounds recorded so far, and show the last one on the progress line."""
+        row = self.rows[-1]
+        self.write_files()
         if self.trackers:
             self.trackers.log_round(row)
         self.progress.update(1)

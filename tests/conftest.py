@@ -22,7 +22,9 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        # address="local": a private Ray, never a cluster this machine knew before (a dead one would hang the suite)
+        ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=False, logging_level=logging.WARNING,
+                 log_to_driver=False)
     yield ray
     ray.shutdown()
 

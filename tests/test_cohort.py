@@ -24,7 +24,10 @@ from toys import local_data, one_thread  # noqa: F401  (one_thread: an autouse f
 BATCHABLE = ["ravan", "fedit", "ffa_lora", "fedex_lora", "fed_sb", "hetlora", "flexlora", "flora", "fedsa_lora",
              "fedsvd", "rolora", "fed_plora"]
 LEVELS = (1.0, 0.5, 0.25)  # a heterogeneous mix: Ravan's K_c, the LoRA ranks of HetLoRA / FlexLoRA / Fed-PLoRA
-TOLERANCE = 1e-5
+# float32 with another summation order (one batched matmul against k small ones), then Adam: its first steps divide
+# each gradient entry by its own magnitude, so entries near zero carry the rounding noise up to ~2e-5 relative
+# (seen on FlexLoRA's lora_B). A real difference between the two paths is orders of magnitude larger.
+TOLERANCE = 1e-4
 
 
 def host_for(*overrides: str) -> ModelHost:

@@ -96,11 +96,11 @@ def test_auto_pool_grows_until_the_last_wave_of_clients_fills_the_cores(ray_sess
 
     config = tiny_config("resources.pool_size=null", "resources.cpus_per_client=1", "federation.num_clients=10",
                          f"federation.clients_per_round={per_round}")
-    fleet = ClientFleet(config, TINY_INFO, None, [], cluster_cpus=cores)
+    fleet = ClientFleet(config, TINY_INFO, None, [], nodes=[{"CPU": cores}])
     assert fleet.size == expected
     waves = [min(fleet.size, per_round - start) for start in range(0, per_round, fleet.size)]
     assert all(wave >= min(cores, per_round) for wave in waves)  # no wave leaves a core idle
-    assert fleet.resources_needed()["CPU"] <= cores + 1e-9  # the reservation still fits the machine
+    assert fleet.size * fleet.plan.cpus <= cores + 1e-9  # the reservation still fits the machine
 
 
 def test_multithreaded_or_gpu_client_actors_keep_one_actor_per_share(ray_session, tiny_config):
@@ -108,8 +108,10 @@ def test_multithreaded_or_gpu_client_actors_keep_one_actor_per_share(ray_session
 
     for share in ("resources.cpus_per_client=2", "resources.gpus_per_client=0.5"):
         config = tiny_config("resources.pool_size=null", share, "federation.clients_per_round=3")
-        fleet = ClientFleet(config, TINY_INFO, None, [], cluster_cpus=4)
-        assert fleet.size == min(3, int(4 // config.resources.cpus_per_client))
+        fleet = ClientFleet(config, TINY_INFO, None, [], nodes=[{"CPU": 4, "GPU": 1}])
+        res = config.resources
+        gpu_fit = int(1 // res.gpus_per_client) if res.gpus_per_client else 3
+        assert fleet.size == min(3, int(4 // res.cpus_per_client), gpu_fit)
 
 
 def test_the_fleet_starts_the_actors_the_first_rounds_clients_will_run_on(ray_session, tiny_config):
@@ -118,7 +120,7 @@ def test_the_fleet_starts_the_actors_the_first_rounds_clients_will_run_on(ray_se
     first_round = [1, 4, 5]
     for overrides, slots in ((("resources.actor_mode=per_client",), {1, 4, 5}),  # each client's own actor
                              (("resources.pool_size=2",), {0, 1})):  # the pool's slots by position, 1 of them twice
-        fleet = ClientFleet(tiny_config(*overrides), TINY_INFO, None, [], cluster_cpus=4)
+        fleet = ClientFleet(tiny_config(*overrides), TINY_INFO, None, [], nodes=[{"CPU": 4}])
         try:
             fleet.start(first_round)
             assert set(fleet.actors) == slots

@@ -132,6 +132,41 @@ def test_a_checkpoint_without_rows_and_a_short_metrics_csv_is_refused_not_shorte
     assert "metrics.csv lacks rows of rounds 1-2" in one_error_line(capsys)
 
 
+def test_a_finished_run_whose_metrics_csv_was_lost_gets_its_rows_back_on_resume(runs, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs / "clean", run_dir)
+    (run_dir / "metrics.csv").unlink()
+    assert main(["resume", str(run_dir), "--quiet"]) == 0
+    assert_same_run(runs / "clean", run_dir)
+
+
+def test_resume_refuses_a_run_with_rounds_but_no_checkpoint_instead_of_starting_it_over(runs, tmp_path, capsys):
+    run_dir = interrupted_copy(runs, tmp_path)
+    shutil.rmtree(run_dir / "checkpoints")  # e.g. written on another machine by an older version
+    rows_before = (run_dir / "metrics.csv").read_text()
+    assert main(["resume", str(run_dir)]) == 2
+    assert "no checkpoint" in one_error_line(capsys)
+    assert (run_dir / "metrics.csv").read_text() == rows_before
+
+
+@pytest.mark.parametrize("key", ["method.heads=8", "optimizer.lr=0.1", "seed=3", "federation.rounds=9"])
+def test_resume_may_change_where_a_run_executes_but_not_what_it_computes(runs, tmp_path, capsys, key):
+    run_dir = interrupted_copy(runs, tmp_path)
+    assert main(["resume", str(run_dir), "--set", key]) == 2
+    assert key.split("=")[0] in one_error_line(capsys)
+
+
+def test_resume_with_other_resources_ends_as_the_uninterrupted_run_and_records_them(runs, tmp_path):
+    from ravan_ray.config import load_config
+
+    run_dir = interrupted_copy(runs, tmp_path)
+    assert main(["resume", str(run_dir), "--set", "resources.pool_size=2", "--set", "resources.actor_mode=per_client",
+                 "--set", "output.keep_checkpoints=1", "--quiet"]) == 0
+    assert_same_run(runs / "clean", run_dir)
+    assert load_config(run_dir / "config.yaml").resources.actor_mode == "per_client"
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["round_00003"]
+
+
 # ------------------------------------------------------------------------- one writer per run directory
 def test_a_second_run_on_a_directory_in_use_is_refused_before_it_writes(tmp_path, capsys):
     run_dir = tmp_path / "run"

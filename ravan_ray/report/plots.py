@@ -1,5 +1,5 @@
-"""The report's PNGs (score per round, by budget mix, gain vs heads, effective rank) and a run's own
-curves.png."""
+"""The report's PNGs (score per round, by budget mix, gain vs heads, effective rank, per-client fairness) and a
+run's own curves.png and partition.png."""
 
 from __future__ import annotations
 
@@ -192,3 +192,74 @@ def plot_run(run_dir: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_partition(histogram: pd.DataFrame, path: Path, title: str) -> Path:
+    """A run's partition.png: rows per class held by each client (a heat map, clients down, classes across, each
+    client's row scaled to its own largest class so that small clients' mixes show too) beside each client's
+    size. ``histogram``: clients x classes counts (columns: the class names)."""
+    counts = histogram.to_numpy(dtype=float)
+    sizes = counts.sum(axis=1)
+    shares = counts / np.maximum(counts.max(axis=1, keepdims=True), 1)
+    clients, classes = counts.shape
+    plt = _plt()
+    height = min(12.0, max(3.0, 0.18 * clients + 1.5))
+    fig, (heat, bars) = plt.subplots(1, 2, figsize=(min(16.0, max(6.0, 0.12 * classes + 5)), height), sharey=True,
+                                     gridspec_kw={"width_ratios": [4, 1]})
+    image = heat.imshow(shares, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
+    heat.set_xlabel(f"class ({classes})")
+    heat.set_ylabel("client")
+    if classes <= 30:
+        heat.set_xticks(range(classes), [str(c) for c in histogram.columns], rotation=90, fontsize=6)
+    bar = fig.colorbar(image, ax=heat, fraction=0.04, pad=0.01)
+    bar.set_label("share of the client's\nlargest class", fontsize=7)
+    bars.barh(range(clients), sizes, color="tab:blue")
+    bars.set_xlabel("rows")
+    bars.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_fairness(runs: pd.DataFrame, keys: list[str], path: Path, metric: str, percent: bool = True) -> Optional[str]:
+    """The distribution over clients of the per-client ``metric`` (client_metrics.csv of runs with
+    federation.client_eval) at each run's last evaluated round, one box per configuration (the seeds' clients
+    pooled), a point per client; returns a reason when no run has per-client metrics."""
+    from ravan_ray.results import CLIENT_METRICS_FILE
+
+    values: dict[str, list[float]] = {}
+    labels = (displayed(runs[keys]).agg(", ".join, axis=1) if keys else pd.Series("all runs", index=runs.index))
+    for index, run in runs.iterrows():
+        file = Path(run["run_dir"]) / CLIENT_METRICS_FILE
+        if not file.is_file():
+            continue
+        table = pd.read_csv(file)
+        if metric not in table or table.empty:
+            continue
+        last = table[table["round"] == table["round"].max()]
+        values.setdefault(labels[index], []).extend(last[metric].astype(float).tolist())
+    if not values:
+        return "no run evaluated its clients (federation.client_eval)"
+    names = in_order(list(values))
+    scale = 100.0 if percent else 1.0
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.4))
+    ax.boxplot([scale * np.asarray(values[n]) for n in names], whis=(10, 90), showfliers=False)
+    rng = np.random.default_rng(0)  # jitter only, so the points of one box do not sit on one line
+    for i, name in enumerate(names, start=1):
+        ax.scatter(i + rng.uniform(-0.18, 0.18, len(values[name])), scale * np.asarray(values[name]), s=8,
+                   alpha=0.5, color="tab:blue")
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
+                  fontsize=8)
+    ax.set_ylabel(f"per-client {metric_label(metric, percent)}")
+    ax.set_title("Per-client score of the final global model (box: quartiles, whiskers: 10th-90th percentile)",
+                 fontsize=10)
+    if keys:
+        ax.set_xlabel(" / ".join(short_name(k) for k in keys))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -220,6 +220,15 @@ def read_availability_trace(path: str, num_clients: int) -> dict[int, list[tuple
     return windows
 
 
+def check_traces(config: RunConfig) -> None:
+    """Read the config's traces, for a one-line error before anything loads (``ravan-ray run --dry-run`` too)."""
+    s, clients = config.system, config.federation.num_clients
+    if s.speed_trace is not None:
+        read_speed_trace(s.speed_trace, clients)
+    if s.availability_trace is not None:
+        read_availability_trace(s.availability_trace, clients)
+
+
 def system_columns(config: RunConfig) -> list[str]:
     """The simulated columns metrics.csv gets for this config (none when nothing is simulated)."""
     return list(SYSTEM_COLUMNS) if config.system.active else []

@@ -32,6 +32,9 @@ metrics.csv's ``offline_clients`` and ``late_clients`` count the simulated losse
 adds the ones that left the round (offline, and late ones under drop or with no step done) to the real-time
 stragglers it counts without the simulation (uploads past ``federation.round_timeout_s`` of wall-clock time).
 
+Under differential privacy the accountant still counts every sampled client's rounds and full local steps: a
+client that was offline or cut short spent less than it is charged (the reported epsilon is an upper bound).
+
 Nothing here imports Ray: the driver asks :meth:`SystemModel.online` and :meth:`SystemModel.plan` once a round.
 """
 

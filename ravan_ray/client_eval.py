@@ -11,13 +11,15 @@ model on every client's held-out rows: metrics.csv gets, for the task's primary 
   is better (accuracy), the 90th of one where lower is (a loss), numpy's linear interpolation;
 - ``client_{m}_std``: the standard deviation over clients (population, ddof 0);
 
-and client_metrics.csv one row per (round, client) with every metric the task writes.
+and client_metrics.csv one row per (round, client) with every metric the task writes, its held-out rows and the
+seconds its evaluation took (``eval_s``, wall clock: the cost of per-client evaluation, within metrics.csv's eval_s).
 
 Nothing here imports Ray: the server calls :func:`evaluate_clients` with its model host.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,10 @@ def evaluate_clients(host: Any, state: Any, datas: list[dict[str, np.ndarray]], 
     """The global model ``state`` on each client's held-out rows (``datas[c]``: its rows of the training arrays,
     which the task evaluates as it does its test split): the per-client columns and, under
     :data:`CLIENT_METRICS_KEY`, one row per client."""
-    rows = [{"client": client, "rows": len(next(iter(data.values()))), **host.evaluate(state, data, batch_size)}
-            for client, data in enumerate(datas)]
+    rows = []
+    for client, data in enumerate(datas):
+        started = time.perf_counter()
+        metrics = host.evaluate(state, data, batch_size)
+        rows.append({"client": client, "rows": len(next(iter(data.values()))), **metrics,
+                     "eval_s": time.perf_counter() - started})  # wall clock: what the evaluation costs
     return {**summarize(rows, metric, direction), CLIENT_METRICS_KEY: rows}

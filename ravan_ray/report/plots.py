@@ -254,8 +254,8 @@ def plot_fairness(runs: pd.DataFrame, keys: list[str], path: Path, metric: str, 
     ax.set_xticks(range(1, len(names) + 1), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
                   fontsize=8)
     ax.set_ylabel(f"per-client {metric_label(metric, percent)}")
-    ax.set_title("Per-client score of the final global model (box: quartiles, whiskers: 10th-90th percentile)",
-                 fontsize=10)
+    ax.set_title("Per-client score of the last evaluated global model\n(a point per client; box: quartiles, "
+                 "whiskers: 10th-90th percentile)", fontsize=10)
     if keys:
         ax.set_xlabel(" / ".join(short_name(k) for k in keys))
     ax.grid(axis="y", alpha=0.3)

@@ -59,7 +59,9 @@ def common(args) -> list[str]:
             "federation.client_eval=true", "data.client_test_fraction=0.2",
             f"system.speed_sigma={args.speed_sigma}", f"system.deadline_s={args.deadline_s}",
             "system.bandwidth_mbps=20", "system.late=partial", f"optimizer.lr={args.lr}", f"seed={args.seed}",
-            "output.keep_checkpoints=1", *(args.set or [])]
+            "output.keep_checkpoints=1",
+            # one client actor: the numbers do not depend on the pool (README), a shared machine's memory does
+            "resources.pool_size=1", *(args.set or [])]
 
 
 def finished(run_dir: Path, rounds: int) -> bool:

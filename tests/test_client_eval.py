@@ -79,3 +79,24 @@ def test_client_eval_on_a_task_that_cannot_evaluate_training_rows_is_one_line_an
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "federation.client_eval needs a task whose training rows it can evaluate" \
         in err, err
+
+
+def test_a_run_resumed_from_an_earlier_round_repeats_its_per_client_and_simulated_numbers(ray_session, tiny_config,
+                                                                                          tmp_path):
+    """Per-client metrics, availability and deadlines are functions of (config, seed): playing rounds 2-3 again from
+    round 1's checkpoint rewrites metrics.csv, clients.csv and client_metrics.csv with the same numbers."""
+    from ravan_ray.federation import run_federation
+    from ravan_ray.results import TIMING_COLUMNS
+
+    config = tiny_config("federation.rounds=3", "output.keep_checkpoints=3", "federation.client_eval=true",
+                         "system.speed_sigma=1",
+                         "system.availability=0.7", "system.deadline_s=0.15", "system.late=partial")
+    run_federation(config, tmp_path)
+    first = {name: pd.read_csv(tmp_path / name) for name in ("metrics.csv", "client_metrics.csv", "clients.csv")}
+    run_federation(config, tmp_path, resume=True, from_round=1)
+    volatile = {"metrics.csv": list(TIMING_COLUMNS), "client_metrics.csv": ["eval_s"],
+                "clients.csv": ["seconds", "started", "finished", "pid", "gpu_ids"]}
+    for name, frame in first.items():
+        again = pd.read_csv(tmp_path / name)
+        pd.testing.assert_frame_equal(frame.drop(columns=volatile[name]), again.drop(columns=volatile[name]))
+    assert sorted(first["client_metrics.csv"]["round"].unique()) == [1, 2, 3]

@@ -225,41 +225,56 @@ def plot_partition(histogram: pd.DataFrame, path: Path, title: str) -> Path:
 
 def plot_fairness(runs: pd.DataFrame, keys: list[str], path: Path, metric: str, percent: bool = True) -> Optional[str]:
     """The distribution over clients of the per-client ``metric`` (client_metrics.csv of runs with
-    federation.client_eval) at each run's last evaluated round, one box per configuration (the seeds' clients
-    pooled), a point per client; returns a reason when no run has per-client metrics."""
+    federation.client_eval) at each run's last evaluated round: a box per method (the seeds' clients pooled) and a
+    point per client, a panel per combination of the other differing keys (as the per-round plots); returns a reason
+    when no run has per-client metrics."""
     from ravan_ray.results import CLIENT_METRICS_FILE
 
-    values: dict[str, list[float]] = {}
-    labels = (displayed(runs[keys]).agg(", ".join, axis=1) if keys else pd.Series("all runs", index=runs.index))
-    for index, run in runs.iterrows():
+    box_keys, panel_keys = _line_groups(keys)
+    values: dict[tuple[str, str], list[float]] = {}
+    for _, run in runs.iterrows():
         file = Path(run["run_dir"]) / CLIENT_METRICS_FILE
-        if not file.is_file():
-            continue
-        table = pd.read_csv(file)
+        table = pd.read_csv(file) if file.is_file() else pd.DataFrame()
         if metric not in table or table.empty:
             continue
         last = table[table["round"] == table["round"].max()]
-        values.setdefault(labels[index], []).extend(last[metric].astype(float).tolist())
+        panel = ", ".join(f"{short_name(k)}={_brief(run[k])}" for k in panel_keys)
+        box = ", ".join(_brief(run[k]) for k in box_keys) or "all runs"
+        values.setdefault((panel, box), []).extend(last[metric].astype(float).tolist())
     if not values:
         return "no run evaluated its clients (federation.client_eval)"
-    names = in_order(list(values))
+    panels = in_order(list({panel for panel, _ in values}))
     scale = 100.0 if percent else 1.0
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(names) + 2), 4.4))
-    ax.boxplot([scale * np.asarray(values[n]) for n in names], whis=(10, 90), showfliers=False)
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    boxes_most = max(sum(1 for panel, _ in values if panel == p) for p in panels)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(max(4.5, 0.9 * boxes_most + 1.5) * cols, 4.0 * rows_n),
+                             squeeze=False, sharey=True)
     rng = np.random.default_rng(0)  # jitter only, so the points of one box do not sit on one line
-    for i, name in enumerate(names, start=1):
-        ax.scatter(i + rng.uniform(-0.18, 0.18, len(values[name])), scale * np.asarray(values[name]), s=8,
-                   alpha=0.5, color="tab:blue")
-    ax.set_xticks(range(1, len(names) + 1), names, rotation=30 if len(names) > 3 else 0, ha="right" if len(names) > 3 else "center",
-                  fontsize=8)
-    ax.set_ylabel(f"per-client {metric_label(metric, percent)}")
-    ax.set_title("Per-client score of the last evaluated global model\n(a point per client; box: quartiles, "
-                 "whiskers: 10th-90th percentile)", fontsize=10)
-    if keys:
-        ax.set_xlabel(" / ".join(short_name(k) for k in keys))
-    ax.grid(axis="y", alpha=0.3)
+    for ax, panel in zip(axes.flat, panels):
+        names = in_order([box for p, box in values if p == panel])
+        ax.boxplot([scale * np.asarray(values[panel, n]) for n in names], whis=(10, 90), showfliers=False)
+        for i, name in enumerate(names, start=1):
+            points = scale * np.asarray(values[panel, name])
+            ax.scatter(i + rng.uniform(-0.18, 0.18, len(points)), points, s=8, alpha=0.5, color="tab:blue")
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30 if len(names) > 3 else 0,
+                      ha="right" if len(names) > 3 else "center", fontsize=8)
+        ax.set_ylabel(f"per-client {metric_label(metric, percent)}")
+        if panel:
+            ax.set_title(panel, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Per-client score of the last evaluated global model\n(a point per client; box: quartiles, "
+                 "whiskers: 10th-90th percentile)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+def _brief(value) -> str:
+    """A config value as a label: a file path by its last part (data.path's folder)."""
+    text = displayed(pd.Series([value])).iloc[0]
+    return Path(text).name if "/" in text else text

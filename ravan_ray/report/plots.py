@@ -209,6 +209,7 @@ def plot_partition(histogram: pd.DataFrame, path: Path, title: str) -> Path:
     image = heat.imshow(shares, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
     heat.set_xlabel(f"class ({classes})")
     heat.set_ylabel("client")
+    heat.yaxis.get_major_locator().set_params(integer=True)
     if classes <= 30:
         heat.set_xticks(range(classes), [str(c) for c in histogram.columns], rotation=90, fontsize=6)
     bar = fig.colorbar(image, ax=heat, fraction=0.04, pad=0.01)

@@ -24,6 +24,7 @@ import torch
 
 from actors.memory import return_freed_memory
 from ravan_ray.adapters import effective_rank
+from ravan_ray.client_eval import evaluate_clients
 from ravan_ray.config import RunConfig, from_dict
 from ravan_ray.methods import method_columns
 from ravan_ray.methods.base import ClientUpdate, State, state_bytes
@@ -41,7 +42,8 @@ def is_finite_update(update: ClientUpdate) -> bool:
 class ParameterServer:
     def __init__(self, config: dict[str, Any], task_info: dict[str, Any], test_data: dict[str, Any],
                  initial_state: Optional[State] = None, frozen: Optional[FrozenWeights] = None,
-                 validation_data: Optional[dict[str, Any]] = None, model_files: Optional[ModelFiles] = None):
+                 validation_data: Optional[dict[str, Any]] = None,
+                 client_test_data: Optional[list[dict[str, Any]]] = None, model_files: Optional[ModelFiles] = None):
         self.config: RunConfig = with_model_here(from_dict(config), model_files)
         res = self.config.resources
         self.threads = max(1, int(round(max(res.server_cpus, res.cpus_per_client))))
@@ -59,6 +61,7 @@ class ParameterServer:
         self.privacy = self.host.privacy  # differential privacy, if any: it acts on the uploads before the method
         self.test_data = test_data
         self.validation_data = validation_data
+        self.client_test_data = client_test_data  # federation.client_eval: each client's held-out rows
         self.state: State = initial_state if initial_state is not None else self.host.initial_state()
         # round -> its aggregated state, until the driver has evaluated and checkpointed it (release()).
         # Methods return a new state from aggregate() and never change an old one, so keeping the object is enough.
@@ -128,6 +131,10 @@ class ParameterServer:
             if self.validation_data is not None:  # the same evaluation, on the held-out training rows
                 validation = self.eval_host.evaluate(state, self.validation_data, batch_size)
                 metrics.update({validation_name(name): value for name, value in validation.items()})
+            if self.client_test_data is not None:
+                task = self.eval_host.task
+                metrics.update(evaluate_clients(self.eval_host, state, self.client_test_data, batch_size,
+                                                task.primary_metric, task.metrics[task.primary_metric]))
         finally:
             torch.set_num_threads(self.threads)
         return_freed_memory()

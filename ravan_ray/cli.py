@@ -150,6 +150,9 @@ def check_paths(config) -> None:
 
     if config.data.path is not None and not Path(config.data.path).exists():
         raise DataError(f"data.path {config.data.path} does not exist")
+    from ravan_ray.system import check_traces
+
+    check_traces(config)
     name = config.model.name
     if name.startswith((".", "/", "~")) and not Path(name).expanduser().exists():
         raise ConfigError(f"model.name {name} looks like a local path but does not exist")

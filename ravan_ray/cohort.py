@@ -304,6 +304,9 @@ def train_cohort(host: ModelHost, tasks: list[ClientTask], state: State, client_
     before anything runs."""
     if len(tasks) == 1:
         return [host.train_client(tasks[0], state, client_states[0], datas[0])]
+    if any(task.steps is not None for task in tasks):  # a lockstep cohort trains everyone local_steps steps
+        announce("clients cut short by system.deadline_s train one by one, not in cohorts")
+        return [host.train_client(t, state, cs, d) for t, cs, d in zip(tasks, client_states, datas)]
     modules = cohort_modules(host)
     setups = []
     for task, client_state, data in zip(tasks, client_states, datas):

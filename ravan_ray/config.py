@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from ravan_ray.budgets import MIXES
 from ravan_ray.data.instructions import BUILTIN_INSTRUCTION_DATASETS
+from ravan_ray.data.partition import PARTITION_KINDS
 from ravan_ray.methods import REGISTRY as METHODS
 from ravan_ray.registry import registered_class
 from ravan_ray.tasks import REGISTRY as TASKS
@@ -163,12 +164,15 @@ class ModelConfig(_Section):
 
 
 class PartitionConfig(_Section):
-    kind: Literal["iid", "dirichlet"] = "dirichlet"
-    alpha: float = Field(0.3, gt=0)
+    kind: Literal[PARTITION_KINDS] = "dirichlet"  # type: ignore[valid-type]  # each described in data/partition.py
+    alpha: float = Field(0.3, gt=0)  # dirichlet and inner_dirichlet
     min_size: int = Field(8, ge=1)
-    # The column the Dirichlet split draws its proportions over. None: the task's own class label
-    # (classification; seq2seq when the target is a class id); tasks without one fall back to iid.
+    # The column the label-based splits (dirichlet, pathological, shard, inner_dirichlet) split over. None: the task's
+    # own class label (classification; seq2seq when the target is a class id); tasks without one fall back to iid.
+    # natural: the column whose distinct values are the clients (a user, an author, a source dataset); required.
     label_field: Optional[str] = None
+    classes_per_client: int = Field(2, ge=1)  # pathological: the classes each client draws
+    shards_per_client: int = Field(2, ge=1)  # shard: the label-sorted shards each client gets (McMahan et al.: 2)
 
     @field_validator("alpha")
     @classmethod
@@ -207,6 +211,9 @@ class DataConfig(_PluginSection):
     as_instructions: bool = False
     instruction: Optional[str] = None
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    # With federation.client_eval: the share of each client's rows held out of its training as its own test rows
+    # (a seeded draw per client). Read only then: without client_eval every row trains.
+    client_test_fraction: float = Field(0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _one_validation_source(self) -> "DataConfig":
@@ -244,6 +251,10 @@ class FederationConfig(_Section):
     on_client_failure: Literal["skip", "retry"] = "skip"
     # How often a dead parameter server is restored from the last checkpoint before the run gives up.
     max_server_restarts: int = Field(3, ge=0)
+    # Evaluate the global model on every client's own held-out rows (data.client_test_fraction of its data) in every
+    # evaluation round: metrics.csv's client_{metric}_mean / _p10 / _std and client_metrics.csv. Off by default:
+    # holding rows out changes what the clients train on (classification tasks only).
+    client_eval: bool = False
 
     @field_validator("round_timeout_s", mode="before")
     @classmethod
@@ -416,6 +427,43 @@ class FaultsConfig(_Section):
     nan_upload_clients: list[int] = Field(default_factory=list)
 
 
+class SystemConfig(_Section):
+    """Simulated device heterogeneity (ravan_ray/system.py): in simulated seconds, a client's round takes
+    traffic (its download and an upload of the same size at ``bandwidth_mbps``) plus work (local steps x the rows a
+    step trains x ``seconds_per_row`` / its relative speed); past ``deadline_s`` it is late. Every value is drawn from
+    the run seed, so a run stays a function of (config, seed). All defaults: nothing is simulated."""
+
+    # Relative speeds (1: the reference device, 2: twice as fast), log-normal: exp(speed_sigma x N(0, 1)) per client,
+    # fixed for the run; 0: every client at 1. Or speed_trace: a CSV of client,speed listing every client.
+    speed_sigma: float = Field(0.0, ge=0, allow_inf_nan=False)
+    speed_trace: Optional[str] = None
+    # The chance that a sampled client is online in a round (drawn per client and round); an offline client is
+    # dropped from the round. Or availability_trace: a CSV of client,start,end (rounds, inclusive) windows in which
+    # a client is online; every client is listed (a client may have several windows).
+    availability: float = Field(1.0, gt=0, le=1)
+    availability_trace: Optional[str] = None
+    seconds_per_row: float = Field(0.01, gt=0, allow_inf_nan=False)  # simulated work of one training row at speed 1
+    bandwidth_mbps: Optional[float] = Field(None, gt=0, allow_inf_nan=False)  # None: traffic takes no time
+    deadline_s: Optional[float] = Field(None, gt=0, allow_inf_nan=False)  # None: no deadline
+    # A client past the deadline: dropped, or (partial) uploads after the local steps it finished by the deadline
+    # (dropped when that is none).
+    late: Literal["drop", "partial"] = "drop"
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> "SystemConfig":
+        if self.speed_trace is not None and self.speed_sigma > 0:
+            raise ValueError("set either system.speed_sigma or system.speed_trace, not both")
+        if self.availability_trace is not None and self.availability < 1:
+            raise ValueError("set either system.availability or system.availability_trace, not both")
+        return self
+
+    @property
+    def active(self) -> bool:
+        """Whether the run simulates anything (any key set away from its default): metrics.csv then has the
+        simulated columns (ravan_ray/system.py)."""
+        return self != SystemConfig()
+
+
 class PrivacyConfig(_Section):
     """Differential privacy (ravan_ray/privacy/). ``client``: DP-FedAvg (McMahan et al. 2018), each client's
     update clipped to ``clip_norm`` in L2, Gaussian noise of standard deviation noise_multiplier x clip_norm on
@@ -495,6 +543,7 @@ class RunConfig(_Section):
     output: OutputConfig = Field(default_factory=OutputConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    system: SystemConfig = Field(default_factory=SystemConfig)
 
     @field_validator("data")
     @classmethod
@@ -526,6 +575,17 @@ class RunConfig(_Section):
             if self.method.aggregation_weights == "num_samples":
                 raise ValueError("privacy.mode=client needs method.aggregation_weights=uniform (weights by sample "
                                  "count would let one client's data size scale its share of the noisy sum)")
+        partition = self.data.partition
+        if partition.kind == "natural" and not partition.label_field:
+            raise ValueError("data.partition.kind=natural needs data.partition.label_field: the column whose distinct "
+                             "values are the clients (a user, an author, a source dataset)")
+        if fed.client_eval:
+            from ravan_ray.tasks import task_class
+
+            if not task_class(self.model.task).evaluates_training_rows:
+                raise ValueError(f"federation.client_eval needs a task whose training rows it can evaluate "
+                                 f"(text_classification, image_classification); {self.model.task} evaluates data "
+                                 f"its training rows do not make")
         if privacy.mode == "sample" and self.model.gradient_checkpointing:
             raise ValueError("privacy.mode=sample needs model.gradient_checkpointing=false (per-example gradients are "
                              "captured by hooks that recomputed activations bypass)")

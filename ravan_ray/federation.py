@@ -38,6 +38,7 @@ from ravan_ray.cluster import (ClusterError, Deadline, SetupError, Unresponsive,
 from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
+from ravan_ray.data.partition import LABEL_KINDS, LEFT_OUT
 from ravan_ray.logs import quiet_logger
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask
@@ -48,6 +49,7 @@ from ravan_ray.tasks import build_task, task_class
 from ravan_ray.tasks.base import EXAMPLE_KEY
 from ravan_ray.training import preflight
 from ravan_ray.results import RunLog, run_lock, with_validation
+from ravan_ray.system import SystemModel
 from ravan_ray.trackers import Trackers
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class FederatedData:
     task_info: dict[str, Any]  # what every process needs to build the task's model
     histogram: pd.DataFrame
     partition_kind: str  # the split used: the configured one, or iid where the task has no labels to split on
+    # federation.client_eval: each client's held-out test rows (of ``train``, not in ``partitions``); else None
+    client_test: Optional[list[np.ndarray]] = None
 
 
 def prepare_data(config: RunConfig) -> FederatedData:
@@ -75,25 +79,34 @@ def prepare_data(config: RunConfig) -> FederatedData:
     kind, labels = d.partition.kind, data.partition_labels
     if labels is None:
         labels = np.zeros(data.num_examples, dtype=np.int64)
-        if kind == "dirichlet":
-            print(f"ravan-ray: {config.model.task} has no class labels for the Dirichlet split; set "
+        if kind in LABEL_KINDS:
+            print(f"ravan-ray: {config.model.task} has no class labels for the {kind} split; set "
                   f"data.partition.label_field to a column to split on (e.g. a category). Splitting iid.",
                   file=sys.stderr)
             kind = "iid"
-    parts = partition(labels, config.federation.num_clients, kind, d.partition.alpha, d.partition.min_size,
-                      config.seed)
+    p = d.partition
+    parts = partition(labels, config.federation.num_clients, kind, p.alpha, p.min_size, config.seed,
+                      classes_per_client=p.classes_per_client, shards_per_client=p.shards_per_client,
+                      column=f"column '{p.label_field}'" if p.label_field else "the class label")
+    if sum(map(len, parts)) < len(labels):
+        print(f"ravan-ray: the {kind} split gives {sum(map(len, parts)):,} of the {len(labels):,} training examples "
+              f"to clients ({LEFT_OUT[kind]} are left out)", file=sys.stderr)
     histogram = label_histogram(labels, parts, max(1, len(data.partition_names)))
     if data.partition_labels is None:
         histogram.columns = ["samples"]
     if data.train_examples is not None:  # example ids -> the rows those examples made
-        owner = np.empty(data.num_examples, dtype=np.int64)
+        owner = np.full(data.num_examples, -1, dtype=np.int64)  # -1: an example the split gave no client
         for client, examples in enumerate(parts):
             owner[examples] = client
         row_owner = owner[data.train_examples]
-        by_client = np.argsort(row_owner, kind="stable")  # stable: each client's rows stay in ascending order
-        parts = np.split(by_client, np.cumsum(np.bincount(row_owner, minlength=len(parts)))[:-1])
+        kept = np.flatnonzero(row_owner >= 0)
+        by_client = kept[np.argsort(row_owner[kept], kind="stable")]  # stable: each client's rows stay ascending
+        parts = np.split(by_client, np.cumsum(np.bincount(row_owner[kept], minlength=len(parts)))[:-1])
         data.train[EXAMPLE_KEY] = data.train_examples  # DP-SGD samples and clips examples, not rows
-    return FederatedData(data.train, data.test, data.validation, parts, data.info, histogram, kind)
+    client_test = None
+    if config.federation.client_eval:
+        parts, client_test = hold_out(parts, d.client_test_fraction, config.seed)
+    return FederatedData(data.train, data.test, data.validation, parts, data.info, histogram, kind, client_test)
 
 
 def client_examples(data: FederatedData) -> list[int]:
@@ -165,6 +178,10 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
     metric_columns = task_class(config.model.task).metrics
     if data.validation is not None:
         metric_columns = with_validation(metric_columns)
+    if fed.client_eval:  # the primary metric's per-client statistics, in its direction
+        primary = task_class(config.model.task).primary_metric
+        metric_columns = {**metric_columns, **dict.fromkeys(client_columns(primary), metric_columns[primary])}
+    system = SystemModel(config, [len(rows) for rows in data.partitions])  # traces are read (and checked) here
     levels = client_levels(fed.num_clients, config.compute.distribution, config.compute.levels, config.seed)
     record_setup(config, run_dir, data, resolved, levels)
     config = with_noise_multiplier(config, budget)  # what the actors run: the noise multiplier, given or calibrated
@@ -198,7 +215,7 @@ def _run_federation(config: RunConfig, run_dir: Path, resume: bool, on_round: Op
                 try:
                     if round_index <= fed.rounds:
                         unfinished.append(play_round(config, round_index, server.actor, fleet, levels,
-                                                     client_state_refs))
+                                                     client_state_refs, system))
                         round_index += 1
                     # Finish rounds in order; wait for one only when no round is left to overlap it with.
                     while unfinished and (unfinished[0].evaluated() or round_index > fed.rounds
@@ -252,9 +269,26 @@ def record_setup(config: RunConfig, run_dir: Path, data: FederatedData, resolved
     save_config(config, run_dir / "config.yaml", extra={"method": resolved, "task": data.task_info,
                                                          "partition": data.partition_kind})
     data.histogram.to_csv(run_dir / "label_histogram.csv")
+    from ravan_ray.report.plots import plot_partition  # here: matplotlib only when a run starts
+
+    plot_partition(class_histogram(data), run_dir / "partition.png",
+                   f"{data.partition_kind} split of {sum(map(len, data.partitions)):,} training rows over "
+                   f"{fed.num_clients} clients")
     pd.DataFrame({"client": range(fed.num_clients), "level": levels,
                   **build_method(config).budget_columns(levels),  # the method's own (Ravan's heads per client)
                   "samples": [len(p) for p in data.partitions]}).to_csv(run_dir / "client_budgets.csv", index=False)
+
+
+def class_histogram(data: FederatedData) -> pd.DataFrame:
+    """Each client's training rows per class, for partition.png: the task's classes where its training arrays hold
+    them (1-D "labels" named by the task's label_names), even when the split was over another column (a natural id);
+    else the histogram of what the split was over."""
+    labels, names = data.train.get("labels"), data.task_info.get("label_names")
+    if labels is None or names is None or np.ndim(labels) != 1:
+        return data.histogram
+    histogram = label_histogram(labels, data.partitions, len(names))
+    histogram.columns = list(names)
+    return histogram
 
 
 @dataclass
@@ -271,23 +305,27 @@ class PlayedRound:
 
 
 def play_round(config: RunConfig, round_index: int, server, fleet: ClientFleet, levels: np.ndarray,
-               client_state_refs: dict[int, Any]) -> PlayedRound:
+               client_state_refs: dict[int, Any], system: SystemModel) -> PlayedRound:
     """One round: broadcast, local training, aggregation; starts the evaluation (without waiting for it).
-    Updates ``client_state_refs``."""
+    Updates ``client_state_refs``. ``system``: the simulated devices (ravan_ray/system.py), which drop offline
+    and late clients and cut short the late ones under system.late=partial; without system settings, none."""
     fed = config.federation
     started = time.perf_counter()
     sampled = round_clients(config, round_index)
-    state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(sampled)
+    online = system.online(round_index, sampled)
+    state_ref, downlink_ref = server.broadcast.options(num_returns=2).remote(online)
     # also: the server is alive before clients depend on it
     downlink_bytes = get_within(downlink_ref, patient_deadline(fed.round_timeout_s), "the parameter server")
-    tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed) for cid in sampled]
+    plan = system.plan(sampled, online, downlink_bytes)
+    tasks = [ClientTask(cid, round_index, float(levels[cid]), config.seed, steps) for cid, steps in plan.training]
     outcome = run_clients(fleet, tasks, state_ref, client_state_refs, fed)
+    plan.annotate(outcome.log, round_index)
     server_metrics = get_within(server.aggregate.remote(round_index, *outcome.update_refs),
                                 patient_deadline(fed.round_timeout_s), "the parameter server")
     row = {"round": round_index, "clients": len(outcome.update_refs),
            "train_loss": float(np.mean(outcome.train_losses)) if outcome.train_losses else np.nan,
            "downlink_bytes": downlink_bytes, "failed_clients": outcome.failed,
-           "dropped_clients": outcome.dropped, **server_metrics,
+           "dropped_clients": outcome.dropped + plan.dropped, **plan.columns(), **server_metrics,
            "round_s": time.perf_counter() - started}  # training and aggregation; evaluation is not in it
     evaluation = None
     if round_index % fed.eval_every == 0 or round_index == fed.rounds:
@@ -345,6 +383,9 @@ class RestartableServer:
         self.frozen_ref, self.model_files_ref = frozen_ref, model_files_ref
         self.test_ref = ray.put(data.test)
         self.validation_ref = None if data.validation is None else ray.put(data.validation)
+        # federation.client_eval: each client's held-out rows of the training arrays, which the server evaluates
+        self.client_test_ref = None if data.client_test is None else \
+            ray.put([{key: values[rows] for key, values in data.train.items()} for rows in data.client_test])
         self.restarts = 0
         self.actor = self._start(state, name)
 
@@ -354,7 +395,7 @@ class RestartableServer:
         res = self.config.resources
         server = ParameterServer.options(num_cpus=res.server_cpus, num_gpus=res.server_gpus, name=name) \
             .remote(self.config.to_dict(), self.task_info, self.test_ref, state, self.frozen_ref, self.validation_ref,
-                    self.model_files_ref)
+                    self.client_test_ref, self.model_files_ref)
         deadline = patient_deadline(self.config.federation.round_timeout_s)
         ready, _ = wait_for([server.ping.remote()], deadline)
         if not ready:

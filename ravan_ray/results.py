@@ -36,12 +36,13 @@ OUTCOME_COLUMNS = [
 ]
 DEFAULT_TASK_METRICS = {"test_accuracy": "max", "test_loss": "min"}
 COUNT_COLUMNS = {"round", "uplink_bytes", "downlink_bytes", "clients", "failed_clients", "dropped_clients",
-                 "rejected_uploads", "server_restarts"}
+                 "rejected_uploads", "server_restarts", "offline_clients", "late_clients"}
 # Columns that measure time: they differ between otherwise identical runs.
 TIMING_COLUMNS = ("wall_s", "round_s", "agg_s", "eval_s")
 
 
 VALIDATION_PREFIX = "val_"
+CLIENT_METRICS_FILE = "client_metrics.csv"  # federation.client_eval's per-(round, client) rows
 
 
 def validation_name(metric: str) -> str:
@@ -69,13 +70,15 @@ def _cell(key: str, value: Any) -> Any:
     return value
 
 
-def metric_columns(task_metrics: Iterable[str] = DEFAULT_TASK_METRICS) -> list[str]:
-    return [*ROUND_COLUMNS, *task_metrics, *FEDERATION_COLUMNS, *method_columns(), *OUTCOME_COLUMNS]
+def metric_columns(task_metrics: Iterable[str] = DEFAULT_TASK_METRICS, extra: Iterable[str] = ()) -> list[str]:
+    """metrics.csv's columns; ``extra``: those of the features a run turns on (the simulated system's,
+    ravan_ray/system.py), after the federation's and the methods'."""
+    return [*ROUND_COLUMNS, *task_metrics, *FEDERATION_COLUMNS, *method_columns(), *extra, *OUTCOME_COLUMNS]
 
 
 def write_metrics(path: str | Path, rows: Iterable[dict[str, Any]],
-                  task_metrics: Iterable[str] = DEFAULT_TASK_METRICS) -> None:
-    columns = metric_columns(task_metrics)
+                  task_metrics: Iterable[str] = DEFAULT_TASK_METRICS, extra: Iterable[str] = ()) -> None:
+    columns = metric_columns(task_metrics, extra)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -136,16 +139,24 @@ def summarize(config: Any, rows: list[dict[str, Any]], wall_s: float, extra: dic
     has ``final_val_*`` / ``best_val_*`` beside them (the val_* columns of metrics.csv)."""
     from ravan_ray.tasks import task_class
 
+    from ravan_ray.client_eval import client_columns
+
     task = task_class(config.model.task)
     summary: dict[str, Any] = {"method": config.method.name, "task": task.name, "metric": task.primary_metric}
     summary.update(method_facts(config))
     metrics = task.metrics
     if any(not _missing(r.get(validation_name(task.primary_metric))) for r in rows):
         metrics = with_validation(task.metrics)
+    mean, p10, std = client_columns(task.primary_metric)
+    if any(not _missing(r.get(mean)) for r in rows):  # federation.client_eval (its spread: a final value only)
+        metrics = {**metrics, mean: task.metrics[task.primary_metric], p10: task.metrics[task.primary_metric]}
     for name, direction in metrics.items():
         values = [r[name] for r in rows if not _missing(r.get(name))]
         summary[f"final_{name}"] = values[-1] if values else None
         summary[f"best_{name}"] = (max(values) if direction == "max" else min(values)) if values else None
+    if mean in metrics:
+        values = [r[std] for r in rows if not _missing(r.get(std))]
+        summary[f"final_{std}"] = values[-1] if values else None
     summary.update({
         "rounds": len(rows),
         "total_uplink_bytes": int(sum(r.get("uplink_bytes") or 0 for r in rows)),
@@ -155,6 +166,9 @@ def summarize(config: Any, rows: list[dict[str, Any]], wall_s: float, extra: dic
         "dropped_clients": int(sum(r.get("dropped_clients") or 0 for r in rows)),
         "rejected_uploads": int(sum(r.get("rejected_uploads") or 0 for r in rows)),
     })
+    if getattr(config, "system", None) is not None and config.system.active:  # the simulated devices' totals
+        summary.update({k: int(sum(_count(r.get(k)) for r in rows)) for k in ("offline_clients", "late_clients")})
+        summary["simulated_s"] = float(sum(_count(r.get("simulated_round_s")) for r in rows))
     if getattr(config, "privacy", None) is not None:
         from ravan_ray.privacy import build_mechanism
 
@@ -176,6 +190,10 @@ def method_facts(config: Any) -> dict[str, Any]:
 
 def write_summary(path: str | Path, summary: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(summary, indent=2, default=float) + "\n")
+
+
+def _count(value: Any) -> float:
+    return 0.0 if _missing(value) else value
 
 
 def _missing(value: Any) -> bool:
@@ -237,6 +255,11 @@ class RunLog:
         self.first_round = first_round
         self.rows = self._earlier_rows(checkpoint_rows)
         self.clients = read_table(self.run_dir / "clients.csv", before_round=first_round)
+        # federation.client_eval: one row per (round, client) of the per-client evaluation (client_metrics.csv)
+        self.client_metrics = read_table(self.run_dir / CLIENT_METRICS_FILE, before_round=first_round)
+        from ravan_ray.system import system_columns
+
+        self.extra_columns = system_columns(config)
         self.wall_offset = self.rows[-1]["wall_s"] if self.rows else 0.0
         primary = task_class(config.model.task).primary_metric
         self.shown = [(_progress_name(primary), primary)]  # the progress line's score
@@ -270,15 +293,20 @@ class RunLog:
     def record(self, row: dict[str, Any], client_log: list[dict[str, Any]], server_restarts: int) -> None:
         """Add a finished round (its row gets the run's wall clock and the server restarts so far); ``write``
         puts it in the files."""
+        from ravan_ray.client_eval import CLIENT_METRICS_KEY
+
         row["wall_s"] = self.wall_offset + time.perf_counter() - self.started
         row["server_restarts"] = server_restarts
+        self.client_metrics.extend({"round": row["round"], **entry} for entry in row.pop(CLIENT_METRICS_KEY, ()))
         self.rows.append(row)
         self.clients.extend(client_log)
 
     def write_files(self) -> None:
         """Rewrite metrics.csv, clients.csv and summary.json with the rounds recorded so far."""
-        write_metrics(self.run_dir / "metrics.csv", self.rows, self.task_metrics)
+        write_metrics(self.run_dir / "metrics.csv", self.rows, self.task_metrics, self.extra_columns)
         write_table(self.run_dir / "clients.csv", self.clients)
+        if self.client_metrics:
+            write_table(self.run_dir / CLIENT_METRICS_FILE, self.client_metrics)
         write_summary(self.run_dir / "summary.json", self.summary())
 
     def write(self) -> None:
@@ -299,6 +327,7 @@ class RunLog:
         """Forget the rounds from ``next_round`` on (they are played again after a server restart)."""
         self.rows = [r for r in self.rows if r["round"] < next_round]
         self.clients = [entry for entry in self.clients if entry["round"] < next_round]
+        self.client_metrics = [entry for entry in self.client_metrics if entry["round"] < next_round]
         self.progress.n = next_round - 1
 
     def summary(self) -> dict[str, Any]:

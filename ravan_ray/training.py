@@ -204,12 +204,11 @@ class ModelHost:
         torch.manual_seed(int(task.generator(stream=2).initial_seed()))  # dropout, identical in any actor
         # DP-SGD's unit is the example: where one makes several rows (QA windows), batches draw examples
         examples = data.get(EXAMPLE_KEY) if self.privacy.per_example_gradients else None
+        steps = task.local_steps(cfg.federation.local_steps)
         if examples is None:
-            batches = self._batch_order(num_samples, cfg.federation.local_steps, cfg.federation.batch_size,
-                                        task.generator(stream=0))
+            batches = self._batch_order(num_samples, steps, cfg.federation.batch_size, task.generator(stream=0))
         else:
-            batches = self._example_batches(examples, cfg.federation.local_steps, cfg.federation.batch_size,
-                                            task.generator(stream=0))
+            batches = self._example_batches(examples, steps, cfg.federation.batch_size, task.generator(stream=0))
         scoring_rows = torch.randint(num_samples, (min(cfg.federation.batch_size, num_samples),),
                                      generator=task.generator(stream=3))
         self.model.train()

@@ -78,7 +78,8 @@ def test_an_unknown_key_is_one_line_naming_it_and_the_keys_the_chosen_method_tak
     assert refusal("model.task=causal_lm", "data.prompt_fields=q") == (
         "unknown config key 'data.prompt_fields' (task causal_lm takes: name, path, subset, train_split, test_split, "
         "max_length, test_fraction, max_train_samples, max_test_samples, validation_fraction, validation_split, "
-        "as_instructions, instruction, partition, max_new_tokens, prompt_field, input_field, response_field, long_prompts)")
+        "as_instructions, instruction, partition, client_test_fraction, max_new_tokens, prompt_field, input_field, "
+        "response_field, long_prompts)")
 
 
 def test_another_methods_key_is_checked_by_its_owner_and_changes_nothing_for_the_chosen_method(damped):

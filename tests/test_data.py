@@ -304,7 +304,7 @@ def test_non_positive_or_non_finite_alpha_raises(alpha):
 
 @pytest.mark.parametrize(
     "num_clients, kind, match",
-    [(0, "iid", "num_clients"), (51, "iid", "more clients than samples"), (5, "pathological", "unknown partition kind")],
+    [(0, "iid", "num_clients"), (51, "iid", "more clients than samples"), (5, "bogus", "unknown partition kind")],
 )
 def test_bad_partition_arguments_raise(num_clients, kind, match):
     with pytest.raises(DataError, match=match):

@@ -169,3 +169,29 @@ def test_a_method_that_ignored_the_budget_mix_is_marked_in_every_table_with_a_fo
     homogeneous_row = next(line for line in mix_table.splitlines() if line.startswith("| homogeneous"))
     assert bell_row.count(IGNORED_MIX_MARK) == 1 and IGNORED_MIX_MARK not in homogeneous_row
     assert IGNORED_MIX_NOTE in mix_table
+
+
+def test_per_client_columns_are_in_the_table_and_their_distribution_in_the_fairness_plot(tmp_path):
+    """Runs with federation.client_eval: the worst-off tenth beside the global accuracy, and fairness.png from each
+    run's client_metrics.csv at its last evaluated round."""
+    from ravan_ray.client_eval import summarize as client_summary
+
+    for method, spread in (("ravan", 0.1), ("fedit", 0.3)):
+        run_dir = tmp_path / "runs" / method
+        config = from_dict({"method": {"name": method}, "federation": {"rounds": 2, "client_eval": True}})
+        run_dir.mkdir(parents=True)
+        save_config(config, run_dir / "config.yaml")
+        per_client = pd.DataFrame({"round": 2, "client": range(10), "rows": 5,
+                                   "test_accuracy": np.linspace(0.5 - spread, 0.5 + spread, 10), "test_loss": 1.0})
+        per_client.to_csv(run_dir / "client_metrics.csv", index=False)
+        rows = [{"round": 1, "wall_s": 1.0, "train_loss": 1.0}, {
+            "round": 2, "wall_s": 2.0, "train_loss": 0.5, "test_accuracy": 0.5,
+            **client_summary(per_client.to_dict("records"), "test_accuracy", "max")}]
+        write_metrics(run_dir / "metrics.csv", rows)
+        write_summary(run_dir / "summary.json", summarize(config, rows, 2.0))
+    report = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    assert "final client test accuracy p10 %" in report and "final client test accuracy std %" in report
+    table = pd.read_csv(tmp_path / "out" / "report.csv").set_index("method.name")
+    assert table.loc["fedit", "final_client_test_accuracy_p10_mean"] == pytest.approx(
+        np.percentile(np.linspace(0.2, 0.8, 10), 10))
+    assert (tmp_path / "out" / "fairness.png").stat().st_size > 0 and "(fairness)" in report

@@ -51,6 +51,12 @@ class ClientTask:
     round: int
     level: float  # compute budget as a fraction of N_max
     seed: int  # the run seed; per-task randomness derives from (seed, round, client_id)
+    # The local steps this client trains: None, federation.local_steps; fewer where a simulated deadline cuts it
+    # short (system.late=partial, ravan_ray/system.py). Its batches are then the first of the full run's.
+    steps: Optional[int] = None
+
+    def local_steps(self, configured: int) -> int:
+        return configured if self.steps is None else self.steps
 
     def generator(self, stream: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
         """A torch RNG private to this (run, round, client, stream): results do not depend on which

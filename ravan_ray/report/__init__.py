@@ -9,9 +9,14 @@ deviation (ddof = 1, empty for a single seed) and the number of seeds n. Written
   and the plots;
 - ``report.csv``: one row per group (the numbers behind the tables); ``runs.csv``: one row per run;
 - PNGs: the score per round (mean over seeds, ±1 std band), the final score by budget mix (grouped
-  bars), the score's gain over the fewest heads vs heads with the point where sqrt(N h) = d marked, and
-  the aggregated update's effective rank per round. A plot whose grouping has fewer than two values is
-  skipped, with a note in report.md.
+  bars), the score's gain over the fewest heads vs heads with the point where sqrt(N h) = d marked,
+  the aggregated update's effective rank per round, and (runs with ``federation.client_eval``) the
+  fairness plot: the distribution over clients of each configuration's per-client score at its last
+  evaluation (client_metrics.csv). A plot whose grouping has fewer than two values is skipped, with a
+  note in report.md.
+
+Runs with ``federation.client_eval`` have the per-client statistics of the score as columns of "All
+configurations" (final client_…_mean, _p10: the worst-off tenth, _std; ravan_ray/client_eval.py).
 
 The score is each run's task's primary metric (summary.json's ``metric``: ``test_accuracy`` for
 classification and seq2seq, ``test_f1`` for question answering, ``test_loss`` for instruction tuning);
@@ -52,7 +57,7 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from ravan_ray.report.plots import plot_budget_mix, plot_heads, plot_per_round, plot_run
+from ravan_ray.report.plots import plot_budget_mix, plot_fairness, plot_heads, plot_per_round, plot_run
 from ravan_ray.report.runs import (IGNORED_MIX_MARK, IGNORED_MIX_NOTE, ReportError, display, find_runs, in_percent,
                                    metric_label, read_runs, score_name, task_metrics)
 from ravan_ray.report.selection import choose, select_configurations, selection_markdown
@@ -193,6 +198,9 @@ class Report:
             ("effective_rank.png", "Effective rank per round",
              lambda p: plot_per_round(runs, rounds, keys, "effective_rank", "effective rank",
                                       "Effective rank of the aggregated update", p)),
+            ("fairness.png", f"Per-client {named} (fairness)",
+             lambda p: plot_fairness(runs, keys, p, score, percent) if score != "score"
+             else "the runs' tasks have different primary metrics"),
         ]
         lines, not_drawn = ["## Plots", ""], []
         for filename, title, draw in plots:

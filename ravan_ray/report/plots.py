@@ -1,5 +1,5 @@
-"""The report's PNGs (score per round, by budget mix, gain vs heads, effective rank) and a run's own
-curves.png."""
+"""The report's PNGs (score per round, by budget mix, gain vs heads, effective rank, per-client fairness) and a
+run's own curves.png and partition.png."""
 
 from __future__ import annotations
 
@@ -192,3 +192,90 @@ def plot_run(run_dir: Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_partition(histogram: pd.DataFrame, path: Path, title: str) -> Path:
+    """A run's partition.png: rows per class held by each client (a heat map, clients down, classes across, each
+    client's row scaled to its own largest class so that small clients' mixes show too) beside each client's
+    size. ``histogram``: clients x classes counts (columns: the class names)."""
+    counts = histogram.to_numpy(dtype=float)
+    sizes = counts.sum(axis=1)
+    shares = counts / np.maximum(counts.max(axis=1, keepdims=True), 1)
+    clients, classes = counts.shape
+    plt = _plt()
+    height = min(12.0, max(3.0, 0.18 * clients + 1.5))
+    fig, (heat, bars) = plt.subplots(1, 2, figsize=(min(16.0, max(6.0, 0.12 * classes + 5)), height), sharey=True,
+                                     gridspec_kw={"width_ratios": [4, 1]})
+    image = heat.imshow(shares, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=1)
+    heat.set_xlabel(f"class ({classes})")
+    heat.set_ylabel("client")
+    heat.yaxis.get_major_locator().set_params(integer=True)
+    if classes <= 30:
+        heat.set_xticks(range(classes), [str(c) for c in histogram.columns], rotation=90, fontsize=6)
+    bar = fig.colorbar(image, ax=heat, fraction=0.04, pad=0.01)
+    bar.set_label("share of the client's\nlargest class", fontsize=7)
+    bars.barh(range(clients), sizes, color="tab:blue")
+    bars.set_xlabel("rows")
+    bars.grid(axis="x", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_fairness(runs: pd.DataFrame, keys: list[str], path: Path, metric: str, percent: bool = True) -> Optional[str]:
+    """The distribution over clients of the per-client ``metric`` (client_metrics.csv of runs with
+    federation.client_eval) at each run's last evaluated round: a box per method (the seeds' clients pooled) and a
+    point per client, a panel per combination of the other differing keys (as the per-round plots); returns a reason
+    when no run has per-client metrics."""
+    from ravan_ray.results import CLIENT_METRICS_FILE
+
+    box_keys, panel_keys = _line_groups(keys)
+    values: dict[tuple[str, str], list[float]] = {}
+    for _, run in runs.iterrows():
+        file = Path(run["run_dir"]) / CLIENT_METRICS_FILE
+        table = pd.read_csv(file) if file.is_file() else pd.DataFrame()
+        if metric not in table or table.empty:
+            continue
+        last = table[table["round"] == table["round"].max()]
+        panel = ", ".join(f"{short_name(k)}={_brief(run[k])}" for k in panel_keys)
+        box = ", ".join(_brief(run[k]) for k in box_keys) or "all runs"
+        values.setdefault((panel, box), []).extend(last[metric].astype(float).tolist())
+    if not values:
+        return "no run evaluated its clients (federation.client_eval)"
+    panels = in_order(list({panel for panel, _ in values}))
+    scale = 100.0 if percent else 1.0
+    plt = _plt()
+    cols = min(3, len(panels))
+    rows_n = math.ceil(len(panels) / cols)
+    boxes_most = max(sum(1 for panel, _ in values if panel == p) for p in panels)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(max(4.5, 0.9 * boxes_most + 1.5) * cols, 4.0 * rows_n),
+                             squeeze=False, sharey=True)
+    rng = np.random.default_rng(0)  # jitter only, so the points of one box do not sit on one line
+    for ax, panel in zip(axes.flat, panels):
+        names = in_order([box for p, box in values if p == panel])
+        ax.boxplot([scale * np.asarray(values[panel, n]) for n in names], whis=(10, 90), showfliers=False)
+        for i, name in enumerate(names, start=1):
+            points = scale * np.asarray(values[panel, name])
+            ax.scatter(i + rng.uniform(-0.18, 0.18, len(points)), points, s=8, alpha=0.5, color="tab:blue")
+        ax.set_xticks(range(1, len(names) + 1), names, rotation=30 if len(names) > 3 else 0,
+                      ha="right" if len(names) > 3 else "center", fontsize=8)
+        ax.set_ylabel(f"per-client {metric_label(metric, percent)}")
+        if panel:
+            ax.set_title(panel, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Per-client score of the last evaluated global model\n(a point per client; box: quartiles, "
+                 "whiskers: 10th-90th percentile)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def _brief(value) -> str:
+    """A config value as a label: a file path by its last part (data.path's folder)."""
+    text = displayed(pd.Series([value])).iloc[0]
+    return Path(text).name if "/" in text else text

@@ -106,6 +106,10 @@ class Task(ABC):
     input_keys: ClassVar[tuple[str, ...]] = ("input_ids", "attention_mask", "token_type_ids", "labels")
     #: The task's own keys under ``data:`` (the fields it reads from its data, ...).
     options_model: ClassVar[type[Options]] = Options
+    #: True when :meth:`evaluate` reads data shaped as the training arrays, so that a client's own training rows can
+    #: be its test rows (``federation.client_eval``); False where evaluation needs what training rows lack
+    #: (generation references, QA's context windows with their answers).
+    evaluates_training_rows: ClassVar[bool] = False
 
     def __init__(self, config: RunConfig, info: Optional[dict[str, Any]] = None):
         self.config = config
@@ -308,6 +312,7 @@ class ClassificationTask(Task):
     new_head = True
     metrics = {"test_accuracy": "max", "test_loss": "min"}
     primary_metric = "test_accuracy"
+    evaluates_training_rows = True  # evaluate reads the training arrays' keys (inputs and labels)
 
     def model_overrides(self) -> dict[str, Any]:
         names = self.info["label_names"]

@@ -53,14 +53,19 @@ def selection_scores(runs: pd.DataFrame, rounds: pd.DataFrame, score: str, selec
 def choose(candidates: pd.DataFrame, setting_keys: list[str], tuned: list[str], higher_is_better: bool) -> pd.DataFrame:
     """For every setting (combination of ``setting_keys``), the row of ``candidates`` with the best
     ``selection_mean`` (the validation metric's mean over seeds); ties go to the first in sorted order.
+    With a ``selection_rounds`` column (the rounds the candidate's runs got through), the candidates that ran
+    the most rounds are compared first: successive halving (ASHA) stopped the others at a rung for being worse
+    there, and a metric from an earlier round is no match for one from the full schedule.
 
-    ``candidates`` holds only the setting keys, the tuned keys and the validation mean: this function
+    ``candidates`` holds only the setting keys, the tuned keys and the validation numbers: this function
     cannot see a test metric, so selection cannot depend on one."""
-    allowed = set(setting_keys) | set(tuned) | {"selection_mean"}
+    allowed = set(setting_keys) | set(tuned) | {"selection_mean", "selection_rounds"}
     if set(candidates.columns) - allowed:
         raise ValueError(f"choose() sees only validation columns, got {sorted(set(candidates.columns) - allowed)}")
     frame = candidates.dropna(subset=["selection_mean"])
-    frame = frame.sort_values(["selection_mean", *tuned], ascending=[not higher_is_better] + [True] * len(tuned),
+    first = ["selection_rounds"] if "selection_rounds" in frame else []
+    frame = frame.sort_values([*first, "selection_mean", *tuned],
+                              ascending=[False] * len(first) + [not higher_is_better] + [True] * len(tuned),
                               kind="stable")
     if not setting_keys:
         return frame.head(1)

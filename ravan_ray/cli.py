@@ -95,7 +95,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.output:
         require_directory(Path(args.output), "--output")
     out = write_report([Path(d) for d in args.dirs], Path(args.output) if args.output else None,
-                       select=tuple(args.select or ()), select_on=args.select_on, rows=tuple(args.rows or ()))
+                       select=tuple(args.select or ()), select_on=args.select_on, rows=tuple(args.rows or ()),
+                       per_seed=args.per_seed)
     print(f"report written to {out}")
     return 0
 
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--select-on", choices=["final", "best"], default="final",
                         help="rank by the final round's validation metric (default), or by the best round's and "
                              "report the test metric of that round")
+    report.add_argument("--per-seed", action="store_true",
+                        help="with --select: choose in every seed on that seed's validation metric alone (the "
+                             "protocol repeated per seed) instead of on the mean over seeds")
     report.add_argument("--rows", action="append", metavar="KEY",
                         help="with --select: the keys that form the selected table's rows (repeatable; default "
                              "method.name), e.g. --rows method.name --rows method.scoring")

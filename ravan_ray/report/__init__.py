@@ -23,8 +23,12 @@ Selection (``--select KEY``, e.g. ``optimizer.lr``): the runs need a validation 
 ``data.validation_fraction``). For every configuration of the other differing keys, the tuned value with
 the best mean over seeds of the validation twin of the score is chosen (:func:`choose` is only given
 validation numbers), and that configuration's test score is reported (mean ± std, n seeds), the paper's
-protocol; ``selected.csv`` and ``candidates.csv`` hold the numbers. The top two per column are compared
-per seed with a Student-t interval (scipy.stats.t) on the mean paired difference.
+protocol; ``selected.csv``, ``candidates.csv`` and ``chosen.csv`` (the run chosen per setting and seed) hold the
+numbers. ``--per-seed`` repeats the choice in every seed on that seed's validation metric alone (what a sweep
+that halves and extends its grids per seed does, ravan_ray/sweep_search.py). Runs that got through more rounds
+are compared first (successive halving stopped the others for being worse at a rung). The best row per column
+is compared with every other per seed with a Student-t interval (scipy.stats.t) on the mean paired difference;
+a chosen value at the end of the values tried (three or more) is marked (edge).
 
 Tables: per task, method, budget mix and data partition for every report, and one per ablation each
 method declares for its own runs (``FederatedMethod.report_tables``: Ravan's heads, initialisation, head
@@ -61,11 +65,14 @@ __all__ = ["ReportError", "choose", "find_runs", "markdown_table", "plot_run", "
 
 
 def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequence[str] = (),
-                 select_on: str = "final", rows: Sequence[str] = ()) -> Path:
+                 select_on: str = "final", rows: Sequence[str] = (), per_seed: bool = False) -> Path:
     """Find the runs under ``dirs``, write report.md, report.csv, runs.csv and PNGs; returns report.md.
     ``select``: config keys tuned on the validation split (e.g. optimizer.lr): report.md then opens with the
-    selected table (:func:`select_configurations`), and candidates.csv / selected.csv hold its numbers."""
+    selected table (:func:`select_configurations`; ``per_seed``: chosen in every seed on its own), and
+    candidates.csv / selected.csv / chosen.csv hold its numbers."""
     dirs = [Path(d) for d in dirs]
+    if per_seed and not select:
+        raise ReportError("--per-seed goes with --select KEY (the key chosen per seed)")
     if not dirs:
         raise ReportError("give at least one run or sweep directory")
     run_dirs = find_runs(dirs)
@@ -81,11 +88,13 @@ def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequen
     score = score_name(runs)
     selection_lines: list[str] = []
     if select:
-        candidates, selected = select_configurations(runs, rounds, list(select), keys, score, select_on)
+        candidates, selected, chosen = select_configurations(runs, rounds, list(select), keys, score, select_on,
+                                                             per_seed)
         candidates.to_csv(output / "candidates.csv", index=False)
         selected.to_csv(output / "selected.csv", index=False)
-        selection_lines = selection_markdown(runs, rounds, candidates, selected, list(select), keys, score, select_on,
-                                             rows)
+        chosen.to_csv(output / "chosen.csv", index=False)
+        selection_lines = selection_markdown(runs, candidates, selected, chosen, list(select), keys, score,
+                                             select_on, per_seed, rows)
 
     runs.to_csv(output / "runs.csv", index=False)
     summary.to_csv(output / "report.csv", index=False)

@@ -80,8 +80,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         widest = max(spec.candidates, key=lambda c: len(trial_bundles(c, spec.driver_cpus)))
         need = total(trial_bundles(widest, spec.driver_cpus))
         base = spec.candidates[0]
-        print(f"tune config OK (no model or data loaded): sweep '{spec.name}', {spec.trials()} trials of "
-              f"task {base.model.task} on {base.model.name}, ranked by {spec.metric}; a trial reserves "
+        beyond = f" (and at most {spec.most_extensions()} beyond the grid's edges)" if spec.most_extensions() else ""
+        stops = f", stopped early on {spec.stopping_metric()}" if spec.asha else ""
+        print(f"tune config OK (no model or data loaded): sweep '{spec.name}', {spec.trials()} trials{beyond} of "
+              f"task {base.model.task} on {base.model.name}, ranked by {spec.metric}{stops}; a trial reserves "
               + ", ".join(f"{v:g} {k}" for k, v in sorted(need.items())))
         return 0
     results_dir = run_sweep(args.tune_config, address=args.address, output=args.output, overrides=tuple(args.set or ()))

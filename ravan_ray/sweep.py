@@ -10,12 +10,24 @@ A tune config (see tune_configs/) names a base run config and a search space ove
     num_samples: 1                             # repeats of the whole grid (and fresh random samples)
     max_concurrent_trials: null
     scheduler: {asha: {max_t: 12, grace_period: 4, reduction_factor: 2}}   # optional early stopping
+                                               # (+ group_by: [method.name, seed]: one ASHA per group)
     storage_path: runs/sweeps                  # the sweep lands in storage_path/name unless --output is given
     max_failures: 1                            # retries of a failed trial, from its last checkpoint
     driver_cpus: 1                             # the trial's own process (the federation driver)
     placement_strategy: PACK                   # or SPREAD, STRICT_PACK, STRICT_SPREAD
 
 Everything is validated before Ray starts (each search-space key and value is tried on the base config).
+
+A grid may depend on another key and grow at its edges (ravan_ray/sweep_search.py has the details)::
+
+    optimizer.lr: {grid: [0.002, 0.005, 0.01], by: method.name, grids: {full_ft: [2.0e-5, 5.0e-5, 1.0e-4]},
+                   extend: {factor: 2, max_steps: 3}}
+
+``by``/``grids``: a trial whose ``method.name`` is full_ft gets that grid, the others the plain one.
+``extend``: once the grid's trials end, in every group of the other keys' values where the value with the
+best validation metric is the largest or smallest tried, the next one beyond it runs (stage K of the sweep,
+in ``DIR/extend_K``), until the chosen value is interior or ``max_steps`` values beyond the grid have run.
+With either, the trials are listed in search-space order (first key slowest) and run in that order.
 
 One trial = one whole federation (:func:`ravan_ray.federation.run_federation`) in the trial's directory
 ``DIR/<trial_id>/run``, reserved as a placement group sized from the trial's own config: a driver bundle,
@@ -31,8 +43,8 @@ in rounds that evaluated (ASHA then decides at the first evaluated round past ea
 round also reports a Tune checkpoint holding the run's latest federation checkpoint and metrics.csv, so
 a retried trial (``max_failures``) or a resumed sweep continues from that round instead of round 1.
 
-Resume: running the same command on an existing sweep directory restores it (``Tuner.restore``):
-finished trials are kept, unfinished and errored ones continue from their checkpoints. The tune config
+Resume: running the same command on an existing sweep directory restores it (``Tuner.restore``, every
+stage in turn): finished trials are kept, unfinished and errored ones continue from their checkpoints. The tune config
 used is the copy saved in the sweep directory on the first run.
 
 ``inject_failure_after_round: R`` (a drill for the fault-tolerance path, used by the tests) makes every

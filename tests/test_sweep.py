@@ -209,7 +209,7 @@ def test_an_existing_non_sweep_directory_is_refused(tmp_path):
 
 def one_trial(**changes) -> dict:
     """The smoke base as a single trial with one client actor (fewer processes to start)."""
-    values = smoke_values(search_space={}, **changes)
+    values = smoke_values(**{"search_space": {}, **changes})
     values["base"]["resources"] = {"cpus_per_client": 0.5, "pool_size": 1}
     return values
 
@@ -362,3 +362,23 @@ def test_the_grid_extends_beyond_the_chosen_value_only_at_an_edge_and_at_most_ma
     # two values beyond the grid already (max_steps 2): no third
     assert extension_points(spec.space, spec.base, trials(
         ("ravan", 0.01, 2, 0.5), ("ravan", 0.001, 2, 0.4), ("ravan", 0.1, 2, 0.6), ("ravan", 1.0, 2, 0.7)), True) == []
+
+
+def test_an_extended_grid_runs_the_value_beyond_the_chosen_edge_in_its_own_stage_and_resumes(tmp_path, ray_session):
+    values = one_trial(name="extended", search_space={
+        "method.name": {"grid": ["ravan"]},
+        "optimizer.lr": {"grid": [0.001, 0.01], "extend": {"factor": 10, "max_steps": 1}}},
+        scheduler={"asha": {"max_t": 2, "grace_period": 1, "group_by": ["method.name"]}})
+    values["base"]["data"]["validation_fraction"] = 0.2
+    path = write_tune_config(tmp_path / "extended.yaml", values)
+    table = pd.read_csv(run_sweep(path, output=tmp_path / "out"))
+    assert list(table["stage"]) == [0, 0, 1]
+    grid = table[table["stage"] == 0].sort_values(["rounds", "final_val_accuracy", "optimizer.lr"],
+                                                  ascending=[False, False, True])
+    chosen = grid["optimizer.lr"].iloc[0]  # the rule the sweep and the report share: rounds, validation, value
+    beyond = table[table["stage"] == 1].iloc[0]
+    assert beyond["optimizer.lr"] == pytest.approx(chosen * 10 if chosen == 0.01 else chosen / 10)
+    assert Path(beyond["run_dir"]).parent.parent == tmp_path / "out" / "extend_1"
+    before = mtimes(tmp_path / "out") | mtimes(tmp_path / "out" / "extend_1")
+    again = pd.read_csv(run_sweep(path, output=tmp_path / "out"))  # restored stage by stage, nothing redone
+    assert len(again) == 3 and (mtimes(tmp_path / "out") | mtimes(tmp_path / "out" / "extend_1")) == before

@@ -73,7 +73,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ravan_ray.trackers import check_installed
 
     if args.dry_run:
-        spec = load_sweep_spec(args.tune_config, tuple(args.set or ()))  # every key and value is checked here
+        spec = load_sweep_spec(args.tune_config, tuple(args.set or ()), tuple(args.only or ()))  # all checked here
         for config in spec.candidates:
             check_paths(config)
         check_installed(spec.candidates[0].output.trackers)  # the sweep tracks with its base config's trackers
@@ -86,7 +86,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
               f"task {base.model.task} on {base.model.name}, ranked by {spec.metric}{stops}; a trial reserves "
               + ", ".join(f"{v:g} {k}" for k, v in sorted(need.items())))
         return 0
-    results_dir = run_sweep(args.tune_config, address=args.address, output=args.output, overrides=tuple(args.set or ()))
+    results_dir = run_sweep(args.tune_config, address=args.address, output=args.output, overrides=tuple(args.set or ()),
+                            only=tuple(args.only or ()))
     print(f"sweep results: {results_dir}")
     return 0
 
@@ -243,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output", help="sweep directory (default: from the tune config)")
     sweep.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                        help="override a key of the tune config's base run config (repeatable), e.g. data.path=DIR")
+    sweep.add_argument("--only", action="append", metavar="KEY=VALUES",
+                       help="run a part of the search space: the grid of KEY cut to VALUES (one or a YAML list), "
+                            "e.g. --only seed=0; parts run apart are reported together (repeatable)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="check every key and search-space value offline, load no model or data, start no Ray")
     sweep.set_defaults(func=cmd_sweep)

@@ -457,8 +457,39 @@ def read_tune_config(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepSpec:
-    return SweepSpec(read_tune_config(path), Path(path), overrides)
+def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> SweepSpec:
+    """The tune config at ``path``, its base changed by ``overrides`` (--set KEY=VALUE) and its grids cut to the
+    values ``only`` names (--only KEY=VALUES, see :func:`restrict_grids`)."""
+    return SweepSpec(restrict_grids(read_tune_config(path), only), Path(path), overrides)
+
+
+def restrict_grids(values: dict[str, Any], only: tuple[str, ...]) -> dict[str, Any]:
+    """The tune config with the grid of each ``KEY=VALUES`` in ``only`` cut to VALUES (YAML: one value or a
+    list), which must be values of that grid. A sweep's trials are functions of their configs, so one tune
+    config can be run in parts (one seed per machine or per day) and reported together; the part's saved tune
+    config lists what it ran."""
+    if not only:
+        return values
+    values = copy.deepcopy(values)
+    space = values.get("search_space") or {}
+    for text in only:
+        key, sep, listed = text.partition("=")
+        if not sep or key not in space:
+            raise SweepError(f"--only {text}: give KEY=VALUES for a key of search_space "
+                             f"({', '.join(space) or 'none'})")
+        spec = space[key]
+        if not isinstance(spec, dict) or "grid" not in spec or "grids" in spec:
+            raise SweepError(f"--only {key}: only a plain grid can be cut (not a per-case grid or a random spec)")
+        try:
+            wanted = yaml.load(listed, Loader=_Loader)
+        except yaml.YAMLError:
+            raise SweepError(f"--only {text}: VALUES is not YAML") from None
+        wanted = wanted if isinstance(wanted, list) else [wanted]
+        missing = [v for v in wanted if v not in spec["grid"]]
+        if missing or not wanted:
+            raise SweepError(f"--only {key}: {missing[0] if missing else 'nothing'} is not in its grid {spec['grid']}")
+        spec["grid"] = [v for v in spec["grid"] if v in wanted]
+    return values
 
 
 # ------------------------------------------------------------------------------ trial configs and resources
@@ -627,12 +658,12 @@ def sweep_dir(spec: SweepSpec, output: Optional[str | Path]) -> Path:
 
 @tracker_environment_kept()  # Tune's MLflow callback writes MLFLOW_TRACKING_URI into this process's environment
 def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
-              output: Optional[str | Path] = None, overrides: tuple[str, ...] = ()) -> Path:
-    """Run (or resume) the sweep described by a tune config (``overrides``: --set KEY=VALUE on its base);
-    returns the path of its results.csv."""
+              output: Optional[str | Path] = None, overrides: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> Path:
+    """Run (or resume) the sweep described by a tune config (``overrides``: --set KEY=VALUE on its base; ``only``:
+    --only KEY=VALUES, a part of its grid); returns the path of its results.csv."""
     from ray import tune
 
-    spec = load_sweep_spec(tune_config_path, overrides)
+    spec = load_sweep_spec(tune_config_path, overrides, only)
     out = sweep_dir(spec, output)
     saved = out / SAVED_TUNE_CONFIG
     restoring = saved.is_file()

@@ -382,3 +382,18 @@ def test_an_extended_grid_runs_the_value_beyond_the_chosen_edge_in_its_own_stage
     before = mtimes(tmp_path / "out") | mtimes(tmp_path / "out" / "extend_1")
     again = pd.read_csv(run_sweep(path, output=tmp_path / "out"))  # restored stage by stage, nothing redone
     assert len(again) == 3 and (mtimes(tmp_path / "out") | mtimes(tmp_path / "out" / "extend_1")) == before
+
+
+def test_only_runs_a_part_of_the_grid_and_refuses_values_outside_it(tmp_path, capsys):
+    from ravan_ray.cli import main
+    from ravan_ray.sweep import load_sweep_spec
+
+    path = write_tune_config(tmp_path / "protocol.yaml", protocol_values())
+    part = load_sweep_spec(path, only=("seed=1",))
+    assert {p["seed"] for p in part.points()} == {1} and part.trials() == 4
+    assert part.normalized()["search_space"]["seed"]["grid"] == [1]  # the part's saved tune config says what it ran
+    assert load_sweep_spec(path, only=("seed=[1, 0]",)).trials() == 8
+    for only, message in (("seed=5", "5 is not in its grid"), ("heads=2", "give KEY=VALUES for a key of"),
+                          ("optimizer.lr=0.01", "only a plain grid can be cut")):
+        assert main(["sweep", str(path), "--only", only, "--dry-run"]) == 2
+        assert message in capsys.readouterr().err

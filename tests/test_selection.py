@@ -164,3 +164,18 @@ def test_a_run_stopped_early_loses_to_one_that_ran_the_whole_schedule(tmp_path):
 def test_per_seed_without_select_is_one_line_exit_2(tuned_sweep, capsys):
     assert main(["report", str(tuned_sweep), "--per-seed"]) == 2
     assert "--per-seed goes with --select" in capsys.readouterr().err
+
+
+def test_an_option_of_another_method_is_shown_unset_not_at_its_default(tmp_path):
+    from ravan_ray.report import read_runs
+
+    write_run(tmp_path / "runs" / "fedit", method="fedit", lr=0.01, seed=0, val=[0.5], test=[0.5])
+    write_run(tmp_path / "runs" / "ravan", method="ravan", lr=0.01, seed=0, val=[0.5], test=[0.5])
+    runs, _ = read_runs(sorted((tmp_path / "runs").iterdir()))
+    by_method = runs.set_index("method.name")
+    assert by_method.loc["ravan", "method.init"] == "normal" and by_method.loc["ravan", "method.scoring"] == "random"
+    assert pd.isna(by_method.loc["fedit", "method.init"]) and pd.isna(by_method.loc["fedit", "method.scoring"])
+    assert by_method.loc["fedit", "method.lora_rank"] == 8  # a key every method reads stays
+    # the comparison differs in the method alone: Ravan's options are not a difference between Ravan and FedIT
+    text = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    assert "Configurations differ in: `method.name`." in text

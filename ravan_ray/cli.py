@@ -117,18 +117,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from ravan_ray.trackers import check_installed
 
     if args.dry_run:
-        spec = load_sweep_spec(args.tune_config, tuple(args.set or ()))  # every key and value is checked here
+        spec = load_sweep_spec(args.tune_config, tuple(args.set or ()), tuple(args.only or ()))  # all checked here
         for config in spec.candidates:
             check_paths(config)
         check_installed(spec.candidates[0].output.trackers)  # the sweep tracks with its base config's trackers
         widest = max(spec.candidates, key=lambda c: len(trial_bundles(c, spec.driver_cpus)))
         need = total(trial_bundles(widest, spec.driver_cpus))
         base = spec.candidates[0]
-        print(f"tune config OK (no model or data loaded): sweep '{spec.name}', {spec.trials()} trials of "
-              f"task {base.model.task} on {base.model.name}, ranked by {spec.metric}; a trial reserves "
+        beyond = f" (and at most {spec.most_extensions()} beyond the grid's edges)" if spec.most_extensions() else ""
+        stops = f", stopped early on {spec.stopping_metric()}" if spec.asha else ""
+        print(f"tune config OK (no model or data loaded): sweep '{spec.name}', {spec.trials()} trials{beyond} of "
+              f"task {base.model.task} on {base.model.name}, ranked by {spec.metric}{stops}; a trial reserves "
               + ", ".join(f"{v:g} {k}" for k, v in sorted(need.items())))
         return 0
-    results_dir = run_sweep(args.tune_config, address=args.address, output=args.output, overrides=tuple(args.set or ()))
+    results_dir = run_sweep(args.tune_config, address=args.address, output=args.output, overrides=tuple(args.set or ()),
+                            only=tuple(args.only or ()))
     print(f"sweep results: {results_dir}")
     return 0
 
@@ -139,7 +142,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.output:
         require_directory(Path(args.output), "--output")
     out = write_report([Path(d) for d in args.dirs], Path(args.output) if args.output else None,
-                       select=tuple(args.select or ()), select_on=args.select_on, rows=tuple(args.rows or ()))
+                       select=tuple(args.select or ()), select_on=args.select_on, rows=tuple(args.rows or ()),
+                       per_seed=args.per_seed)
     print(f"report written to {out}")
     return 0
 
@@ -290,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output", help="sweep directory (default: from the tune config)")
     sweep.add_argument("--set", action="append", metavar="KEY.PATH=VALUE",
                        help="override a key of the tune config's base run config (repeatable), e.g. data.path=DIR")
+    sweep.add_argument("--only", action="append", metavar="KEY=VALUES",
+                       help="run a part of the search space: the grid of KEY cut to VALUES (one or a YAML list), "
+                            "e.g. --only seed=0; parts run apart are reported together (repeatable)")
     sweep.add_argument("--dry-run", action="store_true",
                        help="check every key and search-space value offline, load no model or data, start no Ray")
     sweep.set_defaults(func=cmd_sweep)
@@ -303,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--select-on", choices=["final", "best"], default="final",
                         help="rank by the final round's validation metric (default), or by the best round's and "
                              "report the test metric of that round")
+    report.add_argument("--per-seed", action="store_true",
+                        help="with --select: choose in every seed on that seed's validation metric alone (the "
+                             "protocol repeated per seed) instead of on the mean over seeds")
     report.add_argument("--rows", action="append", metavar="KEY",
                         help="with --select: the keys that form the selected table's rows (repeatable; default "
                              "method.name), e.g. --rows method.name --rows method.scoring")

@@ -10,12 +10,24 @@ A tune config (see tune_configs/) names a base run config and a search space ove
     num_samples: 1                             # repeats of the whole grid (and fresh random samples)
     max_concurrent_trials: null
     scheduler: {asha: {max_t: 12, grace_period: 4, reduction_factor: 2}}   # optional early stopping
+                                               # (+ group_by: [method.name, seed]: one ASHA per group)
     storage_path: runs/sweeps                  # the sweep lands in storage_path/name unless --output is given
     max_failures: 1                            # retries of a failed trial, from its last checkpoint
     driver_cpus: 1                             # the trial's own process (the federation driver)
     placement_strategy: PACK                   # or SPREAD, STRICT_PACK, STRICT_SPREAD
 
 Everything is validated before Ray starts (each search-space key and value is tried on the base config).
+
+A grid may depend on another key and grow at its edges (ravan_ray/sweep_search.py has the details)::
+
+    optimizer.lr: {grid: [0.002, 0.005, 0.01], by: method.name, grids: {full_ft: [2.0e-5, 5.0e-5, 1.0e-4]},
+                   extend: {factor: 2, max_steps: 3}}
+
+``by``/``grids``: a trial whose ``method.name`` is full_ft gets that grid, the others the plain one.
+``extend``: once the grid's trials end, in every group of the other keys' values where the value with the
+best validation metric is the largest or smallest tried, the next one beyond it runs (stage K of the sweep,
+in ``DIR/extend_K``), until the chosen value is interior or ``max_steps`` values beyond the grid have run.
+With either, the trials are listed in search-space order (first key slowest) and run in that order.
 
 One trial = one whole federation (:func:`ravan_ray.federation.run_federation`) in the trial's directory
 ``DIR/<trial_id>/run``, reserved as a placement group sized from the trial's own config: a driver bundle,
@@ -31,8 +43,8 @@ in rounds that evaluated (ASHA then decides at the first evaluated round past ea
 round also reports a Tune checkpoint holding the run's latest federation checkpoint and metrics.csv, so
 a retried trial (``max_failures``) or a resumed sweep continues from that round instead of round 1.
 
-Resume: running the same command on an existing sweep directory restores it (``Tuner.restore``):
-finished trials are kept, unfinished and errored ones continue from their checkpoints. The tune config
+Resume: running the same command on an existing sweep directory restores it (``Tuner.restore``, every
+stage in turn): finished trials are kept, unfinished and errored ones continue from their checkpoints. The tune config
 used is the copy saved in the sweep directory on the first run.
 
 ``inject_failure_after_round: R`` (a drill for the fault-tolerance path, used by the tests) makes every
@@ -61,6 +73,8 @@ from ravan_ray.cluster import describe, ray_runtime, shortfall, total
 from ravan_ray.config import (ConfigError, RunConfig, apply_override, from_dict, parse_override, read_yaml,
                               section_keys)
 from ravan_ray.results import validation_name
+from ravan_ray.sweep_search import (EXTEND_DEFAULTS, STAGE_PREFIX, expand_points, extended_key, extension_points,
+                                    grouped_asha, plain, point_searcher, set_keys, trial_history)
 from ravan_ray.sweep_trackers import tracker_environment_kept, trackers_line, tune_callbacks
 
 log = logging.getLogger(__name__)
@@ -71,7 +85,8 @@ TOP_LEVEL_KEYS = {
 }
 SPEC_KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
-ASHA_KEYS = {"max_t", "grace_period", "reduction_factor"}
+ASHA_KEYS = {"max_t", "grace_period", "reduction_factor", "group_by"}
+GRID_OPTIONS = {"by", "grids", "extend"}  # a grid's per-case grids and edge extension (ravan_ray/sweep_search.py)
 RUN_DIRNAME = "run"
 SAVED_TUNE_CONFIG = "tune_config.yaml"
 RESULTS_FILE = "results.csv"
@@ -127,9 +142,15 @@ class SweepSpec:
             raise SweepError(f"placement_strategy: must be one of {', '.join(STRATEGIES)} "
                              f"(got {values['placement_strategy']!r})")
         self.storage_path = str(values.get("storage_path") or "runs/sweeps")
+        self.explicit = any(set(spec) & GRID_OPTIONS for spec in self.space.values())
+        if self.explicit:
+            self._check_explicit()
         self.asha = self._load_scheduler(values.get("scheduler"))
         self.candidates = self._check_search_space()
         self.metric, self.mode = self._ranking_metric()
+        if extended_key(self.space) and not self.held_out():
+            raise SweepError(f"search_space '{extended_key(self.space)}': extend chooses on validation; set "
+                             "data.validation_fraction > 0 (or data.validation_split) in the base")
 
     # -- pieces
     def _load_base(self, values: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +186,31 @@ class SweepSpec:
             checked[key] = _check_spec(key, spec)
         return checked
 
+    def _check_explicit(self) -> None:
+        """Per-case grids and edge extension: the trials are listed here (ravan_ray/sweep_search.py), so every
+        key must be a grid, a case's key must be set before it, and one key at most is extended."""
+        keys = list(self.space)
+        for key, spec in self.space.items():
+            if "grid" not in spec:
+                raise SweepError(f"search_space '{key}': with by/grids or extend in the search space every key must "
+                                 f"be a grid (got {next(iter(spec))})")
+            by = spec.get("by")
+            if by is not None:
+                later = [k for k in keys[keys.index(key) + 1:] if by == k or by.startswith(k + ".")]
+                if later:
+                    raise SweepError(f"search_space '{key}': its grids depend on {by}, so put '{later[0]}' before "
+                                     f"'{key}' in search_space")
+        extended = [key for key, spec in self.space.items() if "extend" in spec]
+        if len(extended) > 1:
+            raise SweepError(f"search_space: extend one key at most (got {', '.join(extended)})")
+        if self.num_samples != 1:
+            raise SweepError("num_samples must be 1 with by/grids or extend (the trials are the grid's points; "
+                             "runs are a function of config and seed, so sweep seed instead)")
+
+    def points(self) -> list[dict[str, Any]]:
+        """The trials of an explicit search space, in order (the first key varies slowest)."""
+        return expand_points(self.space, self.base)
+
     def _load_scheduler(self, scheduler: Any) -> Optional[dict[str, Any]]:
         if scheduler in (None, {}):
             return None
@@ -180,6 +226,13 @@ class SweepSpec:
         out = {"max_t": _int_key(asha, "max_t", rounds, minimum=1, where="scheduler.asha."),
                "grace_period": _int_key(asha, "grace_period", 1, minimum=1, where="scheduler.asha."),
                "reduction_factor": _number_key(asha, "reduction_factor", 2.0, minimum=1.0, where="scheduler.asha.")}
+        group_by = asha.get("group_by") or []
+        if not isinstance(group_by, list) or not all(isinstance(k, str) for k in group_by):
+            raise SweepError("scheduler.asha.group_by: a list of config keys, e.g. [method.name, seed]")
+        for key in group_by:
+            _check_key_path(key)
+        if group_by:
+            out["group_by"] = group_by
         if out["reduction_factor"] <= 1:
             raise SweepError("scheduler.asha.reduction_factor: must be > 1")
         if out["grace_period"] > out["max_t"]:
@@ -193,6 +246,9 @@ class SweepSpec:
         for key, values in axes.items():  # one axis at a time first: the message then names the culprit
             for value in values:
                 trial_config(self.base, {key: value}, where=f"search_space '{key}' = {value!r}")
+        if self.explicit:
+            return [trial_config(self.base, point, where="search_space point " + ", ".join(
+                f"{k}={v!r}" for k, v in point.items())) for point in self.points()]
         total = math.prod(len(v) for v in axes.values()) if axes else 1
         if total > MAX_CHECKED_COMBINATIONS:
             return [trial_config(self.base, {k: v}) for k, values in axes.items() for v in values]
@@ -215,9 +271,21 @@ class SweepSpec:
         return sorted(metrics)[0]
 
     def trials(self) -> int:
-        """How many trials the sweep runs (grid points times num_samples)."""
+        """How many trials the sweep runs (grid points times num_samples; an extended grid's further values
+        come on top, see :meth:`most_extensions`)."""
+        if self.explicit:
+            return len(self.points())
         grid = math.prod(len(spec["grid"]) for spec in self.space.values() if "grid" in spec)
         return grid * self.num_samples
+
+    def most_extensions(self) -> int:
+        """The most trials an extended grid can add: max_steps per group of the other keys' values."""
+        key = extended_key(self.space)
+        if key is None:
+            return 0
+        groups = {json.dumps({k: v for k, v in p.items() if k != key}, sort_keys=True, default=str)
+                  for p in self.points()}
+        return len(groups) * self.space[key]["extend"]["max_steps"]
 
     def normalized(self) -> dict[str, Any]:
         """The tune config as saved in the sweep directory: name explicit, base inlined."""
@@ -225,17 +293,28 @@ class SweepSpec:
         return {**values, "name": self.name, "base": self.base}
 
     # -- Tune objects
-    def scheduler(self):
-        """ASHA on each round's primary metric of the task (test accuracy for classification; rounds without
-        an evaluation do not count), or None (FIFO). When every trial holds out a validation split, ASHA stops
-        trials on the validation metric instead: a sweep that selects must never look at test."""
+    def held_out(self) -> bool:
+        """Whether every trial holds out a validation split."""
+        return all(c.data.validation_fraction > 0 or c.data.validation_split is not None for c in self.candidates)
+
+    def stopping_metric(self) -> str:
+        """What ASHA stops trials on: the validation twin of the task's metric when every trial holds out a
+        validation split (a sweep that selects must never look at test), else the test metric."""
+        return validation_name(self.metric) if self.held_out() else self.metric
+
+    def scheduler(self, history: list[tuple[dict[str, Any], list[tuple[int, float]]]] = ()):
+        """ASHA on each round's :meth:`stopping_metric` (rounds without an evaluation do not count), or None
+        (FIFO). With ``group_by``, one ASHA per group of trials (:func:`grouped_asha`), ``history`` (earlier
+        trials' sampled configs and evaluated rounds) replayed into their groups first."""
         if not self.asha:
             return None
+        settings = {k: v for k, v in self.asha.items() if k != "group_by"}
+        settings.update(time_attr="round", metric=self.stopping_metric(), mode=self.mode)
+        if "group_by" in self.asha:
+            return grouped_asha(self.base, self.asha["group_by"], history, **settings)
         from ray.tune.schedulers import ASHAScheduler
 
-        held_out = all(c.data.validation_fraction > 0 or c.data.validation_split is not None for c in self.candidates)
-        metric = validation_name(self.metric) if held_out else self.metric
-        return ASHAScheduler(time_attr="round", metric=metric, mode=self.mode, **self.asha)
+        return ASHAScheduler(**settings)
 
     def param_space(self) -> dict[str, Any]:
         from ray import tune
@@ -276,15 +355,23 @@ def _check_key_path(key: str) -> None:
 
 def _check_spec(key: str, spec: Any) -> dict[str, Any]:
     where = f"search_space '{key}'"
-    if not isinstance(spec, dict) or len(spec) != 1:
+    kinds = [k for k in spec if k in SPEC_KINDS] if isinstance(spec, dict) else []
+    if len(kinds) != 1:
+        if isinstance(spec, dict) and len(spec) == 1:
+            raise SweepError(f"{where}: unknown spec '{next(iter(spec))}' (allowed: {', '.join(SPEC_KINDS)})")
         raise SweepError(f"{where}: give one of {', '.join(SPEC_KINDS)}, e.g. {{grid: [1, 2]}} (got {spec!r})")
-    kind, value = next(iter(spec.items()))
-    if kind not in SPEC_KINDS:
-        raise SweepError(f"{where}: unknown spec '{kind}' (allowed: {', '.join(SPEC_KINDS)})")
+    kind = kinds[0]
+    value = spec[kind]
+    options = {k: v for k, v in spec.items() if k != kind}
+    if options and kind != "grid":
+        raise SweepError(f"{where}: {', '.join(sorted(options))} go(es) with a grid only")
+    unknown = sorted(set(options) - GRID_OPTIONS)
+    if unknown:
+        raise SweepError(f"{where}: unknown option '{unknown[0]}' (a grid takes {', '.join(sorted(GRID_OPTIONS))})")
     if kind in ("grid", "choice"):
         if not isinstance(value, list) or not value:
             raise SweepError(f"{where}: {kind} needs a non-empty list of values")
-        return {kind: value}
+        return {kind: value, **_check_grid_options(key, value, options)}
     if (not isinstance(value, list) or len(value) != 2
             or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)):
         raise SweepError(f"{where}: {kind} needs [low, high] numbers (got {value!r})")
@@ -298,10 +385,40 @@ def _check_spec(key: str, spec: Any) -> dict[str, Any]:
     return {kind: [low, high]}
 
 
+def _check_grid_options(key: str, grid: list[Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``by`` + ``grids`` (a grid per value of another key) and ``extend`` ({factor, max_steps}: the grid grows
+    at its edges until the value chosen on validation is interior); see ravan_ray/sweep_search.py."""
+    where = f"search_space '{key}'"
+    out: dict[str, Any] = {}
+    if ("by" in options) != ("grids" in options):
+        raise SweepError(f"{where}: 'by' and 'grids' go together (by: a key; grids: {{its value: [grid]}})")
+    if "by" in options:
+        by, grids = options["by"], options["grids"]
+        if not isinstance(by, str) or by == key:
+            raise SweepError(f"{where}: by must name another config key (got {by!r})")
+        _check_key_path(by)
+        if not isinstance(grids, dict) or not grids or not all(isinstance(g, list) and g for g in grids.values()):
+            raise SweepError(f"{where}: grids must map values of {by} to non-empty lists")
+        out.update(by=by, grids=grids)
+    if "extend" in options:
+        extend = options["extend"] or {}
+        if not isinstance(extend, dict) or set(extend) - set(EXTEND_DEFAULTS):
+            raise SweepError(f"{where}: extend takes {{factor: > 1, max_steps: >= 1}} (got {extend!r})")
+        factor = _number_key(extend, "factor", EXTEND_DEFAULTS["factor"], minimum=1.0, where=f"{where} extend.")
+        if factor <= 1:
+            raise SweepError(f"{where}: extend.factor must be > 1 (got {factor:g})")
+        steps = _int_key(extend, "max_steps", EXTEND_DEFAULTS["max_steps"], minimum=1, where=f"{where} extend.")
+        values = grid + [v for g in out.get("grids", {}).values() for v in g]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values):
+            raise SweepError(f"{where}: extend needs a grid of positive numbers (it steps by factor {factor:g})")
+        out["extend"] = {"factor": factor, "max_steps": steps}
+    return out
+
+
 def _candidate_values(spec: dict[str, Any]) -> list[Any]:
     kind, value = next(iter(spec.items()))
     if kind in ("grid", "choice"):
-        return list(value)
+        return list(value) + [v for grid in spec.get("grids", {}).values() for v in grid]
     if kind == "randint":
         return [value[0], value[1] - 1]  # the high bound is exclusive
     return list(value)
@@ -340,29 +457,52 @@ def read_tune_config(path: str | Path) -> dict[str, Any]:
     return values
 
 
-def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = ()) -> SweepSpec:
-    return SweepSpec(read_tune_config(path), Path(path), overrides)
+def load_sweep_spec(path: str | Path, overrides: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> SweepSpec:
+    """The tune config at ``path``, its base changed by ``overrides`` (--set KEY=VALUE) and its grids cut to the
+    values ``only`` names (--only KEY=VALUES, see :func:`restrict_grids`)."""
+    return SweepSpec(restrict_grids(read_tune_config(path), only), Path(path), overrides)
+
+
+def restrict_grids(values: dict[str, Any], only: tuple[str, ...]) -> dict[str, Any]:
+    """The tune config with the grid of each ``KEY=VALUES`` in ``only`` cut to VALUES (YAML: one value or a
+    list), which must be values of that grid. A sweep's trials are functions of their configs, so one tune
+    config can be run in parts (one seed per machine or per day) and reported together; the part's saved tune
+    config lists what it ran."""
+    if not only:
+        return values
+    values = copy.deepcopy(values)
+    space = values.get("search_space") or {}
+    for text in only:
+        key, sep, listed = text.partition("=")
+        if not sep or key not in space:
+            raise SweepError(f"--only {text}: give KEY=VALUES for a key of search_space "
+                             f"({', '.join(space) or 'none'})")
+        spec = space[key]
+        if not isinstance(spec, dict) or "grid" not in spec or "grids" in spec:
+            raise SweepError(f"--only {key}: only a plain grid can be cut (not a per-case grid or a random spec)")
+        try:
+            wanted = yaml.load(listed, Loader=_Loader)
+        except yaml.YAMLError:
+            raise SweepError(f"--only {text}: VALUES is not YAML") from None
+        wanted = wanted if isinstance(wanted, list) else [wanted]
+        missing = [v for v in wanted if v not in spec["grid"]]
+        if missing or not wanted:
+            raise SweepError(f"--only {key}: {missing[0] if missing else 'nothing'} is not in its grid {spec['grid']}")
+        spec["grid"] = [v for v in spec["grid"] if v in wanted]
+    return values
 
 
 # ------------------------------------------------------------------------------ trial configs and resources
-def _plain(value: Any) -> Any:
-    """Tune samples numpy scalars; the config wants plain Python values."""
-    return value.item() if hasattr(value, "item") and not isinstance(value, (list, dict, str)) else value
+_plain = plain
 
 
 def trial_config(base: dict[str, Any], sampled: dict[str, Any], where: str = "trial config") -> RunConfig:
     """The RunConfig of one trial: the base with the sampled dotted keys set. In pool mode an unset
     pool_size is pinned to the round's cohorts (its clients at cohort_size 1), so the reservation and the actors agree whatever the cluster."""
-    values = copy.deepcopy(base)
-    for key, value in sorted(sampled.items()):
-        node = values
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise SweepError(f"{where}: '{part}' in '{key}' is not a config section")
-            node = child
-        node[parts[-1]] = _plain(value)
+    try:
+        values = set_keys(base, sampled)
+    except ConfigError as error:
+        raise SweepError(f"{where}: {error}") from None
     try:
         config = from_dict(values)
     except ConfigError as error:
@@ -518,12 +658,12 @@ def sweep_dir(spec: SweepSpec, output: Optional[str | Path]) -> Path:
 
 @tracker_environment_kept()  # Tune's MLflow callback writes MLFLOW_TRACKING_URI into this process's environment
 def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
-              output: Optional[str | Path] = None, overrides: tuple[str, ...] = ()) -> Path:
-    """Run (or resume) the sweep described by a tune config (``overrides``: --set KEY=VALUE on its base);
-    returns the path of its results.csv."""
+              output: Optional[str | Path] = None, overrides: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> Path:
+    """Run (or resume) the sweep described by a tune config (``overrides``: --set KEY=VALUE on its base; ``only``:
+    --only KEY=VALUES, a part of its grid); returns the path of its results.csv."""
     from ray import tune
 
-    spec = load_sweep_spec(tune_config_path, overrides)
+    spec = load_sweep_spec(tune_config_path, overrides, only)
     out = sweep_dir(spec, output)
     saved = out / SAVED_TUNE_CONFIG
     restoring = saved.is_file()
@@ -544,42 +684,90 @@ def run_sweep(tune_config_path: str | Path, address: Optional[str] = None,
         cluster, nodes = _cluster_view()
         check_cluster_fits(spec.candidates, spec.driver_cpus, spec.strategy, cluster, nodes)
 
-        driver_cpus, strategy, base_values = spec.driver_cpus, spec.strategy, spec.base
-        trainable = tune.with_resources(
-            make_trainable(base_values, out, spec.fail_after),
-            lambda sampled: placement_group_factory(trial_config(base_values, sampled), driver_cpus, strategy))
-
-        if restoring and tune.Tuner.can_restore(str(out)):
-            print(f"resuming the sweep in {out} (finished trials are kept)")
-            tuner = tune.Tuner.restore(str(out), trainable=trainable, resume_errored=True)
-        else:
+        if restoring and not tune.Tuner.can_restore(str(out)):
+            restoring = False  # the tune config was saved but Tune never got to write its state
+        if not restoring:
             out.mkdir(parents=True, exist_ok=True)
             saved.write_text(yaml.safe_dump(spec.normalized(), sort_keys=False))
-            tuner = tune.Tuner(
-                trainable,
-                param_space=spec.param_space(),
-                tune_config=tune.TuneConfig(num_samples=spec.num_samples, max_concurrent_trials=spec.max_concurrent,
-                                            scheduler=spec.scheduler(), trial_dirname_creator=_trial_dirname),
-                run_config=tune.RunConfig(name=out.name, storage_path=str(out.parent),
-                                          failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1,
-                                          callbacks=callbacks or None),  # None: exactly Tune's defaults
-            )
-        grid = tuner.fit()
-        table = results_table(grid, list(spec.space), spec.metric)
+        # Stage 0 is the search space; with an extended grid, stage K (SWEEP/extend_K) runs the values beyond
+        # the edges that stages 0..K-1 chose (ravan_ray/sweep_search.py). Each stage is its own Tune experiment.
+        tables, trials, points = [], [], (spec.points() if spec.explicit else None)
+        stage = 0
+        while True:
+            stage_dir = out if stage == 0 else out / f"{STAGE_PREFIX}{stage}"
+            history = [(t["sampled"], trial_history(t["run_dir"], spec.stopping_metric())) for t in trials]
+            grid = _fit_stage(spec, stage_dir, points, spec.scheduler(history), callbacks,
+                              restore=restoring if stage == 0 else tune.Tuner.can_restore(str(stage_dir)))
+            table = results_table(grid, list(spec.space), spec.metric)
+            table.insert(1, "stage", stage)
+            tables.append(table)
+            trials += _trial_records(grid, spec.metric)
+            points = extension_points(spec.space, spec.base, trials, spec.mode == "max")
+            if not points:
+                break
+            stage += 1
+            print(f"{extended_key(spec.space)}: the chosen value is at the grid's edge in {len(points)} group(s); "
+                  f"their next values run in {out / f'{STAGE_PREFIX}{stage}'}")
+        import pandas as pd
+
+        table = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+        if len(tables) == 1:
+            table = table.drop(columns="stage")
 
     path = out / RESULTS_FILE
     table.to_csv(path, index=False)
-    shown = [c for c in ["trial_id", *spec.space, f"final_{spec.metric}", "rounds", "status"] if c in table]
+    shown = [c for c in ["trial_id", "stage", *spec.space, f"final_{spec.metric}", "rounds", "status"] if c in table]
     print(table[shown].to_string(index=False))
     failed = table[table["status"] == "ERROR"]["trial_id"].tolist() if len(table) else []
     if failed:
-        print(f"{len(failed)} trial(s) failed (see {out}/<trial_id>/error.txt): {', '.join(failed)}; "
+        print(f"{len(failed)} trial(s) failed (see {out}/[{STAGE_PREFIX}K/]<trial_id>/error.txt): {', '.join(failed)}; "
               "run the same command again to resume them")
     print(f"{len(table)} trials; results: {path}")
     if trackers_line(base, out):
         print(trackers_line(base, out))
     return path
+
+
+def _fit_stage(spec: SweepSpec, stage_dir: Path, points: Optional[list[dict[str, Any]]], scheduler, callbacks,
+               restore: bool):
+    """Run (or restore and finish) one Tune experiment of the sweep in ``stage_dir``: the search space's grid
+    (``points`` None) or the listed points, each a trial in ``stage_dir/<trial_id>/run``."""
+    from ray import tune
+
+    driver_cpus, strategy, base_values = spec.driver_cpus, spec.strategy, spec.base
+    trainable = tune.with_resources(
+        make_trainable(base_values, stage_dir, spec.fail_after),
+        lambda sampled: placement_group_factory(trial_config(base_values, sampled), driver_cpus, strategy))
+    if restore:
+        print(f"resuming the sweep in {stage_dir} (finished trials are kept)")
+        return tune.Tuner.restore(str(stage_dir), trainable=trainable, resume_errored=True).fit()
+    searcher = {} if points is None else {"search_alg": point_searcher(points)}
+    tuner = tune.Tuner(
+        trainable,
+        param_space=spec.param_space() if points is None else {},
+        tune_config=tune.TuneConfig(num_samples=spec.num_samples if points is None else len(points),
+                                    max_concurrent_trials=spec.max_concurrent, scheduler=scheduler,
+                                    trial_dirname_creator=_trial_dirname, **searcher),
+        run_config=tune.RunConfig(name=stage_dir.name, storage_path=str(stage_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2), verbose=1,
+                                  callbacks=callbacks or None),  # None: exactly Tune's defaults
+    )
+    return tuner.fit()
+
+
+def _trial_records(grid, metric: str) -> list[dict[str, Any]]:
+    """Per trial of a finished stage: its sampled keys, rounds run and final validation metric (NaN without
+    one), and its run directory: what the next stage's points are chosen from."""
+    records = []
+    for result in grid:
+        run_dir = Path(result.path) / RUN_DIRNAME
+        summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        value = summary.get(f"final_{validation_name(metric)}")
+        records.append({"sampled": {k: _plain(v) for k, v in (result.config or {}).items()},
+                        "rounds": summary.get("rounds") or 0, "run_dir": run_dir,
+                        "value": math.nan if value is None else float(value)})
+    return records
 
 
 def _trial_dirname(trial) -> str:

@@ -77,7 +77,7 @@ def test_only_the_driver_the_actors_and_the_ray_glue_import_ray():
             if any(n == "ray" or n.startswith("ray.") for n in names):
                 uses_ray.add(name)
     assert uses_ray == {"actors.client", "actors.server", "ravan_ray.cluster", "ravan_ray.federation",
-                        "ravan_ray.sweep", "ravan_ray.sweep_trackers"}
+                        "ravan_ray.sweep", "ravan_ray.sweep_search", "ravan_ray.sweep_trackers"}
 
 
 def test_no_method_or_task_is_branched_on_by_name_outside_its_own_package():

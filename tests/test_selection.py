@@ -14,12 +14,13 @@ from ravan_ray.report import ReportError, write_report
 from ravan_ray.results import summarize, write_metrics, write_summary
 
 
-def write_run(run_dir, *, method, lr, seed, val, test, kind="dirichlet"):
-    """A run directory with chosen numbers: ``val`` and ``test`` are the accuracies of rounds 1..n."""
+def write_run(run_dir, *, method, lr, seed, val, test, kind="dirichlet", planned=None):
+    """A run directory with chosen numbers: ``val`` and ``test`` are the accuracies of rounds 1..n (of
+    ``planned`` rounds configured: a run stopped early ran fewer)."""
     config = from_dict({"seed": seed, "model": {"name": "tiny-bert"}, "optimizer": {"lr": lr},
                         "method": {"name": method, "lora_rank": 8}, "data": {"validation_fraction": 0.1,
                                                                              "partition": {"kind": kind}},
-                        "federation": {"rounds": len(val)}})
+                        "federation": {"rounds": planned or len(val)}})
     run_dir.mkdir(parents=True)
     save_config(config, run_dir / "config.yaml")
     rows = [{"round": r + 1, "wall_s": 1.0, "train_loss": 1.0, "test_accuracy": t, "test_loss": 1 - t,
@@ -123,3 +124,58 @@ def test_a_choice_at_the_end_of_the_grid_is_flagged_as_an_edge(tmp_path):
     text = write_report([tmp_path / "runs"], tmp_path / "out", select=["optimizer.lr"]).read_text()
     assert "[lr 0.01 (edge)]" in text and "[lr 0.003]" in text
     assert "the best may lie outside the grid" in text
+
+
+def test_per_seed_selection_chooses_in_each_seed_on_that_seeds_validation_alone(tmp_path):
+    # ravan: seed 0 best on validation at 0.01, seed 1 at 0.003 (mean over seeds would pick 0.01 for both);
+    # fedit: best at 0.001 in both seeds (the smallest tried: an edge)
+    vals = {("ravan", 0.001): (0.40, 0.40), ("ravan", 0.003): (0.50, 0.60), ("ravan", 0.01): (0.90, 0.55),
+            ("fedit", 0.001): (0.60, 0.60), ("fedit", 0.003): (0.50, 0.50), ("fedit", 0.01): (0.30, 0.30)}
+    tests = {("ravan", 0.01, 0): 0.70, ("ravan", 0.003, 1): 0.66, ("fedit", 0.001, 0): 0.50, ("fedit", 0.001, 1): 0.62}
+    for (method, lr), per_seed in vals.items():
+        for seed, val in enumerate(per_seed):
+            test = tests.get((method, lr, seed), 0.1)
+            write_run(tmp_path / "runs" / f"{method}-{lr}-{seed}", method=method, lr=lr, seed=seed,
+                      val=[val], test=[test])
+    text = write_report([tmp_path / "runs"], tmp_path / "out", select=["optimizer.lr"], per_seed=True).read_text()
+    chosen = pd.read_csv(tmp_path / "out" / "chosen.csv")
+    assert [(m, s, lr) for m, s, lr in zip(chosen["method.name"], chosen["seed"], chosen["optimizer.lr"])] == [
+        ("fedit", 0, 0.001), ("fedit", 1, 0.001), ("ravan", 0, 0.01), ("ravan", 1, 0.003)]
+    assert list(chosen["edge"]) == [True, True, True, False]
+    # ravan: test 70 and 66 -> 68.00 ± 2.83; fedit: 50 and 62 -> 56.00 ± 8.49; the rates in seed order
+    assert "| ravan | **68.00 ± 2.83 (2)** [lr 0.01 (edge), 0.003] |" in text
+    assert "| fedit | 56.00 ± 8.49 (2) [lr 0.001 (edge), 0.001 (edge)] |" in text
+    # paired per seed at each one's own choice: +20 and +4 -> mean +12, sd 11.31, t(0.975, 1) = 12.706
+    assert "ravan - fedit = +12.00 points, 95% paired t-interval [-89.65, +113.65] over 2 seeds" in text
+    assert "### The choice per seed and the values tried" in text and "| ravan | 1 | 0.003 | 1 |" in text
+    selected = pd.read_csv(tmp_path / "out" / "selected.csv").set_index("method.name")
+    assert selected.loc["ravan", "optimizer.lr"] == "0.01 0.003" and selected.loc["fedit", "edge_seeds"] == "0 1"
+
+
+def test_a_run_stopped_early_loses_to_one_that_ran_the_whole_schedule(tmp_path):
+    # lr 0.01 was stopped after round 1 by successive halving with validation 0.9 there; lr 0.001 ran both rounds
+    write_run(tmp_path / "runs" / "stopped", method="ravan", lr=0.01, seed=0, val=[0.9], test=[0.9], planned=2)
+    write_run(tmp_path / "runs" / "full", method="ravan", lr=0.001, seed=0, val=[0.3, 0.5], test=[0.3, 0.4])
+    for per_seed in (False, True):
+        write_report([tmp_path / "runs"], tmp_path / f"out{per_seed}", select=["optimizer.lr"], per_seed=per_seed)
+        assert pd.read_csv(tmp_path / f"out{per_seed}" / "chosen.csv")["optimizer.lr"].tolist() == [0.001]
+
+
+def test_per_seed_without_select_is_one_line_exit_2(tuned_sweep, capsys):
+    assert main(["report", str(tuned_sweep), "--per-seed"]) == 2
+    assert "--per-seed goes with --select" in capsys.readouterr().err
+
+
+def test_an_option_of_another_method_is_shown_unset_not_at_its_default(tmp_path):
+    from ravan_ray.report import read_runs
+
+    write_run(tmp_path / "runs" / "fedit", method="fedit", lr=0.01, seed=0, val=[0.5], test=[0.5])
+    write_run(tmp_path / "runs" / "ravan", method="ravan", lr=0.01, seed=0, val=[0.5], test=[0.5])
+    runs, _ = read_runs(sorted((tmp_path / "runs").iterdir()))
+    by_method = runs.set_index("method.name")
+    assert by_method.loc["ravan", "method.init"] == "normal" and by_method.loc["ravan", "method.scoring"] == "random"
+    assert pd.isna(by_method.loc["fedit", "method.init"]) and pd.isna(by_method.loc["fedit", "method.scoring"])
+    assert by_method.loc["fedit", "method.lora_rank"] == 8  # a key every method reads stays
+    # the comparison differs in the method alone: Ravan's options are not a difference between Ravan and FedIT
+    text = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
+    assert "Configurations differ in: `method.name`." in text

@@ -209,7 +209,7 @@ def test_an_existing_non_sweep_directory_is_refused(tmp_path):
 
 def one_trial(**changes) -> dict:
     """The smoke base as a single trial with one client actor (fewer processes to start)."""
-    values = smoke_values(search_space={}, **changes)
+    values = smoke_values(**{"search_space": {}, **changes})
     values["base"]["resources"] = {"cpus_per_client": 0.5, "pool_size": 1}
     return values
 
@@ -263,3 +263,137 @@ def test_exponent_floats_in_a_tune_config_are_numbers(tmp_path):
     (tmp_path / "lr.yaml").write_text(text)
     spec = load_sweep_spec(tmp_path / "lr.yaml")
     assert spec.space["optimizer.lr"] == {"loguniform": [1e-4, 1e-2]}
+
+
+# --------------------------------------------- per-case grids, successive halving per group, extended grids
+PROTOCOL_SPACE = {
+    "seed": {"grid": [0, 1]},
+    "method": {"grid": [{"name": "ravan"}, {"name": "full_ft"}]},
+    "optimizer.lr": {"grid": [0.01, 0.001], "by": "method.name", "grids": {"full_ft": [1e-4, 1e-5]},
+                     "extend": {"factor": 10, "max_steps": 2}},
+}
+
+
+def protocol_values(**changes) -> dict:
+    values = smoke_values(search_space=PROTOCOL_SPACE, **changes)
+    values["base"]["data"]["validation_fraction"] = 0.2
+    return values
+
+
+def test_a_grid_per_case_lists_each_methods_own_rates_first_key_slowest():
+    spec = SweepSpec(protocol_values())
+    assert spec.explicit and spec.trials() == 8 and spec.most_extensions() == 8
+    assert [(p["seed"], p["method"]["name"], p["optimizer.lr"]) for p in spec.points()] == [
+        (0, "ravan", 0.01), (0, "ravan", 0.001), (0, "full_ft", 1e-4), (0, "full_ft", 1e-5),
+        (1, "ravan", 0.01), (1, "ravan", 0.001), (1, "full_ft", 1e-4), (1, "full_ft", 1e-5)]
+    assert {c.optimizer.lr for c in spec.candidates if c.method.name == "full_ft"} == {1e-4, 1e-5}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.update({"optimizer.lr": s.pop("optimizer.lr"), "method": s.pop("method")}),
+     "put 'method' before 'optimizer.lr'"),
+    (lambda s: s["optimizer.lr"].pop("grids"), "'by' and 'grids' go together"),
+    (lambda s: s["optimizer.lr"].update(extend={"factor": 1}), "extend.factor must be > 1"),
+    (lambda s: s["optimizer.lr"].update(extend={"steps": 2}), "extend takes"),
+    (lambda s: s.update(seed={"choice": [0, 1]}), "every key must be a grid"),
+    (lambda s: s["method"].update(extend={}), "extend needs a grid of positive numbers"),
+    (lambda s: s["seed"].update(by="method.name"), "'by' and 'grids' go together"),
+])
+def test_a_bad_per_case_grid_or_extension_is_one_line_naming_the_key(change, message):
+    values = protocol_values()
+    values["search_space"] = json.loads(json.dumps(PROTOCOL_SPACE))
+    change(values["search_space"])
+    with pytest.raises(ConfigError, match=message):
+        SweepSpec(values)
+
+
+def test_extending_needs_a_validation_split():
+    with pytest.raises(ConfigError, match="extend chooses on validation"):
+        SweepSpec(smoke_values(search_space=PROTOCOL_SPACE))
+
+
+def test_successive_halving_compares_a_trial_only_with_its_own_group():
+    from types import SimpleNamespace
+
+    spec = SweepSpec(protocol_values(scheduler={"asha": {"max_t": 4, "grace_period": 1, "reduction_factor": 2,
+                                                          "group_by": ["method.name", "seed"]}}))
+    scheduler = spec.scheduler()
+
+    def trial(name, method, seed=0):
+        return SimpleNamespace(trial_id=name, config={"seed": seed, "method": {"name": method}, "optimizer.lr": 0.1})
+
+    ravan_good, ravan_bad, full_ft, other_seed = (trial("a", "ravan"), trial("b", "ravan"), trial("c", "full_ft"),
+                                                 trial("d", "ravan", seed=1))
+    for t in (ravan_good, ravan_bad, full_ft, other_seed):
+        scheduler.on_trial_add(None, t)
+    # ASHA stops on the validation metric (every trial holds out a validation split), never on test
+    assert scheduler.on_trial_result(None, ravan_good, {"round": 1, "val_accuracy": 0.9, "test_accuracy": 0.1}) \
+        == "CONTINUE"
+    assert scheduler.on_trial_result(None, ravan_bad, {"round": 1, "val_accuracy": 0.5, "test_accuracy": 0.9}) \
+        == "STOP"
+    # far below ravan's rates, but the first of their own groups: they go on
+    assert scheduler.on_trial_result(None, full_ft, {"round": 1, "val_accuracy": 0.1}) == "CONTINUE"
+    assert scheduler.on_trial_result(None, other_seed, {"round": 1, "val_accuracy": 0.2}) == "CONTINUE"
+    # an earlier stage's trials are replayed into their group's rungs
+    replayed = spec.scheduler(history=[({"seed": 0, "method": {"name": "ravan"}}, [(1, 0.9), (2, 0.95)])])
+    late = trial("e", "ravan")
+    replayed.on_trial_add(None, late)
+    assert replayed.on_trial_result(None, late, {"round": 1, "val_accuracy": 0.5}) == "STOP"
+
+
+def test_the_grid_extends_beyond_the_chosen_value_only_at_an_edge_and_at_most_max_steps():
+    from ravan_ray.sweep_search import extension_points
+
+    spec = SweepSpec(protocol_values())
+
+    def trials(*rows):
+        return [{"sampled": {"seed": 0, "method": {"name": m}, "optimizer.lr": lr}, "rounds": r, "value": v}
+                for m, lr, r, v in rows]
+
+    # ravan is best at its largest rate (0.01) -> 0.1 next; full_ft best at its smallest (1e-5) -> 1e-6 next
+    points = extension_points(spec.space, spec.base, trials(
+        ("ravan", 0.01, 2, 0.8), ("ravan", 0.001, 2, 0.5), ("full_ft", 1e-4, 2, 0.3), ("full_ft", 1e-5, 2, 0.4)),
+        higher_is_better=True)
+    assert sorted((p["method"]["name"], p["optimizer.lr"]) for p in points) == [("full_ft", 1e-6), ("ravan", 0.1)]
+    # interior: nothing more for ravan; a trial stopped early (fewer rounds) loses to one that ran the schedule,
+    # whatever its metric at the round it stopped
+    assert extension_points(spec.space, spec.base, trials(
+        ("ravan", 0.01, 2, 0.8), ("ravan", 0.001, 2, 0.5), ("ravan", 0.1, 1, 0.9)), True) == []
+    # two values beyond the grid already (max_steps 2): no third
+    assert extension_points(spec.space, spec.base, trials(
+        ("ravan", 0.01, 2, 0.5), ("ravan", 0.001, 2, 0.4), ("ravan", 0.1, 2, 0.6), ("ravan", 1.0, 2, 0.7)), True) == []
+
+
+def test_an_extended_grid_runs_the_value_beyond_the_chosen_edge_in_its_own_stage_and_resumes(tmp_path, ray_session):
+    values = one_trial(name="extended", search_space={
+        "method.name": {"grid": ["ravan"]},
+        "optimizer.lr": {"grid": [0.001, 0.01], "extend": {"factor": 10, "max_steps": 1}}},
+        scheduler={"asha": {"max_t": 2, "grace_period": 1, "group_by": ["method.name"]}})
+    values["base"]["data"]["validation_fraction"] = 0.2
+    path = write_tune_config(tmp_path / "extended.yaml", values)
+    table = pd.read_csv(run_sweep(path, output=tmp_path / "out"))
+    assert list(table["stage"]) == [0, 0, 1]
+    grid = table[table["stage"] == 0].sort_values(["rounds", "final_val_accuracy", "optimizer.lr"],
+                                                  ascending=[False, False, True])
+    chosen = grid["optimizer.lr"].iloc[0]  # the rule the sweep and the report share: rounds, validation, value
+    beyond = table[table["stage"] == 1].iloc[0]
+    assert beyond["optimizer.lr"] == pytest.approx(chosen * 10 if chosen == 0.01 else chosen / 10)
+    assert Path(beyond["run_dir"]).parent.parent == tmp_path / "out" / "extend_1"
+    before = mtimes(tmp_path / "out") | mtimes(tmp_path / "out" / "extend_1")
+    again = pd.read_csv(run_sweep(path, output=tmp_path / "out"))  # restored stage by stage, nothing redone
+    assert len(again) == 3 and (mtimes(tmp_path / "out") | mtimes(tmp_path / "out" / "extend_1")) == before
+
+
+def test_only_runs_a_part_of_the_grid_and_refuses_values_outside_it(tmp_path, capsys):
+    from ravan_ray.cli import main
+    from ravan_ray.sweep import load_sweep_spec
+
+    path = write_tune_config(tmp_path / "protocol.yaml", protocol_values())
+    part = load_sweep_spec(path, only=("seed=1",))
+    assert {p["seed"] for p in part.points()} == {1} and part.trials() == 4
+    assert part.normalized()["search_space"]["seed"]["grid"] == [1]  # the part's saved tune config says what it ran
+    assert load_sweep_spec(path, only=("seed=[1, 0]",)).trials() == 8
+    for only, message in (("seed=5", "5 is not in its grid"), ("heads=2", "give KEY=VALUES for a key of"),
+                          ("optimizer.lr=0.01", "only a plain grid can be cut")):
+        assert main(["sweep", str(path), "--only", only, "--dry-run"]) == 2
+        assert message in capsys.readouterr().err

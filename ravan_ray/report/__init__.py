@@ -28,8 +28,12 @@ Selection (``--select KEY``, e.g. ``optimizer.lr``): the runs need a validation 
 ``data.validation_fraction``). For every configuration of the other differing keys, the tuned value with
 the best mean over seeds of the validation twin of the score is chosen (:func:`choose` is only given
 validation numbers), and that configuration's test score is reported (mean ± std, n seeds), the paper's
-protocol; ``selected.csv`` and ``candidates.csv`` hold the numbers. The top two per column are compared
-per seed with a Student-t interval (scipy.stats.t) on the mean paired difference.
+protocol; ``selected.csv``, ``candidates.csv`` and ``chosen.csv`` (the run chosen per setting and seed) hold the
+numbers. ``--per-seed`` repeats the choice in every seed on that seed's validation metric alone (what a sweep
+that halves and extends its grids per seed does, ravan_ray/sweep_search.py). Runs that got through more rounds
+are compared first (successive halving stopped the others for being worse at a rung). The best row per column
+is compared with every other per seed with a Student-t interval (scipy.stats.t) on the mean paired difference;
+a chosen value at the end of the values tried (three or more) is marked (edge).
 
 Tables: per task, method, budget mix and data partition for every report, and one per ablation each
 method declares for its own runs (``FederatedMethod.report_tables``: Ravan's heads, initialisation, head
@@ -69,16 +73,19 @@ __all__ = ["ReportError", "choose", "find_runs", "markdown_table", "plot_run", "
 
 
 def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequence[str] = (),
-                 select_on: str = "final", rows: Sequence[str] = ()) -> Path:
+                 select_on: str = "final", rows: Sequence[str] = (), per_seed: bool = False) -> Path:
     """Find the runs under ``dirs``, write report.md, report.csv, runs.csv and PNGs; returns report.md.
     ``select``: config keys tuned on the validation split (e.g. optimizer.lr): report.md then opens with the
-    selected table (:func:`select_configurations`), and candidates.csv / selected.csv hold its numbers."""
+    selected table (:func:`select_configurations`; ``per_seed``: chosen in every seed on its own), and
+    candidates.csv / selected.csv / chosen.csv hold its numbers."""
     dirs = [Path(d) for d in dirs]
+    if per_seed and not select:
+        raise ReportError("--per-seed goes with --select KEY (the key chosen per seed)")
     run_dirs = _run_dirs(dirs)
     output = Path(output) if output else (dirs[0] / "report" if len(dirs) == 1 else Path("report"))
     output.mkdir(parents=True, exist_ok=True)
     report = Report.read(run_dirs, dirs[0].resolve() if len(dirs) == 1 else None)
-    selection = report.selection(output, list(select), select_on, rows) if select else []
+    selection = report.selection(output, list(select), select_on, per_seed, rows) if select else []
     report.runs.to_csv(output / "runs.csv", index=False)
     report.summary.to_csv(output / "report.csv", index=False)
     configurations = report.all_configurations()
@@ -129,13 +136,17 @@ class Report:
     def score_text(self) -> str:
         return metric_label(self.score, self.percent)
 
-    def selection(self, output: Path, tuned: list[str], select_on: str, rows: Sequence[str]) -> list[str]:
-        """The configurations chosen on the validation split (candidates.csv, selected.csv) and their section."""
-        candidates, selected = select_configurations(self.runs, self.rounds, tuned, self.keys, self.score, select_on)
+    def selection(self, output: Path, tuned: list[str], select_on: str, per_seed: bool,
+                  rows: Sequence[str]) -> list[str]:
+        """The configurations chosen on the validation split (candidates.csv, selected.csv, chosen.csv: a row per
+        configuration and seed) and their section."""
+        candidates, selected, chosen = select_configurations(self.runs, self.rounds, tuned, self.keys, self.score,
+                                                             select_on, per_seed)
         candidates.to_csv(output / "candidates.csv", index=False)
         selected.to_csv(output / "selected.csv", index=False)
-        return selection_markdown(self.runs, self.rounds, candidates, selected, tuned, self.keys, self.score,
-                                  select_on, rows)
+        chosen.to_csv(output / "chosen.csv", index=False)
+        return selection_markdown(self.runs, candidates, selected, chosen, tuned, self.keys, self.score, select_on,
+                                  per_seed, rows)
 
     def heading(self, dirs: list[Path]) -> list[str]:
         runs, summary, score = self.runs, self.summary, self.score

@@ -128,6 +128,19 @@ def ignored_mix(config: dict[str, Any], summary: dict[str, Any]) -> bool:
     return any(share > 0 and level < 1 for share, level in zip(proportions, levels))
 
 
+def others_options(config: dict[str, Any]) -> set[str]:
+    """The method options in a run's config that its own method does not read: config.yaml lists every registered
+    method's options with their defaults, and a table must not say FedIT ran with Ravan's ``init: normal``
+    (they are read as unset, "-"). Nothing is dropped for a method this version does not know."""
+    from ravan_ray.config import registered_options
+
+    options = registered_options("method")
+    own = options.get(str((config.get("method") or {}).get("name")))
+    if own is None:
+        return set()
+    return {key for model in options.values() for key in model.model_fields} - set(own.model_fields)
+
+
 def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(runs: one row per run with its flattened config and summary, rounds: metrics.csv rows of all runs)."""
     runs, rounds = [], []
@@ -147,6 +160,7 @@ def read_runs(run_dirs: list[Path], common_root: Optional[Path] = None) -> tuple
         d = model_dim(config)
         row = {"run": label, "run_dir": str(run_dir)}
         row.update(_flatten({k: v for k, v in config.items() if k != RESOLVED_KEY}))
+        row.update({f"method.{key}": None for key in others_options(config)})
         if row.get("optimizer.lr") is None:  # unset: the method's default, which the run recorded
             row["optimizer.lr"] = method_record(config).get("lr")
         row.update({k: summary.get(k) for k in ("rounds", "total_uplink_bytes", "total_downlink_bytes", "wall_s")})

@@ -59,13 +59,19 @@ def report_tables(runs: pd.DataFrame) -> list[ReportTable]:
 
 
 def varying_keys(runs: pd.DataFrame) -> list[str]:
-    """Config keys whose value differs between runs, seeds and bookkeeping aside."""
+    """Config keys whose value differs between runs, seeds and bookkeeping aside. A method's option differs only
+    when the runs of the methods that read it differ in it (the others show it unset, see
+    :func:`~ravan_ray.report.runs.others_options`)."""
+    from ravan_ray.config import registered_options
+
+    options = {f"method.{key}" for model in registered_options("method").values() for key in model.model_fields}
     config_columns = [c for c in runs.columns if "." in c or c in ("seed", "name")]
     keys = []
     for column in config_columns:
         if column in IGNORED_KEYS or column.startswith(IGNORED_PREFIXES):
             continue
-        if displayed(runs[column]).nunique(dropna=False) > 1:
+        values = runs[column].dropna() if column in options else runs[column]
+        if displayed(values).nunique(dropna=False) > 1:
             keys.append(column)
     preferred = list(SHORT_NAMES)  # the method first, then the ablation axes
     return sorted(keys, key=lambda k: (preferred.index(k) if k in preferred else len(preferred), k))

@@ -17,7 +17,7 @@ started on the head writes. Each node runs ``ray start --block`` with its own ``
 and ``--num-cpus=1`` (one case: a head with ``--num-cpus=0``), ``RAY_AUTH_MODE=disabled``, usage stats off, the
 dashboard on the head's address. This checkout's virtualenv serves every machine.
 
-**The workload.** MiniLM (``minilm``) on the synthetic 12-class task, 20 clients, 4 a round, 4 rounds of 2 local
+**The workload.** MiniLM (``minilm``) on the synthetic 12-class task, 20 clients, 4 a round, 4 rounds of 4 local
 steps of 8 (:data:`WORKLOAD`), seed 0; drivers start with ``ip netns exec`` on the head (``resources.address=
 HEAD:6379``) or the laptop. The cases that test a fault rather than placement run a pool that fits today's
 placement (``resources.pool_size=3``: one 1-CPU actor per node); what they compute does not depend on resources.*.
@@ -98,10 +98,25 @@ FITS_TODAY = ["resources.pool_size=3"]  # one 1-CPU actor per node (the default 
 FAULT_COUNTS = ("clients", "failed_clients", "dropped_clients", "rejected_uploads", "server_restarts")
 
 # Time limits (s). A round takes seconds; a run's start-up (data, and the model loaded on every node) ~80 s on a
-# loaded 2-core machine. A run is hung when round 1's row has not come START_LIMIT_S after its start, or its
-# metrics.csv has not changed for STALL_S since (a lost actor's replacement loads its model in tens of seconds).
+# loaded 2-core machine. A run is hung when round 1's row has not come ``Limits.start_s`` after its start, or its
+# metrics.csv has not changed for ``Limits.stall_s`` since (a lost actor's replacement loads its model, as at
+# start-up). Both grow with the reference run's own start-up, so a busy machine does not read as a hang.
 START_LIMIT_S = 150
 STALL_S = 90
+
+
+@dataclass
+class Limits:
+    start_s: float = START_LIMIT_S
+    stall_s: float = STALL_S
+
+    def scale(self, reference_start_s: float) -> None:
+        """Twice the reference's time to its first row for a start-up, one and a half for a stall."""
+        self.start_s = max(START_LIMIT_S, 2 * reference_start_s)
+        self.stall_s = max(STALL_S, 1.5 * reference_start_s)
+
+
+LIMITS = Limits()
 RUN_LIMIT_S = 420  # a run's whole life, however it progresses
 HEAD_LOST_LIMIT_S = 90  # a driver whose head died, until it ends (Ray's own GCS timeout is 60 s)
 ANSWER_LIMIT_S = 60  # a command expected to answer (or refuse) quickly
@@ -554,10 +569,11 @@ def played_again(before: Optional[pd.DataFrame], after: Optional[pd.DataFrame]) 
 
 
 def follow(command: Command, run: Run, until: Callable[[], bool] = lambda: False,
-           start_limit_s: float = START_LIMIT_S, hung_if: Callable[[], bool] = lambda: False) -> bool:
+           start_limit_s: Optional[float] = None, hung_if: Callable[[], bool] = lambda: False) -> bool:
     """Wait while the run makes progress: True when the command ended or ``until()`` holds; False when it hung
-    (no row ``start_limit_s`` after the command started, metrics.csv unchanged for STALL_S since, ``hung_if()``, or
-    RUN_LIMIT_S in all)."""
+    (no row ``start_limit_s`` (default: LIMITS.start_s) after the command started, metrics.csv unchanged for
+    LIMITS.stall_s since, ``hung_if()``, or RUN_LIMIT_S in all)."""
+    start_limit_s = LIMITS.start_s if start_limit_s is None else start_limit_s
     seen, changed = run.host.read(run.path / "metrics.csv"), time.monotonic()
     while command.code is None and not until():
         now = time.monotonic()
@@ -566,7 +582,7 @@ def follow(command: Command, run: Run, until: Callable[[], bool] = lambda: False
         text = run.host.read(run.path / "metrics.csv")
         if text != seen:
             seen, changed = text, now
-        elif (now - changed > STALL_S) if text else (now - command.started > start_limit_s):
+        elif (now - changed > LIMITS.stall_s) if text else (now - command.started > start_limit_s):
             return False
         time.sleep(1)
     return True
@@ -705,13 +721,19 @@ def case_reference(drill: Drill) -> None:
     """The fault-free run every other case is compared with: attached to the 3-node cluster from the head."""
     drill.cluster.up()
     command, run = start_run("reference", FITS_TODAY)
-    placed = follow(command, run, until=lambda: run.rows() >= 1) and run.rows() and drill.cluster.placement()
+    follow(command, run, until=lambda: run.rows() >= 1, start_limit_s=RUN_LIMIT_S)
+    first_row_s = time.monotonic() - command.started
+    placed = run.rows() and drill.cluster.placement()
     follow(command, run)
     seconds = time.monotonic() - command.started
     frame = save_metrics("reference", run)
     if command.code == 0 and frame is not None and frame["round"].nunique() == ROUNDS:
         drill.reference = frame
-        (OUT / "runs" / "reference" / "workload.json").write_text(json.dumps(WORKLOAD) + "\n")
+        LIMITS.scale(first_row_s)
+        (OUT / "runs" / "reference" / "reference.json").write_text(
+            json.dumps({"workload": WORKLOAD, "first_row_s": first_row_s}) + "\n")
+        print(f"  round 1's row after {first_row_s:.0f} s: a run is hung with no row after {LIMITS.start_s:.0f} s, "
+              f"or none new for {LIMITS.stall_s:.0f} s", flush=True)
     happened = f"{ended(command) if command.code is not None else 'hung'}; " \
                f"{0 if frame is None else frame['round'].nunique()} rounds; {placed or 'no placement seen'}; " \
                f"checkpoints on: {checkpoints_where(run.path)}"
@@ -917,7 +939,7 @@ def case_laptop_job_submit(drill: Drill) -> None:
                                submission, "--working-dir", str(ROOT), "--runtime-env-json", excludes, "--",
                                "ravan-ray", "run", "--output", str(run.path), *sets(WORKLOAD + FITS_TODAY)],
                       OUT / "logs" / "laptop_job_submit-submit.log")
-    follow(command, run, start_limit_s=START_LIMIT_S + 60)  # + packing, uploading and unpacking the code
+    follow(command, run, start_limit_s=LIMITS.start_s + 60)  # + packing, uploading and unpacking the code
     seconds = time.monotonic() - command.started
     if command.code is None:
         LAPTOP.run([str(BIN / "ray"), "job", "stop", "--address", dashboard, submission], timeout=60)
@@ -1042,14 +1064,17 @@ def replace_section(text: str, title: str, body: str) -> str:
 
 def results_body(table: str, meta: dict) -> str:
     return (f"Command: `{meta['command']}` ({meta['date']}, Ray {meta['ray']}, ravan-ray commit {meta['commit']}, "
-            f"{meta['minutes']:.1f} min on {meta['machine']}).\n\n"
+            f"{meta['minutes']:.1f} min on {meta['machine']}, load average {meta['load']} at the start, shared "
+            f"with other users' work).\n\n"
             "A head and two workers (`ray start`, 1 CPU each) and a laptop that is no node, each in its own network "
             "namespace with its own address, the workers and the laptop with disks of their own (tmpfs over the "
             "run and model folders); the workload: MiniLM on the synthetic task, 20 clients, 4 a round, 4 rounds, "
             "seed 0 (benchmarks/cluster_drill.py says what each case does). `seconds`: to recover (from the fault "
             "to the next round done), or to fail or hang; `rows lost`: rounds missing from metrics.csv on the "
             "driver's machine at the end; `metrics equal`: against the fault-free `reference` case, every column "
-            "but the wall-clock ones.\n\n" + table + "\n")
+            f"but the wall-clock ones. Hung: no metrics.csv row {meta['hung_without_a_first_row_s']:.0f} s after a "
+            f"run's start, or none new for {meta['hung_without_a_new_row_s']:.0f} s (twice and one and a half times "
+            "the reference's start-up); a hung command is then sent Ctrl-C, as a user would.\n\n" + table + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -1076,6 +1101,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ensure_tools()
     chosen = sorted(chosen, key=list(CASES).index)
     started = time.monotonic()
+    load = f"{os.getloadavg()[0]:.1f}"  # how busy the shared machine was
 
     def interrupted(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -1087,9 +1113,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     saved = OUT / "runs" / "reference"
     try:
         with Lab():
-            if "reference" not in chosen and (saved / "workload.json").is_file() \
-                    and json.loads((saved / "workload.json").read_text()) == WORKLOAD:
+            known = json.loads((saved / "reference.json").read_text()) if (saved / "reference.json").is_file() \
+                else {}
+            if "reference" not in chosen and known.get("workload") == WORKLOAD:
                 drill.reference = pd.read_csv(saved / "metrics.csv")  # an earlier drill's, of the same workload
+                LIMITS.scale(known["first_row_s"])
             elif "reference" not in chosen:
                 chosen.insert(0, "reference")
             for name in chosen:
@@ -1107,7 +1135,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 130
     finally:
         if drill.rows:
-            meta = run_meta(args, time.monotonic() - started)
+            meta = run_meta(args, time.monotonic() - started, load)
             table = write_tables(drill.rows, meta)
             print("\n" + table)
             if args.write_results:
@@ -1116,7 +1144,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def run_meta(args: argparse.Namespace, seconds: float) -> dict:
+def run_meta(args: argparse.Namespace, seconds: float, load: str) -> dict:
     import ray
 
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -1125,8 +1153,8 @@ def run_meta(args: argparse.Namespace, seconds: float) -> dict:
     return {"command": f"sudo .venv/bin/python benchmarks/cluster_drill.py --cases {cases}"
                        + (" --write-results" if args.write_results else ""),
             "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "ray": ray.__version__,
-            "commit": commit, "minutes": seconds / 60, "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
-            "workload": WORKLOAD}
+            "commit": commit, "minutes": seconds / 60, "load": load, "machine": f"{os.cpu_count()} CPUs, {platform.machine()}",
+            "workload": WORKLOAD, "hung_without_a_first_row_s": LIMITS.start_s, "hung_without_a_new_row_s": LIMITS.stall_s}
 
 
 if __name__ == "__main__":

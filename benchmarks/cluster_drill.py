@@ -51,6 +51,7 @@ import ipaddress
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -79,6 +80,7 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Faults survived on a real 3-node cluster"
 
 PREFIX = "rrdrill"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colours in Ray's log lines
 LOCK = Path(f"/run/{PREFIX}.lock")
 STATE = Path(f"/run/{PREFIX}")  # the persistent mount namespaces
 WORK = Path(f"/tmp/{PREFIX}")  # short: Ray's socket paths under --temp-dir have a length limit
@@ -446,11 +448,17 @@ class Cluster:
               flush=True)
 
     def _wait_for(self, ready: Callable[[Optional[dict]], bool], what: str) -> dict:
+        """Poll the head until ``ready(state)``; a node whose 'ray start' exits (on a busy machine Ray's own start-up
+        timeout can pass) is started again, twice at most."""
         deadline = time.monotonic() + NODE_LIMIT_S
         while time.monotonic() < deadline:
             for node in self.nodes.values():
                 if node.command is not None and node.command.code is not None:
-                    raise RuntimeError(f"ray start on {node.name} exited: {node.command.last_line()}")
+                    if node.starts >= 3:
+                        raise RuntimeError(f"ray start on {node.name} exited: {node.command.last_line()}")
+                    print(f"  ray start on {node.name} exited ({node.command.last_line()[:80]}); again", flush=True)
+                    node.start()
+                    deadline = time.monotonic() + NODE_LIMIT_S
             seen = self.state()
             if ready(seen):
                 return seen
@@ -509,6 +517,10 @@ print(json.dumps({"nodes": [n.node_ip for n in nodes if n.state == "ALIVE"],
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
+
+
 def sets(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
 
@@ -674,6 +686,19 @@ def save_metrics(case: str, run: Run) -> Optional[pd.DataFrame]:
     return frame
 
 
+CREATION_FAILED = re.compile(r"\((ClientActor|ParameterServer) pid=\d+, ip=([\d.]+)\).*error raised in its creation task")
+
+
+def creation_failures(output: str) -> str:
+    """Which actors failed in their constructor, where, from the remote errors a driver printed: 'ClientActor on
+    w1, w2; ParameterServer on w2'."""
+    names = {h.ip: h.name for h in HOSTS}
+    found: dict[str, set[str]] = {}
+    for match in CREATION_FAILED.finditer(ANSI.sub("", output)):
+        found.setdefault(match.group(1), set()).add(names.get(match.group(2), match.group(2)))
+    return "; ".join(f"{cls} on {', '.join(sorted(where))}" for cls, where in sorted(found.items()))
+
+
 def ended(command: Command) -> str:
     """How a command ended, in a few words."""
     if command.code == 0:
@@ -711,6 +736,9 @@ class Drill:
         played the kept rounds again)."""
         frame = save_metrics(case, run)
         outcome = run_outcome(command, frame, fault, started_over)
+        if frame is not None and frame["failed_clients"].sum() and "failed " not in happened:
+            happened += f"; clients a round {'/'.join(map(str, frame['clients']))}, failed " \
+                        f"{'/'.join(map(str, frame['failed_clients']))}"
         if command.code is None:
             happened += f"; {command.end_hung()}"
         lost = rows_lost(frame, command) if expects_run else None
@@ -771,10 +799,6 @@ def _worker_lost(drill: Drill, case: str, policy: str) -> None:
     killed = time.monotonic()
     recovered, became = after_fault(command, run, killed, in_round)
     parts = [f"w1 killed in round {in_round}", became]
-    frame = run.metrics()
-    if frame is not None:
-        parts.append(f"clients a round {'/'.join(map(str, frame['clients']))}, failed "
-                     f"{'/'.join(map(str, frame['failed_clients']))}")
     if command.code is None:
         parts.append(f"client actors: {drill.cluster.actor_states('ClientActor')}")
     drill.finish(case, command, run, "; ".join(parts),
@@ -803,13 +827,14 @@ def case_server_node_lost(drill: Drill) -> None:
         follow(command, run)
         drill.finish("server_node_lost", command, run, f"not run: {placed} (the case needs it on a worker)", None)
         return
-    in_round = run.rows() + 1
+    in_round, before = run.rows() + 1, run.metrics()
     drill.cluster.nodes[server_host].crash()
     killed = time.monotonic()
     recovered, became = after_fault(command, run, killed, in_round)
     frame = run.metrics()
     restarts = int(frame["server_restarts"].max()) if frame is not None else 0
-    parts = [f"{placed}; {server_host} killed in round {in_round}", became, f"server restarts {restarts}",
+    parts = [f"{placed}; {server_host} killed in round {in_round}", became, f"server restarts {restarts}"
+             + (", played again from round 1" if played_again(before, frame) else ""),
              f"checkpoints on: {checkpoints_where(run.path)}"]
     if command.code is None:
         parts.append(f"server: {drill.cluster.actor_states('ParameterServer')}")
@@ -817,9 +842,10 @@ def case_server_node_lost(drill: Drill) -> None:
                  recovered if recovered is not None else time.monotonic() - killed, fault=True)
 
 
-def resume_run(drill: Drill, case: str, run: Run, parts: list[str], fault: float) -> None:
-    """'ravan-ray resume' of an interrupted run on the driver's machine, and the case's row: seconds from
-    ``fault`` to the first row beyond those kept, and whether it started over instead of continuing."""
+def resume_run(drill: Drill, case: str, run: Run, parts: list[str], fault: float,
+               seconds: Optional[float] = None) -> None:
+    """'ravan-ray resume' of an interrupted run on the driver's machine, and the case's row: ``seconds``, by default
+    from ``fault`` to the first row beyond those kept, and whether it started over instead of continuing."""
     before = run.metrics()
     kept = 0 if before is None else len(before)
     resume = ravan(run.host, case, ["resume", str(run.path)], "resume")
@@ -830,7 +856,8 @@ def resume_run(drill: Drill, case: str, run: Run, parts: list[str], fault: float
     started_over = played_again(before, run.metrics())
     parts.append(f"resume: {ended(resume) if resume.code is not None else 'hung'}"
                  + (", started over from round 1" if started_over else ""))
-    drill.finish(case, resume, run, "; ".join(parts), recovered, fault=True, started_over=started_over)
+    drill.finish(case, resume, run, "; ".join(parts), recovered if seconds is None else seconds, fault=True,
+                 started_over=started_over)
 
 
 def case_head_lost(drill: Drill) -> None:
@@ -867,8 +894,7 @@ def case_ctrl_c(drill: Drill) -> None:
         return
     parts = [f"Ctrl-C in round {in_round} ended the driver in {took:.1f} s ({ended(command)}); rows kept: "
              f"{run.rows()}; checkpoints on: {checkpoints_where(run.path)}"]
-    resume_run(drill, "ctrl_c", run, parts, time.monotonic())
-    drill.rows[-1].seconds = took  # the row's seconds: how long Ctrl-C took
+    resume_run(drill, "ctrl_c", run, parts, time.monotonic(), seconds=took)  # the seconds: what Ctrl-C took
 
 
 def case_checkpoints_on_worker(drill: Drill) -> None:
@@ -899,9 +925,12 @@ def _model_on_head(drill: Drill, case: str, extra: list[str]) -> None:
 
         shutil.copytree(offline_minilm_path(), local)  # on the head's disk only: the workers have their own
     command, run = start_run(case, FITS_TODAY + [f"model.name={local}", *extra])
+    placed = follow(command, run, until=lambda: run.rows() >= 1) and run.rows() and drill.cluster.placement()
     follow(command, run)
     visible = [h.name for h in NODES if h.listdir(local)]
-    happened = f"model directory on {', '.join(visible)} only; {ended(command) if command.code is not None else 'hung'}"
+    failed = creation_failures(command.output())
+    happened = f"model directory on {', '.join(visible)} only; {placed or 'no round'}; " \
+               f"failed to start: {failed or 'none'}; {ended(command) if command.code is not None else 'hung'}"
     drill.finish(case, command, run, happened, time.monotonic() - command.started)
 
 
@@ -986,7 +1015,7 @@ def case_dead_cluster(drill: Drill) -> None:
     seconds = time.monotonic() - command.started
     happened = f"'{recorded}' in ray_current_cluster; " + (
         ended(command) if command.code is not None else
-        f"'Failed to connect to GCS' printed {command.output().count('Failed to connect to GCS')} times in "
+        f"'Failed to connect to GCS' printed {times(command.output().count('Failed to connect to GCS'))} in "
         f"{seconds:.0f} s")
     drill.finish("dead_cluster_run", command, run, happened, seconds)
 
@@ -999,7 +1028,7 @@ def case_dead_cluster(drill: Drill) -> None:
     trials = len(pd.read_csv(StringIO(results))) if results else 0
     if sweep.code is None:
         outcome = "hung"
-        happened = (f"'Failed to connect to GCS' printed {sweep.output().count('Failed to connect to GCS')} times "
+        happened = (f"'Failed to connect to GCS' printed {times(sweep.output().count('Failed to connect to GCS'))} "
                     f"in {seconds:.0f} s; {sweep.end_hung()}")
     else:
         outcome = "finished" if sweep.code == 0 and trials else "failed"

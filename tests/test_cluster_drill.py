@@ -57,3 +57,15 @@ def test_the_results_section_is_replaced_up_to_the_next_one_or_appended():
     assert replaced == "# Results\n\nintro\n\n## Faults survived on a real 3-node cluster\n\nnew table\n\n## Later\n\nkept\n"
     appended = drill.replace_section("# Results\n\nintro\n", drill.SECTION, "new table")
     assert appended == "# Results\n\nintro\n\n## Faults survived on a real 3-node cluster\n\nnew table\n"
+
+
+def test_the_actors_that_failed_in_their_constructor_are_named_with_their_machines():
+    for host, ip in zip(drill.HOSTS, ["10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5"]):
+        host.ip = ip
+    output = ("\x1b[36m(ClientActor pid=61, ip=10.0.0.3)\x1b[0m Exception raised in creation task: The actor died "
+              "because of an error raised in its creation task, ray::x-client-2:ClientActor.__init__()\n"
+              "(ClientActor pid=61, ip=10.0.0.3)   File \"actors/client.py\", line 35, in __init__\n"
+              "(ParameterServer pid=62, ip=10.0.0.4) Exception raised in creation task: The actor died because of "
+              "an error raised in its creation task, ray::x-server:ParameterServer.__init__()\n")
+    assert drill.creation_failures(output) == "ClientActor on w1; ParameterServer on w2"
+    assert drill.creation_failures("ravan on text_classification: 4 rounds in 17 s") == ""

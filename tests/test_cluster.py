@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -28,6 +27,9 @@ import pytest
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from processes import alive, processes_of, stop_group  # noqa: E402  (shared with benchmarks/cluster_drill.py)
+
 SMOKE = ROOT / "tune_configs" / "smoke.yaml"
 BIN = Path(sys.executable).parent
 JOB_TIMEOUT_S = 300
@@ -49,60 +51,6 @@ def cluster_env() -> dict[str, str]:
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     return env
-
-
-# ------------------------------------------------------------------------ processes of one head, and only those
-def _process_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, process group, start time) from /proc."""
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        table[int(entry)] = (int(fields[1]), int(fields[2]), fields[19])
-    return table
-
-
-def processes_of(leader: int) -> dict[int, str]:
-    """The head's processes: its process group (ray start ran in a session of its own) and every descendant
-    of those (workers, actors, the job's driver), with their start times so a reused pid is never hit."""
-    table = _process_table()
-    found = {pid for pid, (_, group, _) in table.items() if group == leader} | {leader}
-    grew = True
-    while grew:
-        grew = False
-        for pid, (parent, _, _) in table.items():
-            if parent in found and pid not in found:
-                found.add(pid)
-                grew = True
-    found.discard(os.getpid())
-    return {pid: table[pid][2] for pid in found if pid in table}
-
-
-def stop_head(head: subprocess.Popen, grace_s: float = 10.0) -> None:
-    victims = processes_of(head.pid)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid, started in victims.items():
-            try:
-                if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19] == started:
-                    os.kill(pid, sig)
-            except (OSError, IndexError):
-                pass
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(_alive(pid, started) for pid, started in victims.items()):
-            time.sleep(0.5)
-    head.wait(timeout=10)
-
-
-def _alive(pid: int, started: str) -> bool:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return False
-    return fields[19] == started and fields[0] != "Z"
 
 
 def wait_for_dashboard(url: str, head: subprocess.Popen, log: Path, timeout_s: float = 90) -> None:
@@ -157,9 +105,9 @@ def test_smoke_sweep_submitted_as_a_ray_job_succeeds(tmp_path):
         for run_dir in table["run_dir"]:
             assert list(pd.read_csv(Path(run_dir) / "metrics.csv")["round"]) == [1, 2]
     finally:
-        stop_head(head)
+        stop_group(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
-    assert not any(_alive(pid, started) for pid, started in processes_of(head.pid).items() if pid != head.pid)
+    assert not any(alive(pid, started) for pid, started in processes_of(head.pid).items() if pid != head.pid)
 
 
 TWO_NODE_SCRIPT = r"""

@@ -1,6 +1,6 @@
 """A fault drill on a real 3-node Ray cluster built on this one machine (issue 31): what a cluster user meets.
 
-    sudo .venv/bin/python benchmarks/cluster_drill.py --cases all --write-results   # every case, ~20 min
+    sudo .venv/bin/python benchmarks/cluster_drill.py --cases all --write-results   # every case, 45-50 min*
     sudo .venv/bin/python benchmarks/cluster_drill.py --cases reference,worker_lost_retry
     .venv/bin/python benchmarks/cluster_drill.py --list                              # the cases
 
@@ -22,14 +22,27 @@ steps of 8 (:data:`WORKLOAD`), seed 0; drivers start with ``ip netns exec`` on t
 HEAD:6379``) or the laptop. The cases that test a fault rather than placement run a pool that fits today's
 placement (``resources.pool_size=3``: one 1-CPU actor per node); what they compute does not depend on resources.*.
 
-**A row.** ``case``; ``outcome`` (finished, recovered, refused: one line and exit 2, failed, hung); what happened,
-in one line; ``seconds``: to recover (from the fault to the first round finished after it, the resume included
-where the case needs one), or to fail or hang; ``rows lost``: rounds missing from metrics.csv on the driver's
-machine when the case ended (``-``: the command refused before any round, as it should); ``metrics equal``:
-metrics.csv against the fault-free ``reference`` case's (same workload and seed), every column but the wall-clock
-ones (wall_s, round_s, agg_s, eval_s): ``yes``, ``yes but <columns>`` when only the fault counts (failed_clients,
-...) differ, ``no: <columns>``, ``-`` without rows. Each case has a hard time limit: a command that outlives it
-is recorded as hung, then stopped the way a user would (Ctrl-C, whose effect is recorded, then SIGTERM/SIGKILL).
+(*) On this 2-core machine shared with other developers' test suites (load average 30-60): most of it is each
+run's start-up (a model loaded by four processes at once) and the time it takes to call a run hung; on a quiet
+machine, and once nothing hangs, less. Every case is selectable with ``--cases``; ``reference`` runs first when an
+earlier drill's reference of the same workload is not saved.
+
+**The faults.** A node is killed as a machine goes down: every process of its ``ray start`` at once (SIGKILL),
+1 s after round 1's row is written (round 2 is then under way; round 1 has no evaluation, so its row is written as
+it ends). A lost worker is one with a client actor and without the server (the server's loss is its own case).
+Ctrl-C is SIGINT to the driver's process group, as a terminal sends it.
+
+**A row.** ``case``; ``outcome`` (finished, recovered, started over: a resume or a restarted server played the kept
+rounds again, refused: one line and exit 2, failed, hung); what happened, in one line; ``seconds``: to recover
+(from the fault to the row of the round it hit, the resume included where the case needs one), or to fail or
+hang; ``rows lost``: rounds missing from metrics.csv on the driver's machine when the case ended (``-``: the
+command refused before any round, as it should); ``metrics equal``: metrics.csv against the fault-free
+``reference`` case's (same workload and seed), every column but the wall-clock ones (wall_s, round_s, agg_s,
+eval_s): ``yes``, ``yes but <columns>`` when only the fault counts (failed_clients, server_restarts, ...) differ,
+``no: <columns>``, ``-`` without rows. A run is hung when round 1's row has not come twice the reference's
+start-up after its start, or metrics.csv has not changed for one and a half times that since (:class:`Limits`);
+a command expected to answer does so in 60 s. A hung command is stopped the way a user would: Ctrl-C (what it did
+is recorded), then SIGTERM and SIGKILL.
 
 **The machine as it was.** The drill stops only what it started: each ``ray start`` and driver in a session of
 its own, stopped by process group and descendants with their start times checked (benchmarks/processes.py),
@@ -1117,17 +1130,20 @@ def replace_section(text: str, title: str, body: str) -> str:
 
 def results_body(table: str, meta: dict) -> str:
     return (f"Command: `{meta['command']}` ({meta['date']}, Ray {meta['ray']}, ravan-ray commit {meta['commit']}, "
-            f"{meta['minutes']:.1f} min on {meta['machine']}, load average {meta['load']} at the start, shared "
-            f"with other users' work).\n\n"
+            f"{meta['minutes']:.1f} min on {meta['machine']}, load average {meta['load']} at the start from other "
+            "developers' work). Per case: benchmarks/out/cluster_drill/ (drill.csv, drill.json, each run's "
+            "metrics.csv, every command's log).\n\n"
             "A head and two workers (`ray start`, 1 CPU each) and a laptop that is no node, each in its own network "
             "namespace with its own address, the workers and the laptop with disks of their own (tmpfs over the "
             "run and model folders); the workload: MiniLM on the synthetic task, 20 clients, 4 a round, 4 rounds, "
-            "seed 0 (benchmarks/cluster_drill.py says what each case does). `seconds`: to recover (from the fault "
-            "to the next round done), or to fail or hang; `rows lost`: rounds missing from metrics.csv on the "
-            "driver's machine at the end; `metrics equal`: against the fault-free `reference` case, every column "
-            f"but the wall-clock ones. Hung: no metrics.csv row {meta['hung_without_a_first_row_s']:.0f} s after a "
-            f"run's start, or none new for {meta['hung_without_a_new_row_s']:.0f} s (twice and one and a half times "
-            "the reference's start-up); a hung command is then sent Ctrl-C, as a user would.\n\n" + table + "\n")
+            "seed 0; a node is killed (all its processes at once) early in round 2 (benchmarks/cluster_drill.py "
+            "says what each case does). `seconds`: to recover (from the fault to the row of the round it hit), or "
+            "to fail or hang; `started over`: a resume or a restarted server played the kept rounds again (the "
+            "checkpoints were on another machine); `rows lost`: rounds missing from metrics.csv on the driver's "
+            "machine at the end; `metrics equal`: against the fault-free `reference` case, every column but the "
+            f"wall-clock ones. Hung: no metrics.csv row {meta['hung_without_a_first_row_s']:.0f} s after a run's "
+            f"start, or none new for {meta['hung_without_a_new_row_s']:.0f} s (twice and one and a half times the "
+            "reference's start-up); a hung command is then sent Ctrl-C, as a user would.\n\n" + table + "\n")
 
 
 # ------------------------------------------------------------------------------------------------ main

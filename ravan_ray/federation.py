@@ -31,6 +31,7 @@ import ray
 
 from actors import ClientFleet, ParameterServer
 from ravan_ray.budgets import client_levels
+from ravan_ray.client_eval import client_columns, hold_out
 from ravan_ray.checkpoints import (CheckpointError, checkpoint_at, discard_checkpoints_after, latest_checkpoint,
                                    list_checkpoints, load_checkpoint, save_checkpoint)
 from ravan_ray.cluster import (ClusterError, Deadline, SetupError, Unresponsive, describe, get_within, live_nodes,
@@ -39,7 +40,6 @@ from ravan_ray.cohort import cohorts
 from ravan_ray.config import RunConfig, save_config
 from ravan_ray.data import label_histogram, partition
 from ravan_ray.data.partition import LABEL_KINDS, LEFT_OUT
-from ravan_ray.logs import quiet_logger
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import ClientTask
 from ravan_ray.model_files import read_model_files

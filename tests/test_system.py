@@ -11,6 +11,7 @@ import torch
 
 from conftest import TINY_INFO, TINY_OVERRIDES
 from ravan_ray.cli import main
+from ravan_ray.cohort import train_cohort
 from ravan_ray.config import ConfigError, load_config
 from ravan_ray.methods.base import ClientTask
 from ravan_ray.results import TIMING_COLUMNS
@@ -138,7 +139,7 @@ def test_a_cohort_with_a_client_cut_short_trains_one_by_one_and_says_so():
     tasks = [ClientTask(0, 1, 1.0, 0), ClientTask(1, 1, 1.0, 0, steps=1)]
     datas = [local_data(0, 16), local_data(1, 16)]
     notes: list[str] = []
-    together = host.train_cohort(tasks, state, [None, None], datas, notes.append)
+    together = train_cohort(host, tasks, state, [None, None], datas, notes.append)
     alone = [host.train_client(t, state, None, d) for t, d in zip(tasks, datas)]
     assert notes == ["clients cut short by system.deadline_s train one by one, not in cohorts"]
     assert all(torch.equal(a.tensors[k], b.tensors[k]) for a, b in zip(alone, together) for k in a.tensors)

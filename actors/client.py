@@ -90,6 +90,10 @@ class ClientActor:
         return True
 
 
+# How often a wait for actors to start checks that the live nodes still hold them (a node's loss shows there).
+PLACEMENT_CHECK_S = 5.0
+
+
 class ClientFleet:
     """Hands client tasks to actors, as many as the cluster's nodes hold, and replaces the actors that die where
     they still fit.
@@ -192,7 +196,16 @@ class ClientFleet:
                 continue
             unplaced |= {position for position, slot in waiting.items() if slot in cannot}
             pings = {self.actors[slot].ping.remote(): slot for slot in slots - cannot}
-            done, late = wait_for(list(pings), deadline)
+            done, late, stranded = self._wait_while_placeable(pings, deadline)
+            if stranded:
+                why = f"{len(stranded)} client actor(s) lost with their node cannot be replaced on the nodes left"
+                if self.per_client:
+                    for slot in stranded:
+                        self.forget(slot)
+                    unplaced |= {position for position, slot in waiting.items() if slot in stranded}
+                    self.note(f"{why}; their clients sit the round out")
+                else:
+                    self._leave_pool(stranded, why)
             lost = {pings[ref] for ref in done if not _started(ref)}
             late_slots = {pings[ref] for ref in late}
             for slot in lost | late_slots:
@@ -206,6 +219,30 @@ class ClientFleet:
                     self._leave_pool(late_slots, why)
             if not lost and (self.per_client or not late_slots):
                 return unplaced
+
+    def _wait_while_placeable(self, pings: dict, deadline: Deadline) -> tuple[list, list, set[int]]:
+        """Wait for the actors behind ``pings`` (ping ref -> slot) until ``deadline``, every few seconds checking
+        that the live nodes still hold the fleet. A node that went down is still counted alive for some seconds
+        (until Ray's health checks give up on it), so a replacement created then waits for a node that will never
+        come back: when the nodes hold fewer actors than the fleet has, the actors not started yet are given up.
+        Returns (pings answered, pings late, slots given up)."""
+        done, pending, stranded = [], list(pings), set()
+        while pending:
+            left = deadline.left()
+            now, pending = wait_for(pending, Deadline(PLACEMENT_CHECK_S if left is None else
+                                                      min(PLACEMENT_CHECK_S, left)))
+            done += now
+            if not pending or deadline.passed():
+                break
+            if self.sized_by_trial:  # a Tune trial's placement group holds its actors' share
+                continue
+            nodes = place_first(live_nodes(), self.server_bundle) or []
+            room = sum(copies_that_fit(node, {"CPU": self.plan.cpus, "GPU": self.plan.gpus}) for node in nodes)
+            excess = len(self.actors) - len(stranded) - room
+            if excess > 0:
+                stranded |= {pings[ref] for ref in pending[-excess:]}
+                pending = [ref for ref in pending if pings[ref] not in stranded]
+        return done, pending, stranded
 
     def _create_where_room(self, slots: set[int]) -> set[int]:
         """Create the missing actors among ``slots`` while the live nodes have room for them (counted against the

@@ -159,12 +159,12 @@ def test_four_clients_on_three_one_cpu_nodes_run_on_the_three_actors_that_fit_wi
     pd.testing.assert_frame_equal(numbers(tmp_path / "run"), numbers(reference()))
 
 
-@pytest.mark.parametrize("policy", ["retry", "skip"])
 def test_a_worker_node_lost_mid_run_costs_no_row_and_the_run_goes_on_with_the_nodes_left(
-        ray_cluster, reference, tmp_path, policy):
-    # Every client sleeps 1.5 s after training, so the node goes while clients are busy.
+        ray_cluster, reference, tmp_path):
+    # Every client sleeps 1.5 s after training, so the node goes while clients are busy. (on_client_failure=skip
+    # on a real cluster: benchmarks/cluster_drill.py's worker_lost_skip.)
     slow = "{" + ", ".join(f"{c}: 1.5" for c in range(8)) + "}"
-    overrides = [*CLUSTER_RUN, "federation.rounds=4", f"federation.on_client_failure={policy}",
+    overrides = [*CLUSTER_RUN, "federation.rounds=4", "federation.on_client_failure=retry",
                  f"faults.slow_clients={slow}"]
     try:
         driver = attached_run(ray_cluster, overrides, tmp_path / "run", tmp_path)
@@ -176,11 +176,8 @@ def test_a_worker_node_lost_mid_run_costs_no_row_and_the_run_goes_on_with_the_no
     metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
     assert list(metrics["round"]) == [1, 2, 3, 4]
     assert "the run goes on with 2" in err  # said once, in one line
-    if policy == "retry":  # every client trained: the very numbers of the fault-free run
-        assert list(metrics["clients"]) == [4, 4, 4, 4]
-        pd.testing.assert_frame_equal(numbers(tmp_path / "run"), numbers(reference("federation.rounds=4")))
-    else:
-        assert metrics["clients"].sum() + metrics["failed_clients"].sum() == 16
+    assert list(metrics["clients"]) == [4, 4, 4, 4]  # every client trained: the fault-free run's very numbers
+    pd.testing.assert_frame_equal(numbers(tmp_path / "run"), numbers(reference("federation.rounds=4")))
 
 
 def test_the_server_node_lost_restores_the_run_from_the_checkpoints_the_driver_wrote_where_it_runs(
@@ -209,7 +206,9 @@ def test_a_run_killed_on_one_machine_resumes_on_the_cluster_with_other_resources
         ray_cluster, reference, tmp_path):
     from ravan_ray.config import load_config
 
-    overrides = [*CLUSTER_RUN, "federation.rounds=4", "federation.local_steps=20"]
+    # clients slowed (1 s each, numbers unchanged) so that the driver is killed with rounds to go
+    overrides = [*CLUSTER_RUN, "federation.rounds=4",
+                 "faults.slow_clients={0: 1, 1: 1, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1, 7: 1}"]
     run_dir = tmp_path / "run"
     env = {**environment(), "RAY_ADDRESS": ""}
     driver = subprocess.Popen(cli("run", *sets(overrides), "--output", str(run_dir)), env=env,
@@ -229,7 +228,7 @@ def test_a_run_killed_on_one_machine_resumes_on_the_cluster_with_other_resources
     config = load_config(run_dir / "config.yaml")
     assert config.resources.pool_size == 2 and config.resources.address == ray_cluster.address
     assert pd.read_csv(run_dir / "clients.csv").query("round == 4")["pid"].nunique() == 2
-    pd.testing.assert_frame_equal(numbers(run_dir), numbers(reference("federation.rounds=4", "federation.local_steps=20")))
+    pd.testing.assert_frame_equal(numbers(run_dir), numbers(reference("federation.rounds=4")))
 
 
 def test_ctrl_c_ends_an_attached_run_within_seconds_keeping_its_finished_rounds(ray_cluster, tmp_path):

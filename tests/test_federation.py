@@ -165,3 +165,29 @@ def test_ravan_under_budget_mix_trains_fewer_heads_on_weak_clients(ray_session, 
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     assert (metrics["heads_trained"] < 4).any()
     assert metrics["test_accuracy"].notna().all()
+
+
+def test_actors_waiting_for_a_node_that_went_down_are_given_up_within_seconds_not_at_the_deadline(
+        ray_session, tiny_config, monkeypatch):
+    """A node killed outright is counted alive until Ray's health checks give up on it, so a replacement created
+    then is placed nowhere: the fleet sees the live nodes shrink below its actors and gives those up."""
+    import time
+
+    from actors import ClientFleet
+    from actors import client as client_module
+    from ravan_ray.cluster import ClusterError, Deadline
+    from ravan_ray.methods.base import ClientTask
+
+    config = tiny_config("resources.pool_size=2", "resources.cpus_per_client=8", "federation.num_clients=4",
+                         "federation.clients_per_round=2")
+    fleet = ClientFleet(config, TINY_INFO, None, [], nodes=[{"CPU": 16}])
+    # the node that holds the two 8-CPU actors is still listed when they are created, gone a moment later (the
+    # test session's Ray has 4 CPUs: the actors stay pending, as on a node that is dead but not yet known dead)
+    nodes = iter([[{"CPU": 16}]])
+    monkeypatch.setattr(client_module, "live_nodes", lambda: next(nodes, []))
+    monkeypatch.setattr(client_module, "PLACEMENT_CHECK_S", 0.5)
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="lost with their node cannot be replaced"):
+        fleet.ready({0: [ClientTask(0, 1, 1.0, 0)], 1: [ClientTask(1, 1, 1.0, 0)]}, Deadline(120))
+    assert time.monotonic() - started < 30
+    assert not fleet.actors  # both given up (and killed)

@@ -1132,7 +1132,7 @@ def results_body(table: str, meta: dict) -> str:
     return (f"Command: `{meta['command']}` ({meta['date']}, Ray {meta['ray']}, ravan-ray commit {meta['commit']}, "
             f"{meta['minutes']:.1f} min on {meta['machine']}, load average {meta['load']} at the start from other "
             "developers' work). Per case: benchmarks/out/cluster_drill/ (drill.csv, drill.json, each run's "
-            "metrics.csv, every command's log).\n\n"
+            "metrics.csv, every driver's and client command's log; the nodes' own logs stay on the machine).\n\n"
             "A head and two workers (`ray start`, 1 CPU each) and a laptop that is no node, each in its own network "
             "namespace with its own address, the workers and the laptop with disks of their own (tmpfs over the "
             "run and model folders); the workload: MiniLM on the synthetic task, 20 clients, 4 a round, 4 rounds, "

@@ -1,4 +1,4 @@
-"""A fault drill on a real 3-node Ray cluster built on this one machine (issue 31): what a cluster user meets.
+"""A fault drill on a real 3-node Ray cluster built on this one machine: what a cluster user meets.
 
     sudo .venv/bin/python benchmarks/cluster_drill.py --cases all --write-results   # every case, 45-50 min*
     sudo .venv/bin/python benchmarks/cluster_drill.py --cases reference,worker_lost_retry

@@ -236,13 +236,19 @@ class ClientFleet:
                 break
             if self.sized_by_trial:  # a Tune trial's placement group holds its actors' share
                 continue
-            nodes = place_first(live_nodes(), self.server_bundle) or []
-            room = sum(copies_that_fit(node, {"CPU": self.plan.cpus, "GPU": self.plan.gpus}) for node in nodes)
-            excess = len(self.actors) - len(stranded) - room
+            excess = len(self.actors) - len(stranded) - (self._room_on_live_nodes() or 0)
             if excess > 0:
                 stranded |= {pings[ref] for ref in pending[-excess:]}
                 pending = [ref for ref in pending if pings[ref] not in stranded]
         return done, pending, stranded
+
+    def _room_on_live_nodes(self) -> Optional[int]:
+        """How many of the fleet's actors the live nodes hold beside the parameter server (placed first), or None
+        when no live node holds the server."""
+        nodes = place_first(live_nodes(), self.server_bundle)
+        if nodes is None:
+            return None
+        return sum(copies_that_fit(node, {"CPU": self.plan.cpus, "GPU": self.plan.gpus}) for node in nodes)
 
     def _create_where_room(self, slots: set[int]) -> set[int]:
         """Create the missing actors among ``slots`` while the live nodes have room for them (counted against the
@@ -252,9 +258,7 @@ class ClientFleet:
             return set()
         room = len(missing)
         if not self.sized_by_trial:
-            nodes = place_first(live_nodes(), self.server_bundle) or []
-            bundle = {"CPU": self.plan.cpus, "GPU": self.plan.gpus}
-            room = sum(copies_that_fit(node, bundle) for node in nodes) - len(self.actors)
+            room = (self._room_on_live_nodes() or 0) - len(self.actors)
         for slot in missing[:max(0, room)]:
             self.actor(slot)
         return set(missing[max(0, room):])
@@ -270,14 +274,13 @@ class ClientFleet:
         for ref in done:
             if not _started(ref):
                 self.forget(pings[ref])
-        nodes = place_first(live_nodes(), self.server_bundle)
-        room = sum(copies_that_fit(node, {"CPU": self.plan.cpus, "GPU": self.plan.gpus}) for node in nodes or [])
-        excess = len(self.actors) - room
-        if nodes is None or excess <= 0:
+        room = self._room_on_live_nodes()
+        if room is None or len(self.actors) <= room:
             return  # the server fits, or fits nowhere whatever the fleet gives up (its start says so)
         if self.per_client:
             raise ClusterError(f"the nodes left cannot hold the parameter server beside an actor per client; use "
                                f"resources.actor_mode=pool")
+        excess = len(self.actors) - room
         self._leave_pool(set(sorted(self.actors)[-excess:]),
                          f"{excess} client actor(s) gave way to the parameter server on the nodes left")
 

@@ -213,7 +213,8 @@ def test_flexlora_truncation_from_the_factors_is_the_best_rank_r_approximation_o
 def test_an_unset_learning_rate_is_the_methods_default_and_a_set_one_wins():
     from ravan_ray.training import preflight
 
-    assert build_method(load_config(None, ["method.name=ravan"])).lr == 2e-3
+    assert build_method(load_config(None, ["method.name=ravan"])).lr == 2e-2
+    assert build_method(load_config(None, ["method.name=fedit"])).lr == 1e-2
     assert build_method(load_config(None, ["method.name=full_ft"])).lr == 5e-5
     assert build_method(load_config(None, ["method.name=full_ft", "optimizer.lr=1e-4"])).lr == 1e-4
     # the lr a run actually used goes into config.yaml's resolved section

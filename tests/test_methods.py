@@ -214,6 +214,7 @@ def test_an_unset_learning_rate_is_the_methods_default_and_a_set_one_wins():
     from ravan_ray.training import preflight
 
     assert build_method(load_config(None, ["method.name=ravan"])).lr == 2e-2
+    assert build_method(load_config(None, ["method.name=fedsvd"])).lr == 2e-2
     assert build_method(load_config(None, ["method.name=fedit"])).lr == 1e-2
     assert build_method(load_config(None, ["method.name=full_ft"])).lr == 5e-5
     assert build_method(load_config(None, ["method.name=full_ft", "optimizer.lr=1e-4"])).lr == 1e-4

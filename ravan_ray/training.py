@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ravan_ray.config import ModelConfig, RunConfig
+from ravan_ray.config import RunConfig
 from ravan_ray.methods import build_method
 from ravan_ray.methods.base import EVAL_PREFIX, ClientTask, ClientUpdate, FederatedMethod, State
 from ravan_ray.models import FrozenWeights, ModelError, default_targets, model_from_weights
@@ -94,13 +94,6 @@ def preflight(config: RunConfig, task_info: dict[str, Any]) -> dict:
         if blocker is not None:
             print(f"ravan-ray: {method.name} trains a round's clients one by one, not in cohorts ({blocker})",
                   file=sys.stderr)
-    if config.optimizer.lr is None and config.model.name != ModelConfig.model_fields["name"].default:
-        # the default rates were validated on the default model only; larger models want smaller rates, and a
-        # rate too large collapses a run to chance without an error, so say so before the run, not after it
-        print(f"ravan-ray: optimizer.lr unset: {method.name} runs at its default {method.lr:g}, validated for the "
-              f"default model ({ModelConfig.model_fields['name'].default}); other models may want another rate "
-              f"(SmolLM2 collapses at 1e-2 and above): set optimizer.lr, or sweep it with a tune config",
-              file=sys.stderr)
     if method.ignores_compute_mix(config):
         print(f"ravan-ray: {method.name} does not read compute levels: every client trains its full budget whatever "
               f"compute.distribution={config.compute.distribution} gives it (summary.json: budget_aware false)",

@@ -222,18 +222,6 @@ def test_an_unset_learning_rate_is_the_methods_default_and_a_set_one_wins():
     assert preflight(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), TINY_INFO)["lr"] == 5e-5
 
 
-def test_a_default_rate_on_another_model_than_the_one_it_was_validated_on_is_named_before_the_run(capsys):
-    from ravan_ray.training import preflight
-
-    preflight(load_config(None, [*TINY_OVERRIDES, "method.name=fedit"]), TINY_INFO)
-    assert "optimizer.lr unset: fedit runs at its default 0.01, validated for the default model (minilm)" in \
-        capsys.readouterr().err
-    preflight(load_config(None, [*TINY_OVERRIDES, "method.name=fedit", "optimizer.lr=2e-3"]), TINY_INFO)
-    assert "optimizer.lr unset" not in capsys.readouterr().err
-    preflight(load_config(None, ["method.name=fedit"]), TINY_INFO)  # the default model: nothing to say
-    assert "optimizer.lr unset" not in capsys.readouterr().err
-
-
 def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():
     method, model = toy("flora", "method.aggregation_weights=num_samples")
     state = method.initial_state(model)

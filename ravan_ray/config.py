@@ -289,7 +289,7 @@ class OptimizerConfig(_Section):
     name: Literal["adam", "adamw", "sgd"] = "adam"
     # None: the method's own default (FederatedMethod.default_lr): the rate the paper's protocol validated at the
     # embedded default run's setting, 2e-2 for Ravan and FedSVD, 1e-2 for the other adapter methods (the run is
-    # 12 rounds x 10 steps, against the paper's 100 x 50 at 5e-4), 5e-5 for full fine-tuning.
+    # 12 rounds x 10 steps, against the paper's 100 x 50 at 5e-4), 2e-4 for full fine-tuning.
     lr: Optional[float] = Field(None, gt=0, allow_inf_nan=False)
     weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
 

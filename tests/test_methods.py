@@ -216,10 +216,10 @@ def test_an_unset_learning_rate_is_the_methods_default_and_a_set_one_wins():
     assert build_method(load_config(None, ["method.name=ravan"])).lr == 2e-2
     assert build_method(load_config(None, ["method.name=fedsvd"])).lr == 2e-2
     assert build_method(load_config(None, ["method.name=fedit"])).lr == 1e-2
-    assert build_method(load_config(None, ["method.name=full_ft"])).lr == 5e-5
+    assert build_method(load_config(None, ["method.name=full_ft"])).lr == 2e-4
     assert build_method(load_config(None, ["method.name=full_ft", "optimizer.lr=1e-4"])).lr == 1e-4
     # the lr a run actually used goes into config.yaml's resolved section
-    assert preflight(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), TINY_INFO)["lr"] == 5e-5
+    assert preflight(load_config(None, [*TINY_OVERRIDES, "method.name=full_ft"]), TINY_INFO)["lr"] == 2e-4
 
 
 def test_flora_stacks_client_modules_so_the_merged_update_is_W_plus_sum_p_B_A():

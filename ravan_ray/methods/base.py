@@ -99,9 +99,10 @@ class FederatedMethod(ABC):
     exact: ClassVar[bool] = False
     #: The learning rate used when the config leaves optimizer.lr unset: 1e-2 for an adapter method, the rate the
     #: paper's protocol validated at the default run's setting for FedIT (2 of 3 seeds of Banking77, all 3 of 20
-    #: Newsgroups) and FFA-LoRA (2 of 3 on each), and for Fed-SB and FedEx-LoRA on Banking77 (benchmarks/RESULTS.md,
+    #: Newsgroups), FFA-LoRA (2 of 3 on each), Fed-SB (all 3 of 20 Newsgroups; on Banking77 1 of 3, level on
+    #: validation with 0.02) and FedEx-LoRA (all 3 of Banking77, 2 of 3 of 20 Newsgroups) (benchmarks/RESULTS.md,
     #: "The paper's protocol", which also says where a method's choice differed; 2e-3 before, below every adapter
-    #: method's validated rate). A method whose validated rate is another sets its own (Ravan, FedSVD).
+    #: method's validated rate). A method whose validated rate is another sets its own (Ravan, FedSVD, full FT).
     default_lr: ClassVar[float] = 1e-2
     #: True when the method writes into the wrapped layers' own weights W (merging an update into W, as
     #: FedEx-LoRA, FLoRA, FlexLoRA and Fed-SB's warm-up do). Those weights are then private, float32 copies

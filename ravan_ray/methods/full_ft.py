@@ -38,7 +38,12 @@ PREFIX = "full/"
 class FullFT(PrivateTerms, FederatedMethod):
     name = "full_ft"
     exact = True
-    default_lr = 5e-5  # all weights move: the adapters' learning rate collapses it to chance
+    # All weights move, so the adapters' rates collapse it to chance. The paper's protocol chose, per seed on
+    # validation, 5e-4, 5e-4 and 1e-4 on Banking77 and 2e-4, 2e-4 and 1e-4 on 20 Newsgroups: the datasets do not
+    # agree on one rate. 2e-4 is the median of the six choices and never collapsed in a seed; 5e-4 is Banking77's
+    # best but fell to 11 % validation accuracy in a 20NG seed, and the former default 5e-5 trails 2e-4 on both
+    # (benchmarks/RESULTS.md, "The paper's protocol").
+    default_lr = 2e-4
     cohort_blocker = "full fine-tuning trains a full copy of every weight per client"
     merged_export_only = "full fine-tuning changes every weight"
 

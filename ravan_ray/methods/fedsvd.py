@@ -57,9 +57,9 @@ class FedSVD(LoRAMethod):
     trained_factors = ("lora_B",)  # ... but clients train and upload B only
     alpha_per_rank = 1.0
     rank_rule = B_ONLY  # only B trains (A is set by the server's SVD): r = floor(N / d_out)
-    # the paper's protocol chose 0.02 on validation in each of 3 seeds of Banking77 (0.01 there: 6.8 points lower on validation)
-    # and in 1 of 3 seeds of 20 Newsgroups, where 0.02's mean validation accuracy over the seeds is level with
-    # 0.01's (23.3 against 22.2 %): 0.02 costs least on both (benchmarks/RESULTS.md, "The paper's protocol")
+    # the paper's protocol chose 0.02 on validation in each of 3 seeds of Banking77 (0.01 there: 6.8 points lower on
+    # validation) and in 1 of 3 seeds of 20 Newsgroups, where 0.02's mean validation accuracy over the seeds is
+    # level with 0.01's (23.3 against 22.2 %): 0.02 costs least on both (benchmarks/RESULTS.md, "The paper's protocol")
     default_lr = 2e-2
 
     def aggregate(self, state: State, updates: list[ClientUpdate], round_index: int) -> State:

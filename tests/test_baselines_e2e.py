@@ -195,9 +195,10 @@ def test_inexact_methods_have_a_clearly_nonzero_aggregation_error(run, method):
     assert (r.metrics["agg_error"] > 5e-5).all(), r.metrics["agg_error"].tolist()
 
 
-# HetLoRA's, FlexLoRA's and Fed-PLoRA's main runs above already use the bell mix (their bytes checked per level there);
-# Ravan's main run is homogeneous, so it runs here under two mixes, and one rank-based method under a third
-@pytest.mark.parametrize("method, distribution", [("ravan", "bell"), ("ravan", "skewed_right"), ("fed_plora", "uniform")])
+# HetLoRA's, FlexLoRA's and Fed-PLoRA's main runs above already use the bell mix (their bytes checked per level
+# there); Ravan's main run is homogeneous, so it runs here under two mixes, and one rank-based method under a third
+@pytest.mark.parametrize("method, distribution",
+                         [("ravan", "bell"), ("ravan", "skewed_right"), ("fed_plora", "uniform")])
 def test_heterogeneous_compute_runs_end_to_end(run, method, distribution):
     r = run(method, distribution)
     assert r.code == 0 and list(r.metrics.index) == [1, 2]

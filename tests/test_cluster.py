@@ -91,7 +91,8 @@ def test_smoke_sweep_submitted_as_a_ray_job_succeeds(tmp_path):
         submission = f"ravan-smoke-{os.getpid()}"
         submit = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", url, "--submission-id", submission,
-             "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": [".git", "runs", ".venv", "benchmarks/out"]}),
+             "--working-dir", str(ROOT),
+             "--runtime-env-json", json.dumps({"excludes": [".git", "runs", ".venv", "benchmarks/out"]}),
              "--", "ravan-ray", "sweep", "tune_configs/smoke.yaml", "--output", str(out)],
             env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT_S, cwd=ROOT)
         logs = (submit.stdout + submit.stderr)[-4000:]

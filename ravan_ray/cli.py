@@ -143,7 +143,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         require_directory(Path(args.output), "--output")
     out = write_report([Path(d) for d in args.dirs], Path(args.output) if args.output else None,
                        select=tuple(args.select or ()), select_on=args.select_on, rows=tuple(args.rows or ()),
-                       per_seed=args.per_seed)
+                       per_seed=args.per_seed, against=args.against)
     print(f"report written to {out}")
     return 0
 
@@ -316,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--rows", action="append", metavar="KEY",
                         help="with --select: the keys that form the selected table's rows (repeatable; default "
                              "method.name), e.g. --rows method.name --rows method.scoring")
+    report.add_argument("--against", metavar="ROW",
+                        help="with --select: pair every row with this one, labelled as in the selected table's "
+                             "first column (e.g. ravan, or 'ravan / normal' with --rows method.name --rows "
+                             "method.init), instead of with each column's best row")
     report.set_defaults(func=cmd_report)
 
     export = sub.add_parser("export", help="write a run's global model for use outside the platform: a PEFT LoRA "

@@ -179,3 +179,40 @@ def test_an_option_of_another_method_is_shown_unset_not_at_its_default(tmp_path)
     # the comparison differs in the method alone: Ravan's options are not a difference between Ravan and FedIT
     text = write_report([tmp_path / "runs"], tmp_path / "out").read_text()
     assert "Configurations differ in: `method.name`." in text
+
+
+def test_against_pairs_every_row_with_the_named_row_and_names_the_side_ahead(tmp_path):
+    # one rate each; test per seed: ravan 40, 44, 42; fedit 30, 33, 33; ffa_lora 35, 45, 40
+    finals = {"ravan": (0.40, 0.44, 0.42), "fedit": (0.30, 0.33, 0.33), "ffa_lora": (0.35, 0.45, 0.40)}
+    for method, tests in finals.items():
+        for seed, test in enumerate(tests):
+            write_run(tmp_path / "runs" / f"{method}-{seed}", method=method, lr=0.01, seed=seed, val=[0.5],
+                      test=[test])
+    text = write_report([tmp_path / "runs"], tmp_path / "out", select=["optimizer.lr"], per_seed=True,
+                        against="fedit").read_text()
+    # fedit - ravan = -10, -11, -9: mean -10, sd 1, half width 4.302653 / sqrt(3) = 2.484 -> [-12.48, -7.52]
+    assert ("fedit - ravan = -10.00 points, 95% paired t-interval [-12.48, -7.52] over 3 seeds: ravan ahead "
+            "(the interval excludes 0)") in text
+    # fedit - ffa_lora = -5, -12, -7: mean -8, sd 3.606, half width 8.957 -> [-16.96, +0.96]
+    assert "fedit - ffa_lora = -8.00 points, 95% paired t-interval [-16.96, +0.96] over 3 seeds: level" in text
+    assert "fedit (`--against`) against every other" in text and "ravan - " not in text
+
+
+def test_against_an_unknown_row_or_without_select_is_one_line_exit_2(tuned_sweep, capsys):
+    assert main(["report", str(tuned_sweep), "--select", "optimizer.lr", "--against", "ravan / normal"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--against ravan / normal: not a row" in err and "fedit, ravan" in err
+    assert main(["report", str(tuned_sweep), "--against", "ravan"]) == 2
+    assert "--against goes with --select" in capsys.readouterr().err
+
+
+def test_the_paired_verdict_follows_the_scores_direction():
+    from ravan_ray.report.selection import paired_verdict
+
+    apart = {"n": 3, "mean": 0.2, "low": 0.1, "high": 0.3}
+    assert paired_verdict(apart, ("a", "b"), higher_is_better=True) == "a ahead (the interval excludes 0)"
+    assert paired_verdict(apart, ("a", "b"), higher_is_better=False) == "b ahead (the interval excludes 0)"
+    behind = {"n": 3, "mean": -0.2, "low": -0.3, "high": -0.1}
+    assert paired_verdict(behind, ("a", "b"), higher_is_better=False) == "a ahead (the interval excludes 0)"
+    assert paired_verdict({"n": 3, "mean": 0.1, "low": -0.1, "high": 0.3}, ("a", "b"), True).startswith("level")
+    assert paired_verdict({"n": 1, "mean": 0.1}, ("a", "b"), True).startswith("1 common seed(s): no interval")

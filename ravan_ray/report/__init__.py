@@ -73,19 +73,23 @@ __all__ = ["ReportError", "choose", "find_runs", "markdown_table", "plot_run", "
 
 
 def write_report(dirs: list[Path], output: Optional[Path] = None, select: Sequence[str] = (),
-                 select_on: str = "final", rows: Sequence[str] = (), per_seed: bool = False) -> Path:
+                 select_on: str = "final", rows: Sequence[str] = (), per_seed: bool = False,
+                 against: Optional[str] = None) -> Path:
     """Find the runs under ``dirs``, write report.md, report.csv, runs.csv and PNGs; returns report.md.
     ``select``: config keys tuned on the validation split (e.g. optimizer.lr): report.md then opens with the
-    selected table (:func:`select_configurations`; ``per_seed``: chosen in every seed on its own), and
-    candidates.csv / selected.csv / chosen.csv hold its numbers."""
+    selected table (:func:`select_configurations`; ``per_seed``: chosen in every seed on its own; ``against``: the
+    row, as labelled there, paired with every other instead of each column's best), and candidates.csv /
+    selected.csv / chosen.csv hold its numbers."""
     dirs = [Path(d) for d in dirs]
     if per_seed and not select:
         raise ReportError("--per-seed goes with --select KEY (the key chosen per seed)")
+    if against is not None and not select:
+        raise ReportError("--against goes with --select KEY (it names a row of the selected table)")
     run_dirs = _run_dirs(dirs)
     output = Path(output) if output else (dirs[0] / "report" if len(dirs) == 1 else Path("report"))
     output.mkdir(parents=True, exist_ok=True)
     report = Report.read(run_dirs, dirs[0].resolve() if len(dirs) == 1 else None)
-    selection = report.selection(output, list(select), select_on, per_seed, rows) if select else []
+    selection = report.selection(output, list(select), select_on, per_seed, rows, against) if select else []
     report.runs.to_csv(output / "runs.csv", index=False)
     report.summary.to_csv(output / "report.csv", index=False)
     configurations = report.all_configurations()
@@ -137,7 +141,7 @@ class Report:
         return metric_label(self.score, self.percent)
 
     def selection(self, output: Path, tuned: list[str], select_on: str, per_seed: bool,
-                  rows: Sequence[str]) -> list[str]:
+                  rows: Sequence[str], against: Optional[str] = None) -> list[str]:
         """The configurations chosen on the validation split (candidates.csv, selected.csv, chosen.csv: a row per
         configuration and seed) and their section."""
         candidates, selected, chosen = select_configurations(self.runs, self.rounds, tuned, self.keys, self.score,
@@ -146,7 +150,7 @@ class Report:
         selected.to_csv(output / "selected.csv", index=False)
         chosen.to_csv(output / "chosen.csv", index=False)
         return selection_markdown(self.runs, candidates, selected, chosen, tuned, self.keys, self.score, select_on,
-                                  per_seed, rows)
+                                  per_seed, rows, against)
 
     def heading(self, dirs: list[Path]) -> list[str]:
         runs, summary, score = self.runs, self.summary, self.score

@@ -1,6 +1,6 @@
 """Selection on the validation split (``--select KEY``): per configuration of the other keys, the tuned
 value with the best validation metric (its mean over seeds, or with ``per_seed`` each seed's own), its test
-score over seeds, and paired intervals between the best and every other row."""
+score over seeds, and paired intervals between the best row (or the ``--against`` row) and every other."""
 
 from __future__ import annotations
 
@@ -183,6 +183,18 @@ def paired_difference(first: pd.Series, second: pd.Series, confidence: float = 0
     return out
 
 
+def paired_verdict(diff: dict[str, Any], names: tuple[str, str], higher_is_better: bool) -> str:
+    """What a paired difference (``names[0]`` minus ``names[1]``, from :func:`paired_difference`) says: no interval
+    below two seeds, level where the interval holds 0, else which side is ahead in the score's own direction (a
+    positive difference of losses puts the second ahead)."""
+    if diff["n"] < 2:
+        return f"{diff['n']} common seed(s): no interval; run more seeds before calling a winner"
+    if diff["low"] <= 0 <= diff["high"]:
+        return "level within noise (the interval contains 0)"
+    first_ahead = (diff["mean"] > 0) == higher_is_better
+    return f"{names[0] if first_ahead else names[1]} ahead (the interval excludes 0)"
+
+
 @dataclass
 class SelectionView:
     """How the selected table is laid out: its row keys (``--rows``, by default the method, or the first other
@@ -202,10 +214,12 @@ class SelectionView:
     percent: bool
     higher: bool  # whether a higher score is better
     per_seed: bool  # chosen in every seed on its own
+    against: Optional[tuple] = None  # the row every other is paired with; None: each column's best
 
     @classmethod
     def of(cls, runs: pd.DataFrame, candidates: pd.DataFrame, selected: pd.DataFrame, chosen: pd.DataFrame,
-           tuned: list[str], keys: list[str], score: str, per_seed: bool, rows: Sequence[str]) -> "SelectionView":
+           tuned: list[str], keys: list[str], score: str, per_seed: bool, rows: Sequence[str],
+           against: Optional[str] = None) -> "SelectionView":
         settings = [k for k in keys if k not in tuned]
         unknown = [k for k in rows if k not in settings]
         if unknown:
@@ -215,8 +229,16 @@ class SelectionView:
         col_keys = [k for k in settings if k not in row_keys]
         rows_seen = in_order(list(set(_labels(selected, row_keys)))) if row_keys else [()]
         cols_seen = in_order(list(set(_labels(selected, col_keys)))) if col_keys else [()]
+        against_row = None
+        if against is not None:
+            # the label as the table's first column shows it ("ravan", "ravan / normal"), spaces around "/" optional
+            wanted = tuple(part.strip() for part in against.split("/"))
+            against_row = next((r for r in rows_seen if r == wanted), None)
+            if against_row is None:
+                raise ReportError(f"--against {against}: not a row of the selected table (its rows: "
+                                  + ", ".join(" / ".join(r) for r in rows_seen) + ")")
         return cls(runs, candidates, selected, chosen, tuned, settings, row_keys, col_keys, rows_seen, cols_seen,
-                   in_percent(score, runs), not lower_is_better(score), per_seed)
+                   in_percent(score, runs), not lower_is_better(score), per_seed, against_row)
 
     def _at(self, frame: pd.DataFrame, row_value: tuple, col_value: tuple) -> pd.DataFrame:
         return frame[(_labels(frame, self.row_keys) == row_value) & (_labels(frame, self.col_keys) == col_value)]
@@ -255,12 +277,12 @@ def _labels(frame: pd.DataFrame, which: list[str]) -> pd.Series:
 
 def selection_markdown(runs: pd.DataFrame, candidates: pd.DataFrame, selected: pd.DataFrame, chosen: pd.DataFrame,
                        tuned: list[str], keys: list[str], score: str, select_on: str, per_seed: bool = False,
-                       rows: Sequence[str] = ()) -> list[str]:
+                       rows: Sequence[str] = (), against: Optional[str] = None) -> list[str]:
     """The paper-style table (rows: ``rows``, by default the method, or the first other differing key;
     columns: the remaining settings; cells: test mean ± std (n seeds) at the chosen tuned values, the best
-    per column in bold), the paired interval of the best row against every other per column, the choice per
-    seed with the values tried, and every candidate configuration."""
-    view = SelectionView.of(runs, candidates, selected, chosen, tuned, keys, score, per_seed, rows)
+    per column in bold), the paired interval of the best row (or the ``against`` row) against every other per
+    column, the choice per seed with the values tried, and every candidate configuration."""
+    view = SelectionView.of(runs, candidates, selected, chosen, tuned, keys, score, per_seed, rows, against)
     return [*_introduction(view, score, select_on), *_selected_table(view, score), *_best_against_others(view),
             *_choice_per_seed(view, score, select_on), *_every_candidate(view, score, select_on)]
 
@@ -308,33 +330,32 @@ def _selected_table(view: SelectionView, score: str) -> list[str]:
 
 
 def _best_against_others(view: SelectionView) -> list[str]:
-    """Per column, the best row's difference to every other row, paired by seed, with its interval and verdict."""
+    """Per column, the best row's (or the ``against`` row's) difference to every other row, paired by seed, with
+    its interval and verdict."""
     scale = 100.0 if view.percent else 1.0
     unit = " points" if view.percent else ""
     notes = []
     for col_value in view.cols_seen:
-        ranked = view.ranked(col_value)
-        if len(ranked) < 2:
+        ranked = [row for _, row in view.ranked(col_value)]
+        top_row = view.against if view.against is not None else (ranked[0] if ranked else None)
+        if top_row not in ranked or len(ranked) < 2:
             continue
-        top_row = ranked[0][1]
         where = ", ".join(f"{short_name(k)}={v}" for k, v in zip(view.col_keys, col_value))
-        for _, other_row in ranked[1:]:
+        for other_row in [row for row in ranked if row != top_row]:
             diff = paired_difference(view.per_seed_tests(top_row, col_value),
                                      view.per_seed_tests(other_row, col_value))
             names = (" / ".join(top_row) or "first", " / ".join(other_row) or "second")
             if diff["n"] < 2:
-                verdict = f"{diff['n']} common seed(s): no interval; run more seeds before calling a winner"
                 text = f"{scale * diff['mean']:+.2f}{unit}"
             else:
-                inside = diff["low"] <= 0 <= diff["high"]
-                verdict = ("level within noise (the interval contains 0)" if inside
-                           else f"{names[0]} ahead (the interval excludes 0)")
                 text = (f"{scale * diff['mean']:+.2f}{unit}, 95% paired t-interval [{scale * diff['low']:+.2f}, "
                         f"{scale * diff['high']:+.2f}] over {diff['n']} seeds")
-            notes.append(f"- {where + ': ' if where else ''}{names[0]} - {names[1]} = {text}: {verdict}.")
+            notes.append(f"- {where + ': ' if where else ''}{names[0]} - {names[1]} = {text}: "
+                         f"{paired_verdict(diff, names, view.higher)}.")
     if not notes:
         return []
-    return ["The best row against every other, per column, paired by seed (same data split and client "
+    whose = ("The best row" if view.against is None else f"{' / '.join(view.against)} (`--against`)")
+    return [f"{whose} against every other, per column, paired by seed (same data split and client "
             "sampling; each side at its own chosen values):", "", *notes, ""]
 
 

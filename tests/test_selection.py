@@ -196,6 +196,14 @@ def test_against_pairs_every_row_with_the_named_row_and_names_the_side_ahead(tmp
     # fedit - ffa_lora = -5, -12, -7: mean -8, sd 3.606, half width 8.957 -> [-16.96, +0.96]
     assert "fedit - ffa_lora = -8.00 points, 95% paired t-interval [-16.96, +0.96] over 3 seeds: level" in text
     assert "fedit (`--against`) against every other" in text and "ravan - " not in text
+    # two row keys: the label as the table shows it, with or without spaces around "/"
+    for seed, test in enumerate(finals["fedit"]):
+        write_run(tmp_path / "runs" / f"ravan-iid-{seed}", method="ravan", lr=0.01, seed=seed, val=[0.5],
+                  test=[test], kind="iid")
+    text = write_report([tmp_path / "runs"], tmp_path / "out2", select=["optimizer.lr"], per_seed=True,
+                        rows=["method.name", "data.partition.kind"], against="ravan/dirichlet").read_text()
+    assert "ravan / dirichlet (`--against`) against every other" in text
+    assert "ravan / dirichlet - ravan / iid = +10.00 points" in text
 
 
 def test_against_an_unknown_row_or_without_select_is_one_line_exit_2(tuned_sweep, capsys):

@@ -5,6 +5,7 @@ score over seeds, and paired intervals between the best row (or the ``--against`
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -231,9 +232,12 @@ class SelectionView:
         cols_seen = in_order(list(set(_labels(selected, col_keys)))) if col_keys else [()]
         against_row = None
         if against is not None:
-            # the label as the table's first column shows it ("ravan", "ravan / normal"), spaces around "/" optional
-            wanted = tuple(part.strip() for part in against.split("/"))
-            against_row = next((r for r in rows_seen if r == wanted), None)
+            # the label as the table's first column shows it ("ravan", "ravan / normal"); spaces around "/" do not
+            # matter, so both sides are compared with them made uniform (a value may hold "/" itself: a path)
+            def uniform(label: str) -> str:
+                return re.sub(r"\s*/\s*", " / ", label.strip())
+
+            against_row = next((r for r in rows_seen if uniform(" / ".join(r)) == uniform(against)), None)
             if against_row is None:
                 raise ReportError(f"--against {against}: not a row of the selected table (its rows: "
                                   + ", ".join(" / ".join(r) for r in rows_seen) + ")")
